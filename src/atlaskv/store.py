@@ -1,0 +1,546 @@
+"""KB directory: records + fp16 embeddings + manifest, versioned, append/remove, crash-safe.
+
+Layout (format_version 1):
+
+    manifest.json                          the only mutable file; replaced atomically (os.replace)
+    segments/seg-<v>.records.parquet       id, head, relation, tail, masked, key_text, value_text, triple_hash
+    segments/seg-<v>.keys.f16.npy          [rows, d_in] float16, memory-mappable
+    segments/seg-<v>.values.f16.npy        [rows, d_in] float16
+    tombstones/removed-<v>.npy             sorted int64 ids of removed entries (all removals so far)
+
+Segments are immutable: `add` writes one new segment, `remove` one new tombstone file, and each becomes
+visible only when the new manifest replaces the old one. A crash at any point leaves the previous version
+intact; files a crashed writer left behind are not in the manifest, so they are never read, and the next
+writer removes them. (DESIGN.md suggests a tombstone column in the records table; a separate tombstone
+file keeps records immutable, so a removal rewrites kilobytes instead of the whole table.)
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .encoder import DEFAULT_ENCODER, Encoder, load_encoder
+from .kg import Triple, read_triples
+from .kg2kv import DIRECTIONS, KVRecord, RelationNouns, triples_to_records
+
+FORMAT = "atlaskv-kb"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+MAX_MANIFEST_BYTES = 64 << 20
+
+
+class KBError(RuntimeError):
+    """A KB directory that is missing, corrupt, locked, or used in a way it does not allow."""
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    added: int = 0
+    removed: int = 0
+    duplicates: int = 0
+    not_found: int = 0
+    version: int = 0
+
+
+def triple_hash(t: Triple) -> int:
+    """Stable 63-bit id of a triple (dedupe and removal read this column only, not the text)."""
+    h = hashlib.blake2b("\x1f".join(t).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(h, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+RECORD_SCHEMA = pa.schema([
+    ("id", pa.int64()), ("head", pa.string()), ("relation", pa.string()), ("tail", pa.string()),
+    ("masked", pa.string()), ("key_text", pa.string()), ("value_text", pa.string()),
+    ("triple_hash", pa.int64()),
+])
+
+
+class KnowledgeBase:
+    """A KB directory. Build with `KnowledgeBase.build(...)`, open with `KnowledgeBase.open(path)`."""
+
+    def __init__(self, path: Path, manifest: dict):
+        self.path = Path(path)
+        self.manifest = manifest
+        self._encoder: Encoder | None = None
+        self._cache: dict = {}
+
+    # ------------------------------------------------------------------ opening and creating
+    @classmethod
+    def open(cls, path: str | Path, verify: bool = False) -> "KnowledgeBase":
+        path = Path(path)
+        mf = path / MANIFEST
+        if not path.is_dir():
+            raise KBError(f"{path}: no KB directory at this path")
+        if not mf.is_file():
+            raise KBError(f"{mf}: missing; {path} is not a KB (or its build never completed)")
+        if mf.stat().st_size > MAX_MANIFEST_BYTES:
+            raise KBError(f"{mf}: {mf.stat().st_size} bytes, over the {MAX_MANIFEST_BYTES} limit")
+        try:
+            manifest = json.loads(mf.read_text("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise KBError(f"{mf}: not valid JSON ({e})") from e
+        if manifest.get("format") != FORMAT:
+            raise KBError(f"{mf}: not an atlaskv KB manifest")
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise KBError(f"{mf}: format_version {manifest.get('format_version')} is not supported "
+                          f"(this atlaskv reads {FORMAT_VERSION})")
+        kb = cls(path, manifest)
+        kb._check_files(deep=verify)
+        return kb
+
+    @classmethod
+    def create(cls, out: str | Path, encoder: str | Encoder | None = None, directions: str = "tail",
+               nouns: RelationNouns | None = None) -> "KnowledgeBase":
+        """An empty KB (version 0) to `add` to, in a directory that does not exist or is empty."""
+        out = Path(out)
+        if directions not in DIRECTIONS:
+            raise KBError(f"directions must be one of {DIRECTIONS}, got {directions!r}")
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise KBError(f"{out}: exists and is not an empty directory")
+        enc = encoder if not isinstance(encoder, (str, type(None))) else load_encoder(encoder)
+        out.mkdir(parents=True, exist_ok=True)
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "version": 0,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "encoder": {"name": enc.name, "dim": enc.dim}, "directions": directions,
+            "next_id": 0, "segments": [], "removed": None, "files": {},
+            "counts": {"entries": 0, "triples": 0, "entries_total": 0, "removed_entries": 0},
+            "relation_templates": (nouns.to_json() if nouns else {}), "history": [],
+        }
+        kb = cls(out, manifest)
+        kb._encoder = enc
+        with kb._write_lock():
+            kb._commit(manifest)
+        return kb
+
+    @classmethod
+    def build(cls, sources: str | Path | Sequence[str | Path] | Iterable[Triple], out: str | Path, *,
+              encoder: str | Encoder | None = None, directions: str = "tail", format: str | None = None,
+              skip_bad: bool = False, overwrite: bool = False, chat: Callable | None = None,
+              batch_size: int = 256, show_progress: bool | None = None) -> "KnowledgeBase":
+        """Read triples (files or an iterable of triples), convert, encode and write a new KB.
+
+        Every input row is read and validated before anything is written: a bad row stops the build
+        with its file and line (unless skip_bad), and `out` is left as it was.
+        """
+        out = Path(out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            if not overwrite:
+                raise KBError(f"{out}: exists and is not empty (use overwrite=True / --overwrite)")
+            if not (out / MANIFEST).is_file():
+                raise KBError(f"{out}: refusing to overwrite a directory that is not a KB")
+        triples, report = _gather(sources, format, skip_bad)
+        if not triples:
+            raise KBError(f"no triples to build a KB from ({_describe(sources)})")
+        # Build beside the target and rename at the end: an interrupted build never looks like a KB at
+        # `out`, and an overwritten KB stays intact until the new one is complete.
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{out.name}.building-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            nouns = RelationNouns(chat=chat)
+            kb = cls.create(tmp, encoder, directions, nouns=nouns)
+            kb._append(triples, nouns, batch_size, show_progress,
+                       note={"op": "build", "sources": _describe(sources), **report})
+            old = out.parent / f".{out.name}.replaced-{os.getpid()}"
+            if out.exists():
+                os.rename(out, old)
+            os.rename(tmp, out)
+            _fsync_dir(out.parent)
+            shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        kb.path = out
+        return kb
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def version(self) -> int:
+        return int(self.manifest["version"])
+
+    @property
+    def encoder_name(self) -> str:
+        return self.manifest["encoder"]["name"]
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["encoder"]["dim"])
+
+    def __len__(self) -> int:
+        """Live triples (an entry per direction still counts its triple once)."""
+        return int(self.manifest["counts"]["triples"])
+
+    @property
+    def num_entries(self) -> int:
+        return int(self.manifest["counts"]["entries"])
+
+    def bytes_on_disk(self) -> int:
+        return (self.path / MANIFEST).stat().st_size + sum(f["bytes"] for f in self.manifest["files"].values())
+
+    def info(self) -> dict:
+        c = self.manifest["counts"]
+        return {"path": str(self.path), "triples": c["triples"], "entries": c["entries"],
+                "removed_entries": c["removed_entries"], "encoder": self.encoder_name, "dim": self.dim,
+                "directions": self.manifest["directions"], "format_version": FORMAT_VERSION,
+                "version": self.version, "segments": len(self.manifest["segments"]),
+                "relations": len({k.split("\t", 1)[1] for k in self.manifest["relation_templates"]}),
+                "bytes_on_disk": self.bytes_on_disk(), "created": self.manifest["created"]}
+
+    @property
+    def encoder(self) -> Encoder:
+        if self._encoder is None:
+            self._encoder = load_encoder(self.encoder_name)
+        return self._encoder
+
+    # ------------------------------------------------------------------ reading
+    def removed_ids(self) -> np.ndarray:
+        r = self.manifest["removed"]
+        if not r:
+            return np.zeros(0, np.int64)
+        return np.load(self.path / r["file"], allow_pickle=False)
+
+    def records(self, live_only: bool = True) -> pa.Table:
+        """All entries as an Arrow table (id, head, relation, tail, masked, key_text, value_text, ...)."""
+        tables = [pq.read_table(self.path / s["records"]) for s in self.manifest["segments"]]
+        table = pa.concat_tables(tables) if tables else RECORD_SCHEMA.empty_table()
+        if live_only and self.manifest["removed"]:
+            mask = ~np.isin(table.column("id").to_numpy(), self.removed_ids())
+            table = table.filter(pa.array(mask))
+        return table
+
+    def triples(self) -> list[Triple]:
+        t = self.records()
+        seen, out = set(), []
+        for h, r, tl in zip(*(t.column(c).to_pylist() for c in ("head", "relation", "tail"))):
+            tr = Triple(h, r, tl)
+            if tr not in seen:
+                seen.add(tr)
+                out.append(tr)
+        return out
+
+    def iter_segments(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(ids, keys, values) per segment, embeddings memory-mapped (fp16); removed entries included."""
+        for s in self.manifest["segments"]:
+            ids = pq.read_table(self.path / s["records"], columns=["id"]).column("id").to_numpy()
+            keys = np.load(self.path / s["keys"], mmap_mode="r", allow_pickle=False)
+            values = np.load(self.path / s["values"], mmap_mode="r", allow_pickle=False)
+            yield ids, keys, values
+
+    def embeddings(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, keys, values) of live entries, in id order, as in-memory fp16 arrays."""
+        parts = list(self.iter_segments())
+        if not parts:
+            return np.zeros(0, np.int64), *(np.zeros((0, self.dim), np.float16),) * 2
+        ids = np.concatenate([p[0] for p in parts])
+        keys = np.concatenate([p[1] for p in parts])
+        values = np.concatenate([p[2] for p in parts])
+        live = ~np.isin(ids, self.removed_ids())
+        return ids[live], keys[live], values[live]
+
+    # ------------------------------------------------------------------ updates
+    def add(self, triples: Iterable[Triple] | str | Path | Sequence[str | Path], *, format: str | None = None,
+            skip_bad: bool = False, batch_size: int = 256, show_progress: bool | None = None,
+            encoder: str | None = None) -> UpdateResult:
+        """Append triples live (no retraining, no re-index of what is stored). Known triples are skipped."""
+        if encoder is not None and encoder != self.encoder_name:
+            raise KBError(f"{self.path}: built with encoder {self.encoder_name!r}; refusing to mix "
+                          f"embeddings from {encoder!r}")
+        triples, report = _gather(triples, format, skip_bad)
+        with self._write_lock():
+            self._reload()
+            existing = set(self._live_hashes().tolist())
+            fresh, dup = [], report["duplicates"]
+            for t in triples:
+                h = triple_hash(t)
+                if h in existing:
+                    dup += 1
+                else:
+                    existing.add(h)
+                    fresh.append(t)
+            if not fresh:
+                return UpdateResult(duplicates=dup, version=self.version)
+            nouns = RelationNouns.from_json(self.manifest["relation_templates"])
+            return self._append(fresh, nouns, batch_size, show_progress, duplicates=dup,
+                                note={"op": "add", **report}, locked=True)
+
+    def remove(self, triples: Iterable[Triple] | str | Path | Sequence[str | Path], *,
+               format: str | None = None, skip_bad: bool = False) -> UpdateResult:
+        """Tombstone every entry of the given triples; unknown triples are counted in `not_found`."""
+        triples, _ = _gather(triples, format, skip_bad)
+        with self._write_lock():
+            self._reload()
+            wanted = {triple_hash(t) for t in triples}
+            table = self.records(live_only=True)
+            hashes = table.column("triple_hash").to_numpy()
+            hit = np.isin(hashes, np.fromiter(wanted, np.int64, len(wanted)))
+            ids = table.column("id").to_numpy()[hit]
+            found = set(hashes[hit].tolist())
+            if len(ids) == 0:
+                return UpdateResult(not_found=len(wanted), version=self.version)
+            removed = np.union1d(self.removed_ids(), ids).astype(np.int64)
+            m = self._next_manifest()
+            rel = f"tombstones/removed-{m['version']:06d}.npy"
+            (self.path / "tombstones").mkdir(exist_ok=True)
+            _write_npy(self.path / rel, removed)
+            old = m["removed"]["file"] if m["removed"] else None
+            if old:
+                m["files"].pop(old, None)
+            m["removed"] = {"file": rel, "count": int(len(removed))}
+            m["files"][rel] = self._file_entry(rel)
+            m["counts"]["entries"] -= int(len(ids))
+            m["counts"]["removed_entries"] = int(len(removed))
+            m["counts"]["triples"] -= len(found)
+            m["history"].append({"version": m["version"], "op": "remove", "triples": len(found),
+                                 "entries": int(len(ids))})
+            self._commit(m)
+            self._remove_orphans()
+            return UpdateResult(removed=len(found), not_found=len(wanted) - len(found), version=self.version)
+
+    def compact(self) -> UpdateResult:
+        """Rewrite live entries into one segment and drop tombstones (ids are kept)."""
+        with self._write_lock():
+            self._reload()
+            table = self.records(live_only=True)
+            ids, keys, values = self.embeddings()
+            m = self._next_manifest()
+            m["files"], m["segments"], m["removed"] = {}, [], None
+            if len(table):
+                order = np.argsort(table.column("id").to_numpy(), kind="stable")
+                table = table.take(pa.array(order))
+                self._write_segment(m, table, keys, values)  # embeddings() is already in id order
+            m["counts"]["entries_total"] = m["counts"]["entries"]
+            m["counts"]["removed_entries"] = 0
+            m["history"].append({"version": m["version"], "op": "compact"})
+            self._commit(m)
+            self._remove_orphans()
+            return UpdateResult(version=self.version)
+
+    def verify(self) -> dict:
+        """Check every file against its size and sha256 in the manifest, and row counts; raise KBError."""
+        self._check_files(deep=True)
+        orphans = self._orphans()
+        return {"ok": True, "version": self.version, "files": len(self.manifest["files"]),
+                "orphans": [str(p.relative_to(self.path)) for p in orphans]}
+
+    # ------------------------------------------------------------------ internals
+    def _append(self, triples: list[Triple], nouns: RelationNouns, batch_size: int,
+                show_progress: bool | None, duplicates: int = 0, note: dict | None = None,
+                locked: bool = False) -> UpdateResult:
+        records = triples_to_records(triples, self.manifest["directions"], nouns)
+        enc = self.encoder
+        keys = _encode_unique(enc, [r.key_text for r in records], batch_size, show_progress)
+        values = _encode_unique(enc, [r.value_text for r in records], batch_size, show_progress)
+        ctx = contextlib.nullcontext() if locked else self._write_lock()
+        with ctx:
+            m = self._next_manifest()
+            start = m["next_id"]
+            table = _records_table(records, start)
+            self._write_segment(m, table, keys, values)
+            m["next_id"] = start + len(records)
+            m["counts"]["entries"] += len(records)
+            m["counts"]["entries_total"] += len(records)
+            m["counts"]["triples"] += len(triples)
+            m["relation_templates"] = nouns.to_json()
+            m["history"].append({"version": m["version"], "op": (note or {}).get("op", "add"),
+                                 "triples": len(triples), "entries": len(records),
+                                 **{k: v for k, v in (note or {}).items() if k != "op"}})
+            self._commit(m)
+            self._remove_orphans()
+        return UpdateResult(added=len(triples), duplicates=duplicates, version=self.version)
+
+    def _write_segment(self, m: dict, table: pa.Table, keys: np.ndarray, values: np.ndarray) -> None:
+        if keys.shape != (table.num_rows, self.dim) or values.shape != keys.shape:
+            raise KBError(f"embedding shape {keys.shape}/{values.shape} does not match "
+                          f"{table.num_rows} records of dim {self.dim}")
+        v = m["version"]
+        (self.path / "segments").mkdir(exist_ok=True)
+        seg = {"records": f"segments/seg-{v:06d}.records.parquet", "keys": f"segments/seg-{v:06d}.keys.f16.npy",
+               "values": f"segments/seg-{v:06d}.values.f16.npy", "rows": table.num_rows,
+               "first_id": int(table.column("id")[0].as_py())}
+        with open(self.path / seg["records"], "wb") as f:
+            pq.write_table(table, f, compression="zstd")
+            f.flush()
+            os.fsync(f.fileno())
+        _write_npy(self.path / seg["keys"], np.ascontiguousarray(keys, np.float16))
+        _write_npy(self.path / seg["values"], np.ascontiguousarray(values, np.float16))
+        for k in ("records", "keys", "values"):
+            m["files"][seg[k]] = self._file_entry(seg[k])
+        m["segments"].append(seg)
+
+    def _file_entry(self, rel: str) -> dict:
+        p = self.path / rel
+        return {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+
+    def _next_manifest(self) -> dict:
+        m = json.loads(json.dumps(self.manifest))
+        m["version"] = self.version + 1
+        m["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        return m
+
+    def _commit(self, m: dict) -> None:
+        for d in ("segments", "tombstones"):
+            if (self.path / d).is_dir():
+                _fsync_dir(self.path / d)
+        tmp = self.path / f".{MANIFEST}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(m, f, indent=1, ensure_ascii=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path / MANIFEST)  # the commit point
+        _fsync_dir(self.path)
+        self.manifest = m
+        self._cache.clear()
+
+    def _reload(self) -> None:
+        fresh = KnowledgeBase.open(self.path)
+        self.manifest = fresh.manifest
+
+    def _live_hashes(self) -> np.ndarray:
+        return self.records(live_only=True).column("triple_hash").to_numpy()
+
+    def _check_files(self, deep: bool) -> None:
+        rows = 0
+        for rel, meta in self.manifest["files"].items():
+            p = (self.path / rel).resolve()
+            if self.path.resolve() not in p.parents:
+                raise KBError(f"{self.path / MANIFEST}: file path {rel!r} escapes the KB directory")
+            if not p.is_file():
+                raise KBError(f"{p}: missing (listed in {MANIFEST} version {self.version})")
+            if p.stat().st_size != meta["bytes"]:
+                raise KBError(f"{p}: {p.stat().st_size} bytes, expected {meta['bytes']} (truncated or changed)")
+            if deep and _sha256(p) != meta["sha256"]:
+                raise KBError(f"{p}: checksum mismatch (the file is corrupt)")
+        for s in self.manifest["segments"]:
+            rows += s["rows"]
+            if deep:
+                n = pq.ParquetFile(self.path / s["records"]).metadata.num_rows
+                for k in ("keys", "values"):
+                    arr = np.load(self.path / s[k], mmap_mode="r", allow_pickle=False)
+                    if arr.shape != (s["rows"], self.dim) or arr.dtype != np.float16:
+                        raise KBError(f"{self.path / s[k]}: shape {arr.shape} {arr.dtype}, "
+                                      f"expected ({s['rows']}, {self.dim}) float16")
+                if n != s["rows"]:
+                    raise KBError(f"{self.path / s['records']}: {n} rows, expected {s['rows']}")
+        if rows != self.manifest["counts"]["entries_total"]:
+            raise KBError(f"{self.path / MANIFEST}: segments hold {rows} entries, counts say "
+                          f"{self.manifest['counts']['entries_total']}")
+
+    def _orphans(self) -> list[Path]:
+        listed = set(self.manifest["files"])
+        out = []
+        for d in ("segments", "tombstones"):
+            if (self.path / d).is_dir():
+                out += [p for p in (self.path / d).iterdir() if f"{d}/{p.name}" not in listed]
+        return out
+
+    def _remove_orphans(self) -> None:
+        for p in self._orphans():
+            p.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def _write_lock(self):
+        """One writer at a time per KB directory (readers never block)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.path / ".lock", "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise KBError(f"{self.path}: another process is writing this KB") from None
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def __repr__(self) -> str:
+        return f"KnowledgeBase({str(self.path)!r}, triples={len(self)}, version={self.version})"
+
+
+def _encode_unique(enc: Encoder, texts: list[str], batch_size: int, show_progress) -> np.ndarray:
+    """fp16 embeddings of `texts`, encoding each distinct text once (tails like "Male" repeat a lot)."""
+    uniq, inverse = np.unique(np.array(texts, dtype=object), return_inverse=True)
+    emb = enc.encode(list(uniq), batch_size, show_progress).astype(np.float16)
+    return emb[inverse.reshape(-1)]
+
+
+def _records_table(records: list[KVRecord], start_id: int) -> pa.Table:
+    cols = {
+        "id": np.arange(start_id, start_id + len(records), dtype=np.int64),
+        "head": [r.triple.head for r in records], "relation": [r.triple.relation for r in records],
+        "tail": [r.triple.tail for r in records], "masked": [r.masked for r in records],
+        "key_text": [r.key_text for r in records], "value_text": [r.value_text for r in records],
+        "triple_hash": np.array([triple_hash(r.triple) for r in records], dtype=np.int64),
+    }
+    return pa.table(cols, schema=RECORD_SCHEMA)
+
+
+def _is_paths(sources) -> bool:
+    if isinstance(sources, (str, Path)):
+        return True
+    return isinstance(sources, (list, tuple)) and len(sources) > 0 and all(
+        isinstance(s, (str, Path)) for s in sources)
+
+
+def _gather(sources, format, skip_bad) -> tuple[list[Triple], dict]:
+    """Triples from files or an iterable, deduplicated, and a report for the manifest history."""
+    if _is_paths(sources):
+        rep = read_triples(sources, format, skip_bad=skip_bad)
+        return rep.triples, {"rows": rep.n_rows, "bad": rep.n_bad, "duplicates": rep.n_duplicates}
+    seen, out, dup = set(), [], 0
+    for i, t in enumerate(sources):
+        try:
+            t = t if isinstance(t, Triple) else Triple(*t)
+        except TypeError:
+            raise KBError(f"item {i}: expected (head, relation, tail), got {t!r}") from None
+        if not all(isinstance(x, str) and x.strip() for x in t):
+            raise KBError(f"item {i}: every field of a triple must be a non-empty string, got {tuple(t)!r}")
+        t = Triple(*(" ".join(x.split()) for x in t))
+        if t in seen:
+            dup += 1
+            continue
+        seen.add(t)
+        out.append(t)
+    return out, {"rows": len(out) + dup, "bad": 0, "duplicates": dup}
+
+
+def _describe(sources) -> list[str] | str:
+    if isinstance(sources, (str, Path)):
+        return [str(sources)]
+    if _is_paths(sources):
+        return [str(s) for s in sources]
+    return "python triples"

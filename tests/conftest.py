@@ -1,0 +1,37 @@
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_dir() -> Path | None:
+    """The project's shared data (../shared beside the checkout, or $ATLASKV_SHARED)."""
+    for p in (os.environ.get("ATLASKV_SHARED"), REPO.parent / "shared", Path("/work/shared")):
+        if p and Path(p, "data").is_dir():
+            return Path(p)
+    return None
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    p = shared_dir()
+    if p is None:
+        pytest.skip("shared data not found (set ATLASKV_SHARED to the folder holding data/ and eval/)")
+    return p
+
+
+@pytest.fixture(scope="session")
+def demo_facts() -> Path:
+    return REPO / "examples" / "demo" / "facts.tsv"
+
+
+@pytest.fixture(scope="session")
+def encoder():
+    from atlaskv.encoder import load_encoder
+
+    return load_encoder()
