@@ -9,6 +9,13 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.atlaskv-installed
 DEMO_KB := build/demo_kb
 export HF_HUB_OFFLINE := 1
+# Real data for the tests and benchmarks: ../shared beside the checkout, else this machine's /work/shared
+ifeq ($(ATLASKV_SHARED),)
+ATLASKV_SHARED := $(firstword $(wildcard $(CURDIR)/../shared /work/shared))
+endif
+ifneq ($(ATLASKV_SHARED),)
+export ATLASKV_SHARED
+endif
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: demo test install bench clean

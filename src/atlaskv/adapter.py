@@ -1,0 +1,224 @@
+"""KBAdapter: the only trained weights. Key/value projectors from sentence-encoder space into every KB
+layer's attention, and a KB query head per KB layer (method.md §1.2-1.3, §2.2).
+
+    key(e)   = LayerNorm(W_k e + b_k)   over the whole [n_slots * kb_heads * head_dim] vector, no affine
+    value(e) = W_v e + b_v
+    KB layer l uses slot l // freq; within a slot the vector is head-major [kb_heads, head_dim].
+
+The projected KB is never materialised: `KeyStats` gives the LayerNorm's per-entry mean and scale in
+closed form from the weights, so one layer's slice of a key is exact without projecting the others, and
+attention can score keys in base-embedding space (see attention.py).
+
+Deviations from the reference, on purpose:
+  * exactly one slot per KB layer (the reference allocates L // freq + 1 slots; the unused one still
+    entered the LayerNorm statistics);
+  * `kb_heads="kv"` (optional) sizes KB keys/values at key-value-head width (GQA), 4-9x smaller.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter.safetensors"
+FORMAT_VERSION = 1
+MAX_CONFIG_BYTES = 1 << 20
+MAX_PARAMS = 2_000_000_000  # anything larger is not an adapter we wrote
+
+
+class AdapterError(RuntimeError):
+    pass
+
+
+@dataclass
+class AdapterConfig:
+    base_model: str
+    encoder: str
+    encoder_dim: int
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    q_bias: bool = False
+    kb_layer_frequency: int = 3
+    kb_heads: str = "query"            # "query" (reference, MHA width) or "kv" (GQA width)
+    kb_scale_factor: float | None = None   # inference: KB logits += ln(s) - ln(N) (method.md §1.6)
+    layer_norm_eps: float = 1e-5
+    training: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def kb_layers(self) -> list[int]:
+        return [l for l in range(self.num_layers) if l % self.kb_layer_frequency == 0]
+
+    def slot(self, layer: int) -> int:
+        return layer // self.kb_layer_frequency
+
+    @property
+    def n_kb_heads(self) -> int:
+        return self.num_heads if self.kb_heads == "query" else self.num_kv_heads
+
+    @property
+    def slot_width(self) -> int:
+        return self.n_kb_heads * self.head_dim
+
+    @property
+    def out_dim(self) -> int:
+        return len(self.kb_layers) * self.slot_width
+
+    @classmethod
+    def for_model(cls, model, encoder: str, encoder_dim: int, base_model: str = "", **kw) -> "AdapterConfig":
+        c = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        heads = c.num_attention_heads
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+        attn = _attention_modules(model)[0]
+        return cls(base_model=base_model or getattr(c, "_name_or_path", "") or c.model_type,
+                   encoder=encoder, encoder_dim=encoder_dim, model_type=c.model_type,
+                   num_layers=c.num_hidden_layers, hidden_size=c.hidden_size, num_heads=heads,
+                   num_kv_heads=getattr(c, "num_key_value_heads", heads) or heads, head_dim=head_dim,
+                   q_bias=attn.q_proj.bias is not None, **kw)
+
+    def check_fits(self, model) -> None:
+        other = AdapterConfig.for_model(model, self.encoder, self.encoder_dim)
+        for k in ("model_type", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim"):
+            if getattr(self, k) != getattr(other, k):
+                raise AdapterError(f"adapter was trained for {self.base_model!r} ({k}={getattr(self, k)}), "
+                                   f"this model has {k}={getattr(other, k)}")
+
+
+def _attention_modules(model) -> list[nn.Module]:
+    """The self-attention module of every decoder layer, in order (llama, qwen2/3, gemma3 ...)."""
+    mods = [m for name, m in model.named_modules() if name.endswith("self_attn") and hasattr(m, "q_proj")]
+    if not mods:
+        raise AdapterError(f"{type(model).__name__}: no decoder self-attention modules with q_proj found")
+    return mods
+
+
+class KBAdapter(nn.Module):
+    def __init__(self, config: AdapterConfig):
+        super().__init__()
+        self.config = c = config
+        self.key_proj = nn.Linear(c.encoder_dim, c.out_dim)
+        self.value_proj = nn.Linear(c.encoder_dim, c.out_dim)
+        self.kb_query = nn.ModuleDict({str(l): nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.q_bias)
+                                       for l in c.kb_layers})
+        for p in (self.key_proj, self.value_proj):
+            nn.init.normal_(p.weight, std=1 / math.sqrt(c.encoder_dim))
+            nn.init.zeros_(p.bias)
+
+    @classmethod
+    def for_model(cls, model, encoder: str, encoder_dim: int, **kw) -> "KBAdapter":
+        """A fresh adapter whose KB query heads start as copies of each KB layer's q_proj (§1.3)."""
+        adapter = cls(AdapterConfig.for_model(model, encoder, encoder_dim, **kw))
+        attn = _attention_modules(model)
+        with torch.no_grad():
+            for l in adapter.config.kb_layers:
+                q = attn[l].q_proj
+                adapter.kb_query[str(l)].weight.copy_(q.weight)
+                if q.bias is not None:
+                    adapter.kb_query[str(l)].bias.copy_(q.bias)
+        return adapter.to(next(model.parameters()).device)
+
+    # ---------------------------------------------------------------- projections of base embeddings
+    def layer_weights(self, layer: int, which: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W [kb_heads, head_dim, d_in], b [kb_heads, head_dim]) of one KB layer's slot.
+
+        For keys the rows are centred by the LayerNorm mean row, so W e + b is the LayerNorm numerator.
+        """
+        c = self.config
+        lin = self.key_proj if which == "key" else self.value_proj
+        s = slice(c.slot(layer) * c.slot_width, (c.slot(layer) + 1) * c.slot_width)
+        w, b = lin.weight[s], lin.bias[s]
+        if which == "key":
+            w = w - lin.weight.mean(0, keepdim=True)
+            b = b - lin.bias.mean()
+        return w.reshape(c.n_kb_heads, c.head_dim, c.encoder_dim), b.reshape(c.n_kb_heads, c.head_dim)
+
+    def key_inv_std(self, e: torch.Tensor) -> torch.Tensor:
+        """1 / sqrt(var(W_k e + b_k) + eps) per entry, over the full out_dim, without projecting.
+
+        var = |W_c e + b_c|^2 / D with W_c, b_c centred: e^T G e + 2 (W_c^T b_c) e + |b_c|^2, G = W_c^T W_c.
+        """
+        w = self.key_proj.weight.double()
+        b = self.key_proj.bias.double()
+        wc, bc = w - w.mean(0, keepdim=True), b - b.mean()
+        gram, lin, const = wc.T @ wc, wc.T @ bc, bc @ bc
+        ed = e.double()
+        sq = ((ed @ gram) * ed).sum(-1) + 2 * ed @ lin + const
+        var = (sq / self.config.out_dim).clamp_min(0)
+        return torch.rsqrt(var + self.config.layer_norm_eps).to(e.dtype)
+
+    def project_keys(self, e: torch.Tensor, layer: int) -> torch.Tensor:
+        """Materialised keys [..., kb_heads, head_dim] of one layer (tests, and the few pruned leaves)."""
+        w, b = self.layer_weights(layer, "key")
+        k = torch.einsum("hdi,...i->...hd", w, e) + b
+        return k * self.key_inv_std(e)[..., None, None]
+
+    def project_values(self, e: torch.Tensor, layer: int) -> torch.Tensor:
+        w, b = self.layer_weights(layer, "value")
+        return torch.einsum("hdi,...i->...hd", w, e) + b
+
+    def full_keys(self, e: torch.Tensor) -> torch.Tensor:
+        """The reference computation: LayerNorm over the whole projected vector (for tests)."""
+        return nn.functional.layer_norm(self.key_proj(e), (self.config.out_dim,), eps=self.config.layer_norm_eps)
+
+    # ---------------------------------------------------------------- save / load
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        tmp_w, tmp_c = path / f".{WEIGHTS_NAME}.tmp", path / f".{CONFIG_NAME}.tmp"
+        save_file(tensors, tmp_w, metadata={"format": "atlaskv-adapter", "format_version": str(FORMAT_VERSION)})
+        tmp_c.write_text(json.dumps(asdict(self.config), indent=1) + "\n", encoding="utf-8")
+        tmp_w.replace(path / WEIGHTS_NAME)
+        tmp_c.replace(path / CONFIG_NAME)
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, model=None, encoder: str | None = None,
+                        device: str | torch.device = "cpu") -> "KBAdapter":
+        """Load config + safetensors (never pickle); check it fits `model` and the KB's `encoder`."""
+        path = Path(path)
+        cfg_file, w_file = path / CONFIG_NAME, path / WEIGHTS_NAME
+        for f in (cfg_file, w_file):
+            if not f.is_file():
+                raise AdapterError(f"{f}: missing (an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME})")
+        if cfg_file.stat().st_size > MAX_CONFIG_BYTES:
+            raise AdapterError(f"{cfg_file}: {cfg_file.stat().st_size} bytes is not an adapter config")
+        try:
+            raw = json.loads(cfg_file.read_text("utf-8"))
+            config = AdapterConfig(**raw)
+        except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as e:
+            raise AdapterError(f"{cfg_file}: not a valid adapter config ({e})") from e
+        if config.format_version != FORMAT_VERSION:
+            raise AdapterError(f"{cfg_file}: format_version {config.format_version}, this atlaskv reads {FORMAT_VERSION}")
+        expected_params = 2 * (config.encoder_dim + 1) * config.out_dim + len(config.kb_layers) * (
+            config.hidden_size + config.q_bias) * config.num_heads * config.head_dim
+        if not 0 < expected_params < MAX_PARAMS or config.kb_heads not in ("query", "kv"):
+            raise AdapterError(f"{cfg_file}: implausible adapter shape ({expected_params:,} parameters)")
+        if model is not None:
+            config.check_fits(model)
+        if encoder is not None and encoder != config.encoder:
+            raise AdapterError(f"adapter {path} was trained on {config.encoder!r} embeddings; the KB was "
+                               f"built with {encoder!r} (rebuild the KB with --encoder {config.encoder})")
+        adapter = cls(config)
+        state = load_file(w_file, device="cpu")
+        try:
+            missing, unexpected = adapter.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # shape mismatch
+            raise AdapterError(f"{w_file}: weights do not match {CONFIG_NAME} ({str(e).splitlines()[-1].strip()})") from e
+        if missing or unexpected:
+            raise AdapterError(f"{w_file}: weights do not match the config (missing {missing[:3]}, "
+                               f"unexpected {unexpected[:3]})")
+        return adapter.to(device)

@@ -1,0 +1,217 @@
+"""KB-augmented attention for stock Hugging Face models, through transformers' own extension points.
+
+    attach(model, adapter)   registers an attention function "atlaskv_<base>" in AttentionInterface (and
+                             its mask function), switches the model to it, and adds a forward pre-hook on
+                             each KB layer's self-attention that computes the KB query from hidden states.
+    model(..., atlaskv_kb=KBInputs(...))       the KB travels as a forward kwarg down to every attention call;
+    with use_kb(kb): model.generate(...)       or in a context variable (generate() rejects unknown kwargs).
+                             Without a KB every layer runs the base implementation unchanged.
+
+Per KB layer, for text query t and head h (method.md §1.4-1.7):
+    s_text = RoPE(q) . RoPE(k) * scaling + mask           (text keys from the KV cache; KB never enters it)
+    s_kb   = q_kb . key_l(e_m) * scaling [+ ln s - ln N]   (no RoPE on either side)
+    out    = softmax over [KB | text] of both, written as the two-softmax merge
+           = exp(lse_text - lse) softmax(s_text) V + exp(lse_kb - lse) softmax(s_kb) V_kb
+all in fp32 whatever the model dtype. Keys and values stay in base-embedding space: with key_l(e) =
+(W_l e + b_l) * r(e) (LayerNorm, r = 1/std over the full vector),
+    q . key_l(e) = ((q W_l) . e + q . b_l) * r(e)          and     sum_m p_m value_l(e_m) = W_l^v (p E) + b^v sum_m p_m
+so a layer scores N entries with d_in-dim dot products and never builds [N, heads, head_dim] tensors.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .adapter import KBAdapter, _attention_modules
+
+PREFIX = "atlaskv_"
+
+
+@dataclass
+class KBInputs:
+    """The KB for one forward/generate call: base embeddings, shared by the batch or one KB per sample.
+
+    keys, values: [N, d_in] (shared) or [B, N, d_in] (per sample); mask: [B, N] True for real entries when
+    per-sample KBs have different sizes (padded). scale_factor s adds ln s - ln N to KB logits (inference).
+    With record=True each KB layer stores its attention on the KB, summed over heads: [B, T, N].
+    """
+    keys: torch.Tensor
+    values: torch.Tensor
+    mask: torch.Tensor | None = None
+    scale_factor: float | None = None
+    record: bool = False
+    attention: dict[int, torch.Tensor] = field(default_factory=dict)
+    _inv_std: torch.Tensor | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.keys.dim() == 2:
+            self.keys, self.values = self.keys[None], self.values[None]
+        if self.keys.shape != self.values.shape or self.keys.dim() != 3:
+            raise ValueError(f"KB keys {tuple(self.keys.shape)} and values {tuple(self.values.shape)} must both "
+                             "be [N, d_in] or [B, N, d_in]")
+        if self.mask is not None and self.mask.shape != self.keys.shape[:2]:
+            raise ValueError(f"KB mask {tuple(self.mask.shape)} must be [B, N] = {tuple(self.keys.shape[:2])}")
+
+    @property
+    def size(self) -> int:
+        return self.keys.shape[1]
+
+    def inv_std(self, adapter: KBAdapter) -> torch.Tensor:
+        # the same for every layer (one LayerNorm over all slots): computed once per call
+        if self._inv_std is None:
+            self._inv_std = adapter.key_inv_std(self.keys.to(adapter.key_proj.weight.dtype))
+        return self._inv_std
+
+
+def _to_additive(mask: torch.Tensor | None, T: int, S: int, device) -> torch.Tensor:
+    """The text mask as additive fp32 [.., T, S]; None (sdpa's "plain causal") becomes a causal mask."""
+    if mask is None:
+        allowed = torch.arange(S, device=device)[None, :] <= torch.arange(T, device=device)[:, None] + (S - T)
+        return torch.zeros(T, S, device=device).masked_fill(~allowed, float("-inf"))
+    mask = mask[..., :S]
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, device=device).masked_fill(~mask, float("-inf"))
+    return mask.float()
+
+
+def _per_query_head(t: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """KB weights at kv-head width ("kv" layout) repeated for each query head of the group."""
+    return t if t.shape[0] == n_heads else t.repeat_interleave(n_heads // t.shape[0], dim=0)
+
+
+def kb_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                 *, base: str, **kwargs):
+    kwargs.pop(PREFIX + "kb", None)
+    layer_ctx = kwargs.pop(PREFIX + "layer", None)
+    if layer_ctx is None:  # no KB here: the stock implementation, bit for bit
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        from transformers.models.llama.modeling_llama import eager_attention_forward
+
+        fn = eager_attention_forward if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
+        return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+    adapter, layer, q_kb, kb = layer_ctx
+    B, H, T, D = query.shape
+    scaling = D ** -0.5 if scaling is None else scaling
+    f = torch.promote_types(query.dtype, torch.float32)  # fp32 at least, whatever the model's dtype
+    groups = H // key.shape[1]
+    k = key.to(f).repeat_interleave(groups, dim=1)
+    v = value.to(f).repeat_interleave(groups, dim=1)
+    S = k.shape[2]
+    s_text = (query.to(f) @ k.transpose(-1, -2)) * scaling
+    cap = getattr(module, "attn_logit_softcapping", None) or getattr(module.config, "attn_logit_softcapping", None)
+    if cap:
+        s_text = torch.tanh(s_text / cap) * cap
+    s_text = s_text + _to_additive(attention_mask, T, S, query.device).to(f)
+
+    # KB logits, scored in base-embedding space
+    w_k, b_k = adapter.layer_weights(layer, "key")
+    w_k, b_k = _per_query_head(w_k, H).to(f), _per_query_head(b_k, H).to(f)
+    q = q_kb.to(f)
+    u = torch.einsum("bhtd,hdi->bhti", q, w_k)
+    c = torch.einsum("bhtd,hd->bht", q, b_k)
+    e_k = kb.keys.to(f)
+    inv_std = kb.inv_std(adapter).to(f)                                            # [Bk, N]
+    s_kb = (torch.einsum("bhti,bni->bhtn", u, e_k.expand(B, -1, -1)) + c[..., None])
+    s_kb = s_kb * inv_std[:, None, None, :] * scaling
+    if kb.scale_factor is not None:
+        n = kb.mask.sum(-1).clamp_min(1).float() if kb.mask is not None else torch.full((1,), float(kb.size))
+        s_kb = s_kb + (math.log(kb.scale_factor) - torch.log(n.to(s_kb.device)))[:, None, None, None]
+    if kb.mask is not None:
+        s_kb = s_kb.masked_fill(~kb.mask[:, None, None, :], float("-inf"))
+
+    # one joint softmax, written as the merge of two partial softmaxes (needed when the KB part is pruned)
+    lse_text = torch.logsumexp(s_text, -1, keepdim=True)
+    lse_kb = torch.logsumexp(s_kb, -1, keepdim=True)
+    lse = torch.logaddexp(lse_text, lse_kb)
+    lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))  # rows with nothing to attend to
+    p_text = torch.exp(s_text - lse)
+    p_kb = torch.exp(s_kb - lse)
+    out = p_text @ v
+    w_v, b_v = adapter.layer_weights(layer, "value")
+    w_v, b_v = _per_query_head(w_v, H).to(f), _per_query_head(b_v, H).to(f)
+    pe = torch.einsum("bhtn,bni->bhti", p_kb, kb.values.to(f).expand(B, -1, -1))
+    out = out + torch.einsum("bhti,hdi->bhtd", pe, w_v) + p_kb.sum(-1, keepdim=True) * b_v[None, :, None, :]
+    if kb.record:
+        kb.attention[layer] = p_kb.detach().sum(1)
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+_CURRENT_KB: contextvars.ContextVar[KBInputs | None] = contextvars.ContextVar("atlaskv_kb", default=None)
+
+
+@contextlib.contextmanager
+def use_kb(kb: KBInputs | None):
+    """Attach `kb` to every forward call inside the block, e.g. around `model.generate(...)`
+    (generate() rejects unknown kwargs). A context variable, so concurrent threads never see each other's KB."""
+    token = _CURRENT_KB.set(kb)
+    try:
+        yield kb
+    finally:
+        _CURRENT_KB.reset(token)
+
+
+def _kb_query_hook(module, args, kwargs, *, adapter: KBAdapter, layer: int):
+    kb = kwargs.get(PREFIX + "kb") or _CURRENT_KB.get()
+    if kb is None:
+        return None
+    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    q = adapter.kb_query[str(layer)](hidden)
+    q = q.view(*hidden.shape[:-1], -1, adapter.config.head_dim).transpose(1, 2)
+    q_norm = getattr(module, "q_norm", None)
+    if q_norm is not None:  # Qwen3 / Gemma 3 normalise each query head before RoPE; the KB head was copied from q_proj
+        q = q_norm(q)
+    return args, {**kwargs, PREFIX + "layer": (adapter, layer, q, kb)}
+
+
+def register(base: str) -> str:
+    """Register "atlaskv_<base>" (attention + mask function) once; returns the name."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if base not in ("eager", "sdpa"):
+        raise ValueError(f"KB attention runs over eager or sdpa base attention, not {base!r}")
+    name = PREFIX + base
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        ALL_ATTENTION_FUNCTIONS.register(name, functools.partial(kb_attention, base=base))
+        ALL_MASK_ATTENTION_FUNCTIONS.register(name, eager_mask if base == "eager" else sdpa_mask)
+    return name
+
+
+def _set_attn(model, name: str) -> None:
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(name)
+    else:  # pragma: no cover - older transformers
+        model.config._attn_implementation = name
+
+
+def attach(model, adapter: KBAdapter) -> None:
+    """Make `model` read a KB passed as `atlaskv_kb=`; the model's own weights and modules are untouched."""
+    detach(model)
+    base = model.config._attn_implementation or "eager"
+    base = base[len(PREFIX):] if base.startswith(PREFIX) else base
+    if base not in ("eager", "sdpa"):
+        base = "sdpa"
+    adapter.config.check_fits(model)
+    attn = _attention_modules(model)
+    handles = [attn[l].register_forward_pre_hook(functools.partial(_kb_query_hook, adapter=adapter, layer=l),
+                                                 with_kwargs=True) for l in adapter.config.kb_layers]
+    model._atlaskv = {"handles": handles, "base": base, "adapter": adapter}
+    _set_attn(model, register(base))
+
+
+def detach(model) -> None:
+    state = getattr(model, "_atlaskv", None)
+    if state is None:
+        return
+    for h in state["handles"]:
+        h.remove()
+    _set_attn(model, state["base"])
+    del model._atlaskv
