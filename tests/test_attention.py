@@ -103,10 +103,11 @@ class _Module(nn.Module):
     config = None
 
 
+@pytest.mark.parametrize("mode", ["pullback", "project"])
 @pytest.mark.parametrize("kb_heads", ["query", "kv"])
 @pytest.mark.parametrize("scale", [None, 100.0])
 @pytest.mark.parametrize("shared_kb", [True, False])
-def test_decomposed_merge_equals_joint_softmax(kb_heads, scale, shared_kb):
+def test_decomposed_merge_equals_joint_softmax(kb_heads, scale, shared_kb, mode):
     model = tiny_model("llama")
     adapter = random_adapter(model, kb_heads=kb_heads).double()
     B, H, Hkv, T, D, N = 2, 4, 2, 7, 16, 11
@@ -118,7 +119,7 @@ def test_decomposed_merge_equals_joint_softmax(kb_heads, scale, shared_kb):
         keys, values = (torch.randn(B, N, D_IN, generator=g).double(), torch.randn(B, N, D_IN, generator=g).double())
     mask = torch.full((T, T), float("-inf")).triu(1).double()
     layer = 2
-    kb = KBInputs(keys, values, scale_factor=scale, record=True)
+    kb = KBInputs(keys, values, scale_factor=scale, record=True, mode=mode)
     mod = _Module()
     mod.config = model.config
     out, _ = kb_attention(mod, query, key, value, mask[None, None], 0.25, base="eager",

@@ -128,7 +128,24 @@ class KBAdapter(nn.Module):
         return adapter.to(next(model.parameters()).device)
 
     # ---------------------------------------------------------------- projections of base embeddings
+    def _cached(self, key, fn):
+        """Memoise weight-only quantities at inference (no grad); recomputed whenever a weight changes."""
+        if torch.is_grad_enabled():
+            return fn()
+        stamp = tuple((p._version, p.data_ptr()) for p in (self.key_proj.weight, self.key_proj.bias,
+                                                          self.value_proj.weight, self.value_proj.bias))
+        cache = self.__dict__.setdefault("_weight_cache", {})
+        if cache.get("stamp") != stamp:
+            cache.clear()
+            cache["stamp"] = stamp
+        if key not in cache:
+            cache[key] = fn()
+        return cache[key]
+
     def layer_weights(self, layer: int, which: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._cached(("layer", layer, which), lambda: self._layer_weights(layer, which))
+
+    def _layer_weights(self, layer: int, which: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(W [kb_heads, head_dim, d_in], b [kb_heads, head_dim]) of one KB layer's slot.
 
         For keys the rows are centred by the LayerNorm mean row, so W e + b is the LayerNorm numerator.
@@ -147,14 +164,17 @@ class KBAdapter(nn.Module):
 
         var = |W_c e + b_c|^2 / D with W_c, b_c centred: e^T G e + 2 (W_c^T b_c) e + |b_c|^2, G = W_c^T W_c.
         """
-        w = self.key_proj.weight.double()
-        b = self.key_proj.bias.double()
-        wc, bc = w - w.mean(0, keepdim=True), b - b.mean()
-        gram, lin, const = wc.T @ wc, wc.T @ bc, bc @ bc
+        gram, lin, const = self._cached("gram", self._gram)
         ed = e.double()
         sq = ((ed @ gram) * ed).sum(-1) + 2 * ed @ lin + const
         var = (sq / self.config.out_dim).clamp_min(0)
         return torch.rsqrt(var + self.config.layer_norm_eps).to(e.dtype)
+
+    def _gram(self):
+        w = self.key_proj.weight.double()
+        b = self.key_proj.bias.double()
+        wc, bc = w - w.mean(0, keepdim=True), b - b.mean()
+        return wc.T @ wc, wc.T @ bc, bc @ bc
 
     def project_keys(self, e: torch.Tensor, layer: int) -> torch.Tensor:
         """Materialised keys [..., kb_heads, head_dim] of one layer (tests, and the few pruned leaves)."""

@@ -39,13 +39,14 @@ class KBInputs:
 
     keys, values: [N, d_in] (shared) or [B, N, d_in] (per sample); mask: [B, N] True for real entries when
     per-sample KBs have different sizes (padded). scale_factor s adds ln s - ln N to KB logits (inference).
-    With record=True each KB layer stores its attention on the KB, summed over heads: [B, T, N].
+    With record=True each KB layer stores its prefill attention on the KB, summed over heads: [B, T, N].
     """
     keys: torch.Tensor
     values: torch.Tensor
     mask: torch.Tensor | None = None
     scale_factor: float | None = None
     record: bool = False
+    mode: str = "auto"   # "pullback" | "project" | "auto" (the cheaper; both exact)
     attention: dict[int, torch.Tensor] = field(default_factory=dict)
     _inv_std: torch.Tensor | None = field(default=None, repr=False)
 
@@ -111,16 +112,29 @@ def kb_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
         s_text = torch.tanh(s_text / cap) * cap
     s_text = s_text + _to_additive(attention_mask, T, S, query.device).to(f)
 
-    # KB logits, scored in base-embedding space
+    # KB logits. Two exact ways, the cheaper one per call (both never touch other layers' slices):
+    #   pull-back: q W_l . e  costs T*H*d_in per entry, best for decode steps (T = 1);
+    #   project:   keys/values of this layer only, Hk*D*d_in per entry, best for long prefills.
     w_k, b_k = adapter.layer_weights(layer, "key")
-    w_k, b_k = _per_query_head(w_k, H).to(f), _per_query_head(b_k, H).to(f)
+    w_v, b_v = adapter.layer_weights(layer, "value")
+    hk, d_in = w_k.shape[0], w_k.shape[-1]
+    mode = kb.mode
+    if mode == "auto":
+        mode = "project" if hk * D * d_in + T * H * D < T * H * d_in else "pullback"
     q = q_kb.to(f)
-    u = torch.einsum("bhtd,hdi->bhti", q, w_k)
-    c = torch.einsum("bhtd,hd->bht", q, b_k)
-    e_k = kb.keys.to(f)
+    e_k, e_v = kb.keys.to(f), kb.values.to(f)
     inv_std = kb.inv_std(adapter).to(f)                                            # [Bk, N]
-    s_kb = (torch.einsum("bhti,bni->bhtn", u, e_k.expand(B, -1, -1)) + c[..., None])
-    s_kb = s_kb * inv_std[:, None, None, :] * scaling
+    if mode == "pullback":
+        w_kh, b_kh = _per_query_head(w_k, H).to(f), _per_query_head(b_k, H).to(f)
+        u = torch.einsum("bhtd,hdi->bhti", q, w_kh)
+        c = torch.einsum("bhtd,hd->bht", q, b_kh)
+        s_kb = torch.einsum("bhti,bni->bhtn", u, e_k.expand(B, -1, -1)) + c[..., None]
+        s_kb = s_kb * inv_std[:, None, None, :] * scaling
+    else:
+        k_kb = (torch.einsum("hdi,bni->bhnd", w_k.to(f), e_k) + b_k.to(f)[None, :, None, :]) \
+            * inv_std[:, None, :, None]
+        k_kb = _per_query_head(k_kb.transpose(0, 1), H).transpose(0, 1)           # [Bk, H, N, D]
+        s_kb = (q @ k_kb.expand(B, -1, -1, -1).transpose(-1, -2)) * scaling
     if kb.scale_factor is not None:
         n = kb.mask.sum(-1).clamp_min(1).float() if kb.mask is not None else torch.full((1,), float(kb.size))
         s_kb = s_kb + (math.log(kb.scale_factor) - torch.log(n.to(s_kb.device)))[:, None, None, None]
@@ -135,12 +149,16 @@ def kb_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
     p_text = torch.exp(s_text - lse)
     p_kb = torch.exp(s_kb - lse)
     out = p_text @ v
-    w_v, b_v = adapter.layer_weights(layer, "value")
-    w_v, b_v = _per_query_head(w_v, H).to(f), _per_query_head(b_v, H).to(f)
-    pe = torch.einsum("bhtn,bni->bhti", p_kb, kb.values.to(f).expand(B, -1, -1))
-    out = out + torch.einsum("bhti,hdi->bhtd", pe, w_v) + p_kb.sum(-1, keepdim=True) * b_v[None, :, None, :]
-    if kb.record:
-        kb.attention[layer] = p_kb.detach().sum(1)
+    if mode == "pullback":  # sum_m p_m (W e_m + b) = W (p E) + b sum_m p_m
+        w_vh, b_vh = _per_query_head(w_v, H).to(f), _per_query_head(b_v, H).to(f)
+        pe = torch.einsum("bhtn,bni->bhti", p_kb, e_v.expand(B, -1, -1))
+        out = out + torch.einsum("bhti,hdi->bhtd", pe, w_vh) + p_kb.sum(-1, keepdim=True) * b_vh[None, :, None, :]
+    else:
+        v_kb = torch.einsum("hdi,bni->bhnd", w_v.to(f), e_v) + b_v.to(f)[None, :, None, :]
+        v_kb = _per_query_head(v_kb.transpose(0, 1), H).transpose(0, 1)
+        out = out + p_kb @ v_kb.expand(B, -1, -1, -1)
+    if kb.record:  # the first call is the prefill (all prompt tokens); decode steps do not overwrite it
+        kb.attention.setdefault(layer, p_kb.detach().sum(1))
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
@@ -163,7 +181,8 @@ def _kb_query_hook(module, args, kwargs, *, adapter: KBAdapter, layer: int):
     if kb is None:
         return None
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-    q = adapter.kb_query[str(layer)](hidden)
+    head = adapter.kb_query[str(layer)]
+    q = head(hidden.to(head.weight.dtype))  # the adapter may stay fp32 under a bf16 model
     q = q.view(*hidden.shape[:-1], -1, adapter.config.head_dim).transpose(1, 2)
     q_norm = getattr(module, "q_norm", None)
     if q_norm is not None:  # Qwen3 / Gemma 3 normalise each query head before RoPE; the KB head was copied from q_proj
