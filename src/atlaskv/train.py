@@ -1,0 +1,469 @@
+"""Train a KBAdapter (method.md §3, with its fixes): the LLM and the sentence encoder stay frozen.
+
+Each step: B questions about facts from the training triples; one KB shared by the batch holding every
+question's own fact, other facts of the same head (hard negatives) and random distractors (a growing
+curriculum). Losses:
+  * answer loss: cross-entropy on the answer tokens only (pads and prompt excluded), mean per sample;
+  * retrieval loss (ours; weight 0 = the paper's pure recipe): the KB attention summed over heads and
+    prompt tokens, as a distribution over KB entries, should put its mass on the question's own entry;
+    this is exactly what ACC@1 measures, and without it grounding stays at chance on a CPU budget.
+Refusal samples (own fact left out of the KB) teach "I don't know". Every sample's batch is a pure
+function of (seed, step), so `--resume` continues the same run from its last checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .adapter import KBAdapter
+from .attention import KBInputs, attach
+from .encoder import DEFAULT_ENCODER, load_encoder
+from .kg import Triple, read_triples
+from .kg2kv import RelationNouns, answer_for, make_record
+
+REFUSAL = "I don't know."
+QUESTION_TEMPLATES = [
+    "What is {k}?", "Tell me {k}.", "Do you know {k}?", "Can you tell me {k}?", "What's {k}?",
+    "Which is {k}?", "Identify {k}.", "I would like to know {k}.", "Please tell me {k}.", "Name {k}.",
+    "Who or what is {k}?", "Give me {k}.", "Could you tell me {k}?", "{K}?", "Look up {k}.",
+    "Do you happen to know {k}?",
+]
+
+
+@dataclass
+class TrainConfig:
+    data: list[str]
+    out: str
+    base_model: str | None = None
+    encoder: str = DEFAULT_ENCODER
+    steps: int = 1000
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.01
+    kb_layer_frequency: int = 3
+    kb_heads: str = "query"
+    question_input: bool = False
+    answer_loss_weight: float = 1.0
+    retrieval_loss_weight: float = 1.0
+    distractors_start: int = 4
+    distractors_every: int = 100
+    distractors_max: int = 64
+    same_head_negatives: int = 2
+    multi_entity_every: int = 3
+    refusal_rate: float = 0.1
+    head_masked_rate: float = 0.3
+    shuffle_values: bool = False
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    checkpoint_every: int = 100
+    eval_every: int = 50
+    threads: int | None = None
+    max_minutes: float | None = None  # stop cleanly (checkpoint + adapter) after this long; --resume goes on
+
+
+# ------------------------------------------------------------------------------------------------ data
+@dataclass
+class TrainData:
+    records: list                 # KVRecord
+    key_emb: np.ndarray           # [R, d_in] float32
+    value_emb: np.ndarray
+    by_relation: dict = field(default_factory=dict)   # relation -> record indices
+    by_kept: dict = field(default_factory=dict)       # kept entity -> record indices (hard negatives)
+    relation_p: np.ndarray | None = None
+    relations: list = field(default_factory=list)
+    digest: str = ""
+
+
+def build_records(triples: list[Triple]) -> list:
+    """Tail- and head-masked records whose key names exactly one value (ambiguous keys dropped)."""
+    nouns = RelationNouns()
+    recs = [make_record(t, side, nouns) for t in triples for side in ("tail", "head")]
+    values_by_key = defaultdict(set)
+    for r in recs:
+        values_by_key[r.key_text.casefold()].add(r.value_text.casefold())
+    return [r for r in recs if len(values_by_key[r.key_text.casefold()]) == 1]
+
+
+def prepare_data(cfg: TrainConfig, cache_dir: Path) -> TrainData:
+    triples = read_triples(cfg.data).triples
+    records = build_records(triples)
+    digest = hashlib.sha256("\n".join(f"{r.key_text}\t{r.value_text}" for r in records).encode()).hexdigest()[:16]
+    cache = cache_dir / f"embeddings-{cfg.encoder.replace('/', '_').replace(':', '_')}-{digest}.npz"
+    if cache.exists():
+        z = np.load(cache, allow_pickle=False)
+        key_emb, value_emb = z["keys"], z["values"]
+    else:
+        enc = load_encoder(cfg.encoder)
+        texts = sorted({r.key_text for r in records} | {r.value_text for r in records})
+        emb = enc.encode(texts, show_progress=True)
+        index = {t: i for i, t in enumerate(texts)}
+        key_emb = emb[[index[r.key_text] for r in records]].astype(np.float16)
+        value_emb = emb[[index[r.value_text] for r in records]].astype(np.float16)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp.npz")
+        np.savez(tmp, keys=key_emb, values=value_emb)
+        os.replace(tmp, cache)
+    data = TrainData(records, key_emb, value_emb, digest=digest)
+    for i, r in enumerate(records):
+        data.by_relation.setdefault((r.triple.relation, r.masked), []).append(i)
+        kept = r.triple.head if r.masked == "tail" else r.triple.tail
+        data.by_kept.setdefault(kept, []).append(i)
+    data.relations = sorted(data.by_relation)
+    counts = np.array([len(data.by_relation[k]) for k in data.relations], float)
+    data.relation_p = np.sqrt(counts) / np.sqrt(counts).sum()  # balance: gender must not drown time zone
+    return data
+
+
+def n_distractors(cfg: TrainConfig, step: int) -> int:
+    return min(cfg.distractors_start * (step // cfg.distractors_every + 1), cfg.distractors_max)
+
+
+@dataclass
+class Batch:
+    prompts: list[str]
+    answers: list[str]
+    kb_rows: np.ndarray           # record indices in the KB, in KB order
+    gold: list[list[int]]         # per sample: positions in the KB of its own facts ([] for refusals)
+    questions: list[str]
+
+
+def make_batch(cfg: TrainConfig, data: TrainData, step: int, rng: np.random.Generator | None = None) -> Batch:
+    rng = rng or np.random.default_rng([cfg.seed, step])
+    multi = cfg.multi_entity_every > 0 and step % cfg.multi_entity_every == cfg.multi_entity_every - 1
+    prompts, answers, golds, questions = [], [], [], []
+    kb: list[int] = []
+    banned: set[int] = set()
+    refused_facts: list[list[int]] = []
+    for _ in range(cfg.batch_size):
+        facts = []
+        for _ in range(2 if multi else 1):
+            masked = "head" if rng.random() < cfg.head_masked_rate else "tail"
+            for _ in range(10):
+                rel = data.relations[rng.choice(len(data.relations), p=data.relation_p)]
+                if rel[1] == masked:
+                    break
+            facts.append(int(rng.choice(data.by_relation[rel])))
+        refusal = rng.random() < cfg.refusal_rate
+        keys = [data.records[i].key_text for i in facts]
+        tpl = QUESTION_TEMPLATES[rng.integers(len(QUESTION_TEMPLATES))]
+        if len(keys) == 1:
+            q = tpl.format(k=keys[0], K=keys[0][0].upper() + keys[0][1:])
+        else:
+            q = f"What is {keys[0]}, and what is {keys[1]}?"
+        ans = REFUSAL if refusal else " ".join(answer_for(data.records[i].key_text, data.records[i].value_text)
+                                                for i in facts)
+        for i in facts:  # hard negatives: other facts about the same entity
+            kept = data.records[i].triple.head if data.records[i].masked == "tail" else data.records[i].triple.tail
+            others = [j for j in data.by_kept.get(kept, []) if j != i]
+            if others:
+                kb += [int(j) for j in rng.choice(others, min(cfg.same_head_negatives, len(others)), replace=False)]
+        refused_facts.append(facts if refusal else [])
+        if refusal:
+            banned.update(facts)
+        else:
+            kb += facts
+        prompts.append(q)
+        questions.append(q)
+        answers.append(ans)
+        golds.append([] if refusal else facts)
+    kb += [int(j) for j in rng.integers(0, len(data.records), n_distractors(cfg, step))]
+    # a refusal sample's fact must not sneak in as another sample's distractor or negative
+    # a fact both refused and needed (the same fact drawn twice): it stays in, and its refusal is undone
+    needed = {i for g in golds for i in g}
+    clash = banned & needed
+    if clash:
+        banned -= clash
+    kb_rows = np.array(list(dict.fromkeys(i for i in kb if i not in banned)), dtype=np.int64)
+    rng.shuffle(kb_rows)
+    pos = {int(i): p for p, i in enumerate(kb_rows)}
+    gold_pos = [[pos[i] for i in g] for g in golds]
+    for s, f in enumerate(refused_facts):
+        if f and any(i in pos for i in f):  # its fact is in the KB after all: answer it
+            gold_pos[s] = [pos[i] for i in f if i in pos]
+            answers[s] = " ".join(answer_for(data.records[i].key_text, data.records[i].value_text) for i in f)
+    return Batch(prompts, answers, kb_rows, gold_pos, questions)
+
+
+# ------------------------------------------------------------------------------------------------ model io
+def chat_text(tokenizer, question: str) -> str:
+    """The user turn and the assistant header. ChatML without SmolLM2's default system prompt (a third of
+    the tokens, and noise in the attention sums); other templates as their tokenizer writes them."""
+    tpl = tokenizer.chat_template or ""
+    if "<|im_start|>" in tpl:
+        return f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+    return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def answer_suffix(tokenizer) -> str:
+    return "<|im_end|>" if "<|im_start|>" in (tokenizer.chat_template or "") else (tokenizer.eos_token or "")
+
+
+def encode_batch(tokenizer, prompts: list[str], answers: list[str], device) -> dict:
+    """input_ids, attention_mask, labels (-100 outside answers), prompt_mask (question tokens)."""
+    ids, labels, pmask = [], [], []
+    suffix = answer_suffix(tokenizer)
+    for q, a in zip(prompts, answers):
+        p = tokenizer(chat_text(tokenizer, q), add_special_tokens=False)["input_ids"]
+        t = tokenizer(a + suffix, add_special_tokens=False)["input_ids"]
+        ids.append(p + t)
+        labels.append([-100] * len(p) + t)
+        pmask.append([1] * len(p) + [0] * len(t))
+    n = max(map(len, ids))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out = {
+        "input_ids": torch.tensor([x + [pad] * (n - len(x)) for x in ids]),
+        "attention_mask": torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in ids]),
+        "labels": torch.tensor([x + [-100] * (n - len(x)) for x in labels]),
+        "prompt_mask": torch.tensor([x + [0] * (n - len(x)) for x in pmask]),
+    }
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def losses(model, adapter: KBAdapter, batch_t: dict, kb: KBInputs, gold: list[list[int]]):
+    """(answer loss, retrieval loss, in-batch ACC@1 of the summed KB attention)."""
+    out = model(input_ids=batch_t["input_ids"], attention_mask=batch_t["attention_mask"], atlaskv_kb=kb,
+                use_cache=False)
+    logits = out.logits[:, :-1].float()
+    labels = batch_t["labels"][:, 1:]
+    tok_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100,
+                                                 reduction="none")
+    n_tok = (labels != -100).sum(1).clamp_min(1)
+    answer_loss = ((tok_loss.sum(1) / n_tok)).mean()  # length-normalised per sample
+    pm = batch_t["prompt_mask"].to(logits.dtype)
+    per_layer = torch.stack([(att * pm[:, :, None]).sum(1) for att in kb.attention.values()])   # [L, B, N]
+    target = torch.zeros(per_layer.shape[1:], device=logits.device)                         # [B, N]
+    for s, g in enumerate(gold):
+        if g:
+            target[s, g] = 1.0 / len(g)
+    has_gold = target.sum(-1) > 0
+    logp = torch.log(per_layer.clamp_min(1e-12)) - torch.log(per_layer.sum(-1, keepdim=True).clamp_min(1e-12))
+    r = -(logp * target).sum(-1)                                                            # [L, B]
+    retrieval_loss = r[:, has_gold].mean() if has_gold.any() else answer_loss * 0
+    top = per_layer.sum(0).argmax(-1)
+    hits = int(sum(target[s, int(top[s])] > 0 for s in range(len(gold)) if gold[s]))
+    n = int(has_gold.sum())
+    return answer_loss, retrieval_loss, hits / max(n, 1)
+
+
+# ------------------------------------------------------------------------------------------------ state io
+def _save_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
+    sd = opt.state_dict()
+    tensors = {f"state.{i}.{k}": v.detach().cpu().contiguous() if torch.is_tensor(v) else torch.tensor(v)
+               for i, st in sd["state"].items() for k, v in st.items()}
+    tensors["rng.torch"] = torch.get_rng_state()
+    save_file(tensors, path, metadata={"param_groups": json.dumps(sd["param_groups"])})
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
+    from safetensors import safe_open
+
+    tensors = load_file(path)
+    with safe_open(path, "pt") as f:
+        groups = json.loads(f.metadata()["param_groups"])
+    state: dict = defaultdict(dict)
+    for k, v in tensors.items():
+        if k.startswith("state."):
+            _, i, name = k.split(".", 2)
+            state[int(i)][name] = v
+    opt.load_state_dict({"state": dict(state), "param_groups": groups})
+    torch.set_rng_state(tensors["rng.torch"])
+
+
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ------------------------------------------------------------------------------------------------ loop
+def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
+    from .llm import load_base_model
+
+    out = Path(cfg.out)
+    ckpt = out / "checkpoint"
+    if resume and (ckpt / "trainer_state.json").exists():
+        saved = json.loads((ckpt / "trainer_state.json").read_text())
+        steps, budget, device = cfg.steps, cfg.max_minutes, cfg.device
+        cfg = TrainConfig(**saved["config"])
+        cfg.steps = max(steps, cfg.steps)  # a resumed run may be extended
+        cfg.max_minutes, cfg.device = budget, device
+        start = saved["step"]
+    else:
+        if out.exists() and any(out.iterdir()) and not resume:
+            if (ckpt / "trainer_state.json").exists():
+                raise FileExistsError(f"{out} holds a training run: pass --resume to continue it, or another --out")
+        start = 0
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.manual_seed(cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    from .llm import cache_dir
+
+    data = prepare_data(cfg, cache_dir() / "train")
+    enc = load_encoder(cfg.encoder) if cfg.question_input else None
+    model, tok = load_base_model(cfg.base_model, dtype=cfg.dtype, device=cfg.device)
+    if start:
+        adapter = KBAdapter.from_pretrained(ckpt, model=model, device=cfg.device)
+    else:
+        adapter = KBAdapter.for_model(model, cfg.encoder, data.key_emb.shape[1],
+                                      base_model=cfg.base_model or "SmolLM2-135M-Instruct",
+                                      kb_layer_frequency=cfg.kb_layer_frequency, kb_heads=cfg.kb_heads,
+                                      question_input=cfg.question_input)
+    adapter.config.training = {"config": asdict(cfg), "data_sha256_16": data.digest,
+                               "records": len(data.records)}
+    attach(model, adapter)
+    adapter.train()
+    params = [p for p in adapter.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
+    if start:
+        _load_optimizer(opt, ckpt / "optimizer.safetensors")
+        sched.last_epoch = start - 1
+        sched.step()
+    value_perm = (np.random.default_rng(cfg.seed + 1).permutation(len(data.records)) if cfg.shuffle_values
+                  else None)
+    log_f = open(out / "train_log.jsonl", "a", encoding="utf-8")
+    (out / "command.json").write_text(json.dumps(asdict(cfg), indent=1))
+    log(f"{len(data.records):,} records, {adapter.num_parameters():,} adapter parameters, "
+        f"steps {start} -> {cfg.steps}, device {cfg.device}")
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="training", unit="step")
+    t0 = time.time()
+    for step in bar:
+        opt.zero_grad(set_to_none=True)
+        stats = defaultdict(float)
+        for micro in range(cfg.grad_accum):
+            b = make_batch(cfg, data, step * cfg.grad_accum + micro)
+            vrows = value_perm[b.kb_rows] if value_perm is not None else b.kb_rows
+            keys = torch.from_numpy(data.key_emb[b.kb_rows].astype(np.float32)).to(cfg.device)
+            values = torch.from_numpy(data.value_emb[vrows].astype(np.float32)).to(cfg.device)
+            qe = (torch.from_numpy(enc.encode(b.questions)).to(cfg.device) if enc else None)
+            kb = KBInputs(keys, values, record=True, keep_grad=True, question_emb=qe)
+            bt = encode_batch(tok, b.prompts, b.answers, cfg.device)
+            a_loss, r_loss, acc = losses(model, adapter, bt, kb, b.gold)
+            loss = (cfg.answer_loss_weight * a_loss + cfg.retrieval_loss_weight * r_loss) / cfg.grad_accum
+            loss.backward()
+            stats["answer_loss"] += a_loss.item() / cfg.grad_accum
+            stats["retrieval_loss"] += r_loss.item() / cfg.grad_accum
+            stats["acc1_in_batch"] += acc / cfg.grad_accum
+            stats["kb_size"] += len(b.kb_rows) / cfg.grad_accum
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        row = {"step": step + 1, "lr": sched.get_last_lr()[0], "seconds": round(time.time() - t0, 2), **stats}
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            row.update(validate(cfg, model, adapter, data, tok, enc))
+        log_f.write(json.dumps(row) + "\n")
+        log_f.flush()
+        bar.set_postfix(ans=f"{stats['answer_loss']:.3f}", ret=f"{stats['retrieval_loss']:.3f}",
+                        acc=f"{stats['acc1_in_batch']:.2f}")
+        out_of_time = cfg.max_minutes is not None and time.time() - t0 > 60 * cfg.max_minutes
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or out_of_time:
+            save_checkpoint(cfg, adapter, opt, step + 1, ckpt)
+        if out_of_time:
+            log(f"stopping after {cfg.max_minutes} minutes at step {step + 1} (resume with --resume)")
+            break
+    log_f.close()
+    adapter.save_pretrained(out)
+    plot_log(out / "train_log.jsonl", out / "loss_curve.png")
+    return out
+
+
+def save_checkpoint(cfg, adapter, opt, step, ckpt: Path) -> None:
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    adapter.save_pretrained(tmp)
+    _save_optimizer(opt, tmp / "optimizer.safetensors")
+    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "config": asdict(cfg)}))
+    if ckpt.exists():
+        old = ckpt.with_name(ckpt.name + ".old")
+        os.replace(ckpt, old)
+        os.replace(tmp, ckpt)
+        import shutil
+
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, ckpt)
+
+
+@torch.no_grad()
+def validate(cfg, model, adapter, data: TrainData, tok, enc, n: int = 64, kb_size: int = 100) -> dict:
+    """ACC@1 of the summed prefill KB attention on fixed training-distribution questions, KB of 100."""
+    adapter.eval()
+    rng = np.random.default_rng(12345)
+    tail = [i for i, r in enumerate(data.records) if r.masked == "tail"]
+    gold = rng.choice(tail, n, replace=False)
+    others = rng.choice(len(data.records), kb_size * 2, replace=False)
+    kb_rows = np.array(list(dict.fromkeys([int(i) for i in gold] + [int(i) for i in others])))[:max(kb_size, n)]
+    keys = torch.from_numpy(data.key_emb[kb_rows].astype(np.float32)).to(cfg.device)
+    values = torch.from_numpy(data.value_emb[kb_rows].astype(np.float32)).to(cfg.device)
+    pos = {int(i): p for p, i in enumerate(kb_rows)}
+    hits = 0
+    for s in range(0, n, 16):
+        idx = gold[s:s + 16]
+        qs = [f"What is {data.records[i].key_text}?" for i in idx]
+        qe = torch.from_numpy(enc.encode(qs)).to(cfg.device) if enc else None
+        kb = KBInputs(keys, values, record=True, question_emb=qe)
+        bt = encode_batch(tok, qs, ["" for _ in qs], cfg.device)
+        model(input_ids=bt["input_ids"], attention_mask=bt["attention_mask"], atlaskv_kb=kb, use_cache=False)
+        pm = bt["prompt_mask"].float()
+        scores = sum((att * pm[:, :, None]).sum(1) for att in kb.attention.values())
+        hits += sum(int(scores[j].argmax()) == pos[int(i)] for j, i in enumerate(idx))
+    adapter.train()
+    return {"val_acc1_kb100": hits / n}
+
+
+def plot_log(log_path: Path, png: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [json.loads(l) for l in open(log_path, encoding="utf-8") if l.strip()]
+    if not rows:
+        return
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    steps = [r["step"] for r in rows]
+    for key in ("answer_loss", "retrieval_loss"):
+        a1.plot(steps, _smooth([r[key] for r in rows]), label=key)
+    a1.set_xlabel("step")
+    a1.set_ylabel("loss (smoothed)")
+    a1.legend()
+    a2.plot(steps, _smooth([r["acc1_in_batch"] for r in rows]), label="in-batch ACC@1")
+    val = [(r["step"], r["val_acc1_kb100"]) for r in rows if "val_acc1_kb100" in r]
+    if val:
+        a2.plot(*zip(*val), marker="o", label="val ACC@1, KB of 100")
+    a2.set_xlabel("step")
+    a2.set_ylim(0, 1)
+    a2.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def _smooth(xs, k: int = 20):
+    out, acc = [], []
+    for x in xs:
+        acc.append(x)
+        acc = acc[-k:]
+        out.append(sum(acc) / len(acc))
+    return out

@@ -1,0 +1,114 @@
+"""Training: batches, labels, losses, checkpoint/resume (tiny random LLM with the real tokenizer)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from atlaskv.kg import read_triples, write_triples
+from atlaskv.train import (REFUSAL, TrainConfig, build_records, encode_batch, lr_factor, make_batch,
+                           n_distractors, prepare_data, train)
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory, demo_facts):
+    d = tmp_path_factory.mktemp("train")
+    write_triples(read_triples(demo_facts).triples[:300], d / "facts.tsv")
+    return d / "facts.tsv"
+
+
+@pytest.fixture(scope="module")
+def data(small_data, tmp_path_factory):
+    cfg = TrainConfig(data=[str(small_data)], out="unused")
+    return prepare_data(cfg, tmp_path_factory.mktemp("cache"))
+
+
+def test_records_drop_ambiguous_keys():
+    from atlaskv.kg import Triple
+
+    recs = build_records([Triple("A", "place of birth", "X"), Triple("B", "place of birth", "X")])
+    # tail-masked keys are unique; "the entity whose place of birth is X" names two heads: dropped
+    assert [(r.masked, r.key_text) for r in recs] == [("tail", "the place of birth of A"),
+                                                       ("tail", "the place of birth of B")]
+
+
+def test_batches_are_deterministic_and_consistent(data):
+    cfg = TrainConfig(data=[], out="", batch_size=8, refusal_rate=0.3, seed=3)
+    a, b = make_batch(cfg, data, 17), make_batch(cfg, data, 17)
+    assert a.prompts == b.prompts and np.array_equal(a.kb_rows, b.kb_rows)
+    assert make_batch(cfg, data, 18).prompts != a.prompts
+    for step in range(60):
+        batch = make_batch(cfg, data, step)
+        assert len(set(batch.kb_rows.tolist())) == len(batch.kb_rows)
+        for prompt, answer, gold in zip(batch.prompts, batch.answers, batch.gold):
+            if not gold:
+                assert answer == REFUSAL
+                continue
+            for g in gold:  # the gold position holds the fact the question asks about
+                rec = data.records[batch.kb_rows[g]]
+                assert rec.key_text in prompt and rec.value_text in answer
+
+
+def test_distractor_curriculum():
+    cfg = TrainConfig(data=[], out="", distractors_start=4, distractors_every=100, distractors_max=400)
+    assert [n_distractors(cfg, s) for s in (0, 3000, 10000)] == [4, 124, 400]  # method.md §9.3 (capped)
+
+
+def test_cosine_schedule():
+    cfg = TrainConfig(data=[], out="", steps=100, warmup_steps=10, min_lr_ratio=0.01)
+    assert lr_factor(cfg, 0) == pytest.approx(0.1) and lr_factor(cfg, 10) == pytest.approx(1.0)
+    assert lr_factor(cfg, 100) == pytest.approx(0.01)
+
+
+def test_labels_cover_answers_only():
+    from atlaskv.llm import load_base_model
+
+    pytest.importorskip("gguf")
+    _, tok = load_base_model()
+    bt = encode_batch(tok, ["What is the capital of Canada?", "Hi?"], ["The capital of Canada is Ottawa.", "x"], "cpu")
+    labels, pm, am = bt["labels"], bt["prompt_mask"], bt["attention_mask"]
+    assert ((labels != -100) & (pm == 1)).sum() == 0          # no prompt token is supervised
+    assert ((labels != -100) & (am == 0)).sum() == 0          # no pad is supervised
+    text = tok.decode(bt["input_ids"][0][labels[0] != -100])
+    assert text == "The capital of Canada is Ottawa.<|im_end|>"
+    prompt = tok.decode(bt["input_ids"][0][pm[0] == 1])
+    assert prompt.startswith("<|im_start|>user\n") and "system" not in prompt
+
+
+def _tiny_model_dir(tmp_path):
+    import transformers as tf
+
+    from atlaskv.llm import resolve_model
+
+    pytest.importorskip("gguf")
+    tok = tf.AutoTokenizer.from_pretrained(resolve_model())
+    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    return str(tmp_path / "tiny")
+
+
+def test_resume_continues_the_same_run(tmp_path, small_data, monkeypatch):
+    monkeypatch.setenv("ATLASKV_CACHE", str(tmp_path / "cache"))
+    base = _tiny_model_dir(tmp_path)
+    kw = dict(data=[str(small_data)], base_model=base, batch_size=4, kb_layer_frequency=2, eval_every=0,
+              checkpoint_every=2, question_input=True, threads=1)
+    train(TrainConfig(out=str(tmp_path / "full"), steps=6, **kw), log=lambda m: None)
+    train(TrainConfig(out=str(tmp_path / "split"), steps=6, max_minutes=0, **kw), log=lambda m: None)
+    state = json.loads((tmp_path / "split" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 1  # max_minutes=0 stops cleanly after the first step
+    train(TrainConfig(out=str(tmp_path / "split"), steps=6, **kw), resume=True, log=lambda m: None)
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "full" / "adapter.safetensors")
+    b = load_file(tmp_path / "split" / "adapter.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    log = [json.loads(l) for l in open(tmp_path / "split" / "train_log.jsonl")]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert (tmp_path / "full" / "loss_curve.png").stat().st_size > 0
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(TrainConfig(out=str(tmp_path / "full"), steps=6, **kw), log=lambda m: None)
