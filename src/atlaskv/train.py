@@ -331,11 +331,9 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     adapter.train()
     params = [p for p in adapter.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
-    if start:
+    if start:  # the saved param groups carry initial_lr, so the schedule picks up at `start`
         _load_optimizer(opt, ckpt / "optimizer.safetensors")
-        sched.last_epoch = start - 1
-        sched.step()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s), last_epoch=start - 1)
     value_perm = (np.random.default_rng(cfg.seed + 1).permutation(len(data.records)) if cfg.shuffle_values
                   else None)
     log_f = open(out / "train_log.jsonl", "a", encoding="utf-8")
