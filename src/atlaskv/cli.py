@@ -218,6 +218,7 @@ def eval_grounding_cmd(
     seed: int = typer.Option(0),
     adapter: Optional[Path] = typer.Option(None, help="Adapter folder (default: the shipped one)."),
     scale_factor: Optional[float] = typer.Option(None, help="KB logits += ln(s) - ln(N) (default: adapter's)."),
+    scale_mode: Optional[str] = typer.Option(None, help="shift (always), cap (only N > s) or none; default: adapter's."),
     batch_size: int = typer.Option(16),
     no_answers: bool = typer.Option(False, "--no-answers", help="Grounding accuracy only (no generation)."),
     json_out: Path = typer.Option(..., "--json", help="Where to write the results JSON."),
@@ -231,11 +232,13 @@ def eval_grounding_cmd(
         _fail("this version evaluates --method atlaskv --no-prune only (baselines and HiKVP come next)")
     if distractors not in ("random", "same-head"):
         _fail("--distractors must be random or same-head")
+    if scale_mode not in (None, "shift", "cap", "none"):
+        _fail("--scale-mode must be shift, cap or none")
     akv = _run(lambda: AtlasKV.from_pretrained(adapter))
     enc = load_encoder(akv.adapter.config.encoder)
     res = _run(lambda: eval_grounding(set_dir, [int(float(x)) for x in sizes.split(",")], akv, enc, questions,
                                       distractors, seed, batch_size, not no_answers, answer_questions,
-                                      scale_factor=scale_factor))
+                                      scale_factor=scale_factor, scale_mode=scale_mode))
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(res, indent=1) + "\n")
     for r in res["results"]:

@@ -11,6 +11,7 @@ The name is recorded in every KB so that a KB and an adapter built with differen
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from pathlib import Path
@@ -146,3 +147,28 @@ def load_encoder(name: str | None = None, device: str | None = None) -> Encoder:
     if name not in _CACHE:
         _CACHE[name] = SentenceTransformerEncoder(name, device=device)
     return _CACHE[name]
+
+
+def encode_records(enc: Encoder, records, batch_size: int = 256, show_progress: bool | None = None,
+                   cache_dir: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """fp16 (keys, values) of KV records, encoding each distinct text once (tails like "Male" repeat a
+    lot; keys and values share the pass). With `cache_dir`, the result is kept in a file named by the
+    encoder and a hash of the texts, so a training or evaluation pool is encoded once per machine."""
+    keys = [r.key_text for r in records]
+    values = [r.value_text for r in records]
+    cache = None
+    if cache_dir is not None:
+        digest = hashlib.sha256("\n".join(f"{k}\t{v}" for k, v in zip(keys, values)).encode()).hexdigest()[:16]
+        cache = Path(cache_dir) / f"{enc.name.replace('/', '_').replace(':', '_')}-{digest}.npz"
+        if cache.exists():
+            z = np.load(cache, allow_pickle=False)
+            return z["keys"], z["values"]
+    uniq, inverse = np.unique(np.array(keys + values, dtype=object), return_inverse=True)
+    emb = enc.encode(list(uniq), batch_size, show_progress).astype(np.float16)[inverse.reshape(-1)]
+    out = emb[: len(keys)], emb[len(keys):]
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp.npz")
+        np.savez(tmp, keys=out[0], values=out[1])
+        os.replace(tmp, cache)
+    return out

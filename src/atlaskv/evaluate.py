@@ -10,9 +10,6 @@ in batches against their KB; from the prefill of the same generate() call:
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import re
 import string
 import time
 from dataclasses import dataclass
@@ -22,6 +19,7 @@ import numpy as np
 import torch
 
 from .attention import KBInputs, use_kb
+from .encoder import encode_records
 from .kg import EvalQuestion, Triple, read_eval_set
 from .kg2kv import triples_to_records
 
@@ -49,21 +47,8 @@ def load_pool(set_dir: str | Path, encoder) -> EvalPool:
     from .llm import cache_dir
 
     triples, questions = read_eval_set(set_dir)
-    records = triples_to_records(triples, "tail")
-    digest = hashlib.sha256("\n".join(f"{r.key_text}\t{r.value_text}" for r in records).encode()).hexdigest()[:16]
-    cache = cache_dir() / "eval" / f"{Path(set_dir).name}-{encoder.name.replace('/', '_').replace(':', '_')}-{digest}.npz"
-    if cache.exists():
-        z = np.load(cache, allow_pickle=False)
-        keys, values = z["keys"], z["values"]
-    else:
-        texts = sorted({r.key_text for r in records} | {r.value_text for r in records})
-        emb = encoder.encode(texts, show_progress=True)
-        pos = {t: i for i, t in enumerate(texts)}
-        keys = emb[[pos[r.key_text] for r in records]].astype(np.float16)
-        values = emb[[pos[r.value_text] for r in records]].astype(np.float16)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(cache.with_suffix(".tmp.npz"), keys=keys, values=values)
-        cache.with_suffix(".tmp.npz").replace(cache)
+    keys, values = encode_records(encoder, triples_to_records(triples, "tail"), show_progress=True,
+                                  cache_dir=cache_dir() / "eval")
     return EvalPool(triples, questions, keys, values, {t: i for i, t in enumerate(triples)})
 
 
@@ -112,15 +97,18 @@ def _left_pad(tok, prompts: list[str], device):
 
 @torch.no_grad()
 def ask_batch(akv, questions: list[str], keys: torch.Tensor, values: torch.Tensor, max_new_tokens: int,
-              record: bool, scale_factor: float | None, qemb: torch.Tensor | None):
+              record: bool, scale_factor: float | None, qemb: torch.Tensor | None, scale_mode: str | None = None):
+    """Greedy answers for a batch against one KB. scale_factor / scale_mode default to the adapter's;
+    scale_mode "none" turns the KB length correction off."""
     from .train import chat_text
 
     tok = akv.tokenizer
     ids, mask = _left_pad(tok, [chat_text(tok, q) for q in questions], akv.device)
     cfg = akv.adapter.config
-    kb = KBInputs(keys, values, record=record, question_emb=qemb,
-                  scale_factor=scale_factor if scale_factor is not None else cfg.kb_scale_factor,
-                  scale_mode=cfg.kb_scale_mode)
+    mode = scale_mode or cfg.kb_scale_mode
+    scale = None if mode == "none" else (scale_factor if scale_factor is not None else cfg.kb_scale_factor)
+    kb = KBInputs(keys, values, record=record, question_emb=qemb, scale_factor=scale,
+                  scale_mode="shift" if mode == "none" else mode)
     stop = [tok.eos_token_id] + ([tok.convert_tokens_to_ids("<|im_end|>")] if "<|im_end|>" in tok.get_vocab() else [])
     with use_kb(kb):
         out = akv.model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
@@ -136,7 +124,8 @@ def ask_batch(akv, questions: list[str], keys: torch.Tensor, values: torch.Tenso
 def eval_grounding(set_dir: str | Path, sizes: list[int], akv, encoder, n_questions: int = 500,
                    distractors: str = "random", seed: int = 0, batch_size: int = 16, answers: bool = True,
                    answer_questions: int | None = None, max_new_tokens: int = 32,
-                   scale_factor: float | None = None, progress: bool = True) -> dict:
+                   scale_factor: float | None = None, scale_mode: str | None = None,
+                   progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
     pool = load_pool(set_dir, encoder)
@@ -163,7 +152,7 @@ def eval_grounding(set_dir: str | Path, sizes: list[int], akv, encoder, n_questi
                 qemb = torch.from_numpy(encoder.encode(qtexts)).to(akv.device) if needs_q else None
                 want_answers = answers and asked < n_ans
                 texts, per_layer = ask_batch(akv, qtexts, keys, values, max_new_tokens if want_answers else 1,
-                                             True, scale_factor, qemb)
+                                             True, scale_factor, qemb, scale_mode)
                 gold = torch.tensor([pos[pool.index[q.triple]] for q in bq], device=per_layer.device)
                 total = per_layer.sum(0)
                 top5 = total.topk(min(5, total.shape[-1]), -1).indices
@@ -179,7 +168,7 @@ def eval_grounding(set_dir: str | Path, sizes: list[int], akv, encoder, n_questi
                     keep[gold.cpu()] = False  # the batch's own facts removed: what the model knows without them
                     if keep.any():
                         pt, _ = ask_batch(akv, qtexts[:take], keys[keep], values[keep], max_new_tokens, False,
-                                          scale_factor, qemb[:take] if qemb is not None else None)
+                                          scale_factor, qemb[:take] if qemb is not None else None, scale_mode)
                     else:
                         pt = [akv.generate(q, None, max_new_tokens=max_new_tokens) for q in qtexts[:take]]
                     em_prior += sum(contains_answer(t, q.tail) for t, q in zip(pt, bq[:take]))
@@ -198,6 +187,8 @@ def eval_grounding(set_dir: str | Path, sizes: list[int], akv, encoder, n_questi
             "seconds": round(time.time() - t0, 1),
         })
     cfg = akv.adapter.config
+    mode = scale_mode or cfg.kb_scale_mode
     return {"set": Path(set_dir).name, "method": "atlaskv", "distractors": distractors, "seed": seed,
-            "scale_factor": scale_factor if scale_factor is not None else cfg.kb_scale_factor,
-            "scale_mode": cfg.kb_scale_mode, "results": results}
+            "scale_factor": None if mode == "none" else (scale_factor if scale_factor is not None
+                                                         else cfg.kb_scale_factor),
+            "scale_mode": mode, "results": results}

@@ -71,9 +71,12 @@ class AtlasKV:
         key = (str(kb.path), kb.version)
         if key not in self._kb_cache:
             ids, keys, values = kb.embeddings()
-            self._kb_cache = {key: (ids, torch.from_numpy(np.asarray(keys, np.float32)).to(self.device),
+            records = kb.records()  # live entries in id order, as the embeddings: row i cites triple i
+            assert np.array_equal(records.column("id").to_numpy(), ids)
+            triples = list(zip(*(records.column(c).to_pylist() for c in ("head", "relation", "tail"))))
+            self._kb_cache = {key: (triples, torch.from_numpy(np.asarray(keys, np.float32)).to(self.device),
                                     torch.from_numpy(np.asarray(values, np.float32)).to(self.device))}
-        ids, keys, values = self._kb_cache[key]
+        _, keys, values = self._kb_cache[key]
         scale = scale_factor if scale_factor is not None else self.adapter.config.kb_scale_factor
         return KBInputs(keys, values, scale_factor=scale, record=record, scale_mode=self.adapter.config.kb_scale_mode)
 
@@ -153,10 +156,7 @@ class AtlasKV:
         n_tokens = next(iter(kb_in.attention.values())).shape[1]
         mass = float(att.sum()) / (len(kb_in.attention) * n_heads * n_tokens)
         top = torch.topk(att, min(top_citations, kb_in.size))
-        ids = self._kb_cache[(str(kb.path), kb.version)][0]
-        records = kb.records()
-        by_id = dict(zip(records.column("id").to_pylist(), zip(*(records.column(c).to_pylist()
-                                                                   for c in ("head", "relation", "tail")))))
+        triples = self._kb_cache[(str(kb.path), kb.version)][0]
         total = float(att.sum())
-        cites = [(Triple(*by_id[int(ids[i])]), float(w) / total) for w, i in zip(top.values, top.indices)]
+        cites = [(Triple(*triples[int(i)]), float(w) / total) for w, i in zip(top.values, top.indices)]
         return Answer(text, cites, kb_in.size, mass)

@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .encoder import DEFAULT_ENCODER, Encoder, load_encoder
+from .encoder import DEFAULT_ENCODER, Encoder, encode_records, load_encoder
 from .kg import Triple, read_triples
 from .kg2kv import DIRECTIONS, KVRecord, RelationNouns, triples_to_records
 
@@ -364,8 +364,7 @@ class KnowledgeBase:
                 locked: bool = False) -> UpdateResult:
         records = triples_to_records(triples, self.manifest["directions"], nouns)
         enc = self.encoder
-        keys = _encode_unique(enc, [r.key_text for r in records], batch_size, show_progress)
-        values = _encode_unique(enc, [r.value_text for r in records], batch_size, show_progress)
+        keys, values = encode_records(enc, records, batch_size, show_progress)
         ctx = contextlib.nullcontext() if locked else self._write_lock()
         with ctx:
             m = self._next_manifest()
@@ -489,13 +488,6 @@ class KnowledgeBase:
 
     def __repr__(self) -> str:
         return f"KnowledgeBase({str(self.path)!r}, triples={len(self)}, version={self.version})"
-
-
-def _encode_unique(enc: Encoder, texts: list[str], batch_size: int, show_progress) -> np.ndarray:
-    """fp16 embeddings of `texts`, encoding each distinct text once (tails like "Male" repeat a lot)."""
-    uniq, inverse = np.unique(np.array(texts, dtype=object), return_inverse=True)
-    emb = enc.encode(list(uniq), batch_size, show_progress).astype(np.float16)
-    return emb[inverse.reshape(-1)]
 
 
 def _records_table(records: list[KVRecord], start_id: int) -> pa.Table:

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from .adapter import KBAdapter
 from .attention import KBInputs, attach
-from .encoder import DEFAULT_ENCODER, load_encoder
+from .encoder import DEFAULT_ENCODER, encode_records, load_encoder
 from .kg import Triple, read_triples
 from .kg2kv import RelationNouns, answer_for, make_record
 
@@ -101,21 +101,7 @@ def prepare_data(cfg: TrainConfig, cache_dir: Path) -> TrainData:
     triples = read_triples(cfg.data).triples
     records = build_records(triples)
     digest = hashlib.sha256("\n".join(f"{r.key_text}\t{r.value_text}" for r in records).encode()).hexdigest()[:16]
-    cache = cache_dir / f"embeddings-{cfg.encoder.replace('/', '_').replace(':', '_')}-{digest}.npz"
-    if cache.exists():
-        z = np.load(cache, allow_pickle=False)
-        key_emb, value_emb = z["keys"], z["values"]
-    else:
-        enc = load_encoder(cfg.encoder)
-        texts = sorted({r.key_text for r in records} | {r.value_text for r in records})
-        emb = enc.encode(texts, show_progress=True)
-        index = {t: i for i, t in enumerate(texts)}
-        key_emb = emb[[index[r.key_text] for r in records]].astype(np.float16)
-        value_emb = emb[[index[r.value_text] for r in records]].astype(np.float16)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp.npz")
-        np.savez(tmp, keys=key_emb, values=value_emb)
-        os.replace(tmp, cache)
+    key_emb, value_emb = encode_records(load_encoder(cfg.encoder), records, show_progress=True, cache_dir=cache_dir)
     data = TrainData(records, key_emb, value_emb, digest=digest)
     for i, r in enumerate(records):
         data.by_relation.setdefault((r.triple.relation, r.masked), []).append(i)
@@ -137,16 +123,12 @@ class Batch:
     answers: list[str]
     kb_rows: np.ndarray           # record indices in the KB, in KB order
     gold: list[list[int]]         # per sample: positions in the KB of its own facts ([] for refusals)
-    questions: list[str]
 
 
 def make_batch(cfg: TrainConfig, data: TrainData, step: int, rng: np.random.Generator | None = None) -> Batch:
     rng = rng or np.random.default_rng([cfg.seed, step])
     multi = cfg.multi_entity_every > 0 and step % cfg.multi_entity_every == cfg.multi_entity_every - 1
-    prompts, answers, golds, questions = [], [], [], []
-    kb: list[int] = []
-    banned: set[int] = set()
-    refused_facts: list[list[int]] = []
+    prompts, facts_of, refusal, kb = [], [], [], []
     for _ in range(cfg.batch_size):
         facts = []
         for _ in range(2 if multi else 1):
@@ -156,45 +138,31 @@ def make_batch(cfg: TrainConfig, data: TrainData, step: int, rng: np.random.Gene
                 if rel[1] == masked:
                     break
             facts.append(int(rng.choice(data.by_relation[rel])))
-        refusal = rng.random() < cfg.refusal_rate
+        refusal.append(rng.random() < cfg.refusal_rate)
         keys = [data.records[i].key_text for i in facts]
         tpl = QUESTION_TEMPLATES[rng.integers(len(QUESTION_TEMPLATES))]
-        if len(keys) == 1:
-            q = tpl.format(k=keys[0], K=keys[0][0].upper() + keys[0][1:])
-        else:
-            q = f"What is {keys[0]}, and what is {keys[1]}?"
-        ans = REFUSAL if refusal else " ".join(answer_for(data.records[i].key_text, data.records[i].value_text)
-                                                for i in facts)
+        prompts.append(tpl.format(k=keys[0], K=keys[0][0].upper() + keys[0][1:]) if len(keys) == 1
+                       else f"What is {keys[0]}, and what is {keys[1]}?")
         for i in facts:  # hard negatives: other facts about the same entity
             kept = data.records[i].triple.head if data.records[i].masked == "tail" else data.records[i].triple.tail
             others = [j for j in data.by_kept.get(kept, []) if j != i]
             if others:
                 kb += [int(j) for j in rng.choice(others, min(cfg.same_head_negatives, len(others)), replace=False)]
-        refused_facts.append(facts if refusal else [])
-        if refusal:
-            banned.update(facts)
-        else:
-            kb += facts
-        prompts.append(q)
-        questions.append(q)
-        answers.append(ans)
-        golds.append([] if refusal else facts)
+        facts_of.append(facts)
     kb += [int(j) for j in rng.integers(0, len(data.records), n_distractors(cfg, step))]
-    # a refusal sample's fact must not sneak in as another sample's distractor or negative
-    # a fact both refused and needed (the same fact drawn twice): it stays in, and its refusal is undone
-    needed = {i for g in golds for i in g}
-    clash = banned & needed
-    if clash:
-        banned -= clash
+    # the same fact drawn for a refusal and for an answered question: answer both
+    needed = {i for f, r in zip(facts_of, refusal) if not r for i in f}
+    refusal = [r and not (set(f) & needed) for f, r in zip(facts_of, refusal)]
+    # a refused fact must not sneak in as another question's negative or distractor
+    banned = {i for f, r in zip(facts_of, refusal) if r for i in f}
+    kb += [i for f, r in zip(facts_of, refusal) if not r for i in f]
     kb_rows = np.array(list(dict.fromkeys(i for i in kb if i not in banned)), dtype=np.int64)
     rng.shuffle(kb_rows)
     pos = {int(i): p for p, i in enumerate(kb_rows)}
-    gold_pos = [[pos[i] for i in g] for g in golds]
-    for s, f in enumerate(refused_facts):
-        if f and any(i in pos for i in f):  # its fact is in the KB after all: answer it
-            gold_pos[s] = [pos[i] for i in f if i in pos]
-            answers[s] = " ".join(answer_for(data.records[i].key_text, data.records[i].value_text) for i in f)
-    return Batch(prompts, answers, kb_rows, gold_pos, questions)
+    answers = [REFUSAL if r else " ".join(answer_for(data.records[i].key_text, data.records[i].value_text) for i in f)
+               for f, r in zip(facts_of, refusal)]
+    gold = [[] if r else [pos[i] for i in f] for f, r in zip(facts_of, refusal)]
+    return Batch(prompts, answers, kb_rows, gold)
 
 
 # ------------------------------------------------------------------------------------------------ model io
@@ -233,7 +201,7 @@ def encode_batch(tokenizer, prompts: list[str], answers: list[str], device) -> d
     return {k: v.to(device) for k, v in out.items()}
 
 
-def losses(model, adapter: KBAdapter, batch_t: dict, kb: KBInputs, gold: list[list[int]]):
+def losses(model, batch_t: dict, kb: KBInputs, gold: list[list[int]]):
     """(answer loss, retrieval loss, in-batch ACC@1 of the summed KB attention)."""
     out = model(input_ids=batch_t["input_ids"], attention_mask=batch_t["attention_mask"], atlaskv_kb=kb,
                 use_cache=False)
@@ -352,10 +320,10 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
             vrows = value_perm[b.kb_rows] if value_perm is not None else b.kb_rows
             keys = torch.from_numpy(data.key_emb[b.kb_rows].astype(np.float32)).to(cfg.device)
             values = torch.from_numpy(data.value_emb[vrows].astype(np.float32)).to(cfg.device)
-            qe = (torch.from_numpy(enc.encode(b.questions)).to(cfg.device) if enc else None)
+            qe = torch.from_numpy(enc.encode(b.prompts)).to(cfg.device) if enc else None
             kb = KBInputs(keys, values, record=True, keep_grad=True, question_emb=qe)
             bt = encode_batch(tok, b.prompts, b.answers, cfg.device)
-            a_loss, r_loss, acc = losses(model, adapter, bt, kb, b.gold)
+            a_loss, r_loss, acc = losses(model, bt, kb, b.gold)
             loss = (cfg.answer_loss_weight * a_loss + cfg.retrieval_loss_weight * r_loss) / cfg.grad_accum
             loss.backward()
             stats["answer_loss"] += a_loss.item() / cfg.grad_accum
