@@ -165,6 +165,8 @@ def test_killed_add_leaves_previous_version(small_kb, tmp_path):
         assert len(kb) == 4 and set(kb.triples()) == {Triple(*f) for f in FACTS}
     else:  # the kill came after the manifest replace: then the whole add is there
         assert kb.version == 2 and len(kb) == 20004
+    # the HiKVP tree of the surviving version covers exactly its entries (adds are placed in the same commit)
+    assert np.array_equal(np.sort(kb.hierarchy().inter_children), kb.embeddings()[0])
     # the next writer cleans up what the killed one left
     kb.add([("x", "y", "z")])
     assert kb.verify()["orphans"] == []

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .adapter import KBAdapter, _attention_modules
+from .pruning import LayerScorer, PrunedKB, gather, search
 
 PREFIX = "atlaskv_"
 
@@ -41,8 +42,8 @@ class KBInputs:
     per-sample KBs have different sizes (padded). scale_factor s adds ln s - ln N to KB logits (inference).
     With record=True each KB layer stores its prefill attention on the KB, summed over heads: [B, T, N].
     """
-    keys: torch.Tensor
-    values: torch.Tensor
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     scale_factor: float | None = None
     record: bool = False
@@ -51,9 +52,19 @@ class KBInputs:
     question_emb: torch.Tensor | None = None  # [B, d_in] sentence embedding of each question (adapters with question_input)
     keep_grad: bool = False  # training: recorded attention keeps its graph (auxiliary retrieval loss)
     attention: dict[int, torch.Tensor] = field(default_factory=dict)
+    pruned: PrunedKB | None = None   # HiKVP: search the tree at every KB layer instead of scoring every entry
+    token_mask: torch.Tensor | None = None  # [B, T] real prompt tokens (left padding excluded from routing)
+    selected: dict[int, torch.Tensor] = field(default_factory=dict)  # pruned: prefill leaf positions [B, K]
+    _selections: dict = field(default_factory=dict, repr=False)
     _inv_std: torch.Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self):
+        if self.pruned is not None:
+            if self.keys is not None:
+                raise ValueError("a pruned KB reads its embeddings through the tree: pass pruned= without keys")
+            return
+        if self.keys is None or self.values is None:
+            raise ValueError("KBInputs needs keys and values (flat) or pruned= (HiKVP)")
         if self.keys.dim() == 2:
             self.keys, self.values = self.keys[None], self.values[None]
         if self.keys.shape != self.values.shape or self.keys.dim() != 3:
@@ -64,7 +75,31 @@ class KBInputs:
 
     @property
     def size(self) -> int:
-        return self.keys.shape[1]
+        return self.pruned.size if self.pruned is not None else self.keys.shape[1]
+
+    def summed_attention(self, token_mask: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per sample: (positions, weights) of the prefill KB attention summed over KB layers, heads and
+        (real) prompt tokens, most attended first. Flat KBs give every position; pruned ones the union of
+        the leaves each layer kept."""
+        out = []
+        layers = list(self.attention)
+        for b in range(next(iter(self.attention.values())).shape[0] if layers else 0):
+            pos, w = [], []
+            for l in layers:
+                a = self.attention[l][b]                                           # [T, K]
+                if token_mask is not None:
+                    a = a * token_mask[b, :a.shape[0], None].to(a.dtype)
+                a = a.sum(0)
+                p = self.selected[l][b] if self.pruned is not None else torch.arange(len(a), device=a.device)
+                keep = p >= 0
+                pos.append(p[keep])
+                w.append(a[keep])
+            pos, w = torch.cat(pos), torch.cat(w)
+            uniq, inv = torch.unique(pos, return_inverse=True)
+            total = torch.zeros(len(uniq), dtype=w.dtype, device=w.device).index_add_(0, inv, w)
+            order = torch.argsort(total, descending=True)
+            out.append((uniq[order], total[order]))
+        return out
 
     def inv_std(self, adapter: KBAdapter) -> torch.Tensor:
         # the same for every layer (one LayerNorm over all slots): computed once per call
@@ -87,6 +122,27 @@ def _to_additive(mask: torch.Tensor | None, T: int, S: int, device) -> torch.Ten
 def _per_query_head(t: torch.Tensor, n_heads: int) -> torch.Tensor:
     """KB weights at kv-head width ("kv" layout) repeated for each query head of the group."""
     return t if t.shape[0] == n_heads else t.repeat_interleave(n_heads // t.shape[0], dim=0)
+
+
+def _scores(u: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """u [B, H, T, d] . e [Bk, G, n, d] -> [B, H, T, n]. A broadcasting matmul would first copy e for
+    every head (1.4 GB per layer at 10^5 entries), so shared sets fold heads and tokens into rows."""
+    B, H, T, d = u.shape
+    if e.shape[1] == 1:
+        if e.shape[0] == 1:
+            return (u.reshape(-1, d) @ e[0, 0].T).view(B, H, T, -1)
+        return (u.reshape(B, H * T, d) @ e[:, 0].transpose(-1, -2)).view(B, H, T, -1)
+    return u @ e.transpose(-1, -2)
+
+
+def _weighted(p: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """p [B, H, T, n] . e [Bk, G, n, d] -> [B, H, T, d] (the same folding as _scores)."""
+    B, H, T, n = p.shape
+    if e.shape[1] == 1:
+        if e.shape[0] == 1:
+            return (p.reshape(-1, n) @ e[0, 0]).view(B, H, T, -1)
+        return (p.reshape(B, H * T, n) @ e[:, 0]).view(B, H, T, -1)
+    return p @ e
 
 
 def kb_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -116,36 +172,46 @@ def kb_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
     s_text = s_text + _to_additive(attention_mask, T, S, query.device).to(f)
 
     # KB logits. Two exact ways, the cheaper one per call (both never touch other layers' slices):
-    #   pull-back: q W_l . e  costs T*H*d_in per entry, best for decode steps (T = 1);
-    #   project:   keys/values of this layer only, Hk*D*d_in per entry, best for long prefills.
+    #   pull-back: q W_l . e  costs T*H*d_in per entry, best for decode steps (T = 1) and pruned KBs;
+    #   project:   keys/values of this layer only, Hk*D*d_in per entry, best for long flat prefills.
     w_k, b_k = adapter.layer_weights(layer, "key")
     w_v, b_v = adapter.layer_weights(layer, "value")
     hk, d_in = w_k.shape[0], w_k.shape[-1]
-    mode = kb.mode
-    if mode == "auto":
-        mode = "project" if hk * D * d_in + T * H * D < T * H * d_in else "pullback"
     q = q_kb.to(f)
-    e_k, e_v = kb.keys.to(f), kb.values.to(f)
-    inv_std = kb.inv_std(adapter).to(f)                                            # [Bk, N]
+    if kb.pruned is not None:  # HiKVP: the kept leaves of this layer, [B, G, n, d_in] (G = 1 or H)
+        sel = _select(kb, adapter, layer, q, _per_query_head(w_k, H).to(f), _per_query_head(b_k, H).to(f),
+                      scaling)
+        e_k, e_v, valid = sel.keys.to(f), sel.values.to(f), sel.valid
+        inv_std = adapter.key_inv_std(e_k.to(adapter.key_proj.weight.dtype)).to(f)   # [B, G, n]
+        n_kb = valid.sum(-1).clamp_min(1).float() if kb.pruned.config.scale_n == "selected" \
+            else torch.full(valid.shape[:2], float(kb.size), device=valid.device)
+        mode = "pullback"
+    else:
+        e_k, e_v = kb.keys.to(f)[:, None], kb.values.to(f)[:, None]                  # [Bk, 1, N, d_in]
+        inv_std = kb.inv_std(adapter).to(f)[:, None]                                   # [Bk, 1, N]
+        valid = None if kb.mask is None else kb.mask[:, None]
+        n_kb = (kb.mask.sum(-1).clamp_min(1).float() if kb.mask is not None
+                else torch.full((1,), float(kb.size), device=q.device))[:, None]
+        mode = kb.mode
+        if mode == "auto":
+            mode = "project" if hk * D * d_in + T * H * D < T * H * d_in else "pullback"
     if mode == "pullback":
         w_kh, b_kh = _per_query_head(w_k, H).to(f), _per_query_head(b_k, H).to(f)
         u = torch.einsum("bhtd,hdi->bhti", q, w_kh)
         c = torch.einsum("bhtd,hd->bht", q, b_kh)
-        s_kb = torch.einsum("bhti,bni->bhtn", u, e_k.expand(B, -1, -1)) + c[..., None]
-        s_kb = s_kb * inv_std[:, None, None, :] * scaling
+        s_kb = (_scores(u, e_k) + c[..., None]) * inv_std[:, :, None, :] * scaling   # [B, H, T, n]
     else:
-        k_kb = (torch.einsum("hdi,bni->bhnd", w_k.to(f), e_k) + b_k.to(f)[None, :, None, :]) \
-            * inv_std[:, None, :, None]
+        k_kb = (torch.einsum("hdi,bni->bhnd", w_k.to(f), e_k[:, 0]) + b_k.to(f)[None, :, None, :]) \
+            * inv_std[:, :, :, None]
         k_kb = _per_query_head(k_kb.transpose(0, 1), H).transpose(0, 1)           # [Bk, H, N, D]
         s_kb = (q @ k_kb.expand(B, -1, -1, -1).transpose(-1, -2)) * scaling
     if kb.scale_factor is not None:
-        n = kb.mask.sum(-1).clamp_min(1).float() if kb.mask is not None else torch.full((1,), float(kb.size))
-        shift = math.log(kb.scale_factor) - torch.log(n.to(s_kb.device))
+        shift = math.log(kb.scale_factor) - torch.log(n_kb.to(s_kb.device))
         if kb.scale_mode == "cap":  # only damp KBs larger than s (the sizes seen in training), never boost
             shift = shift.clamp_max(0)
-        s_kb = s_kb + shift[:, None, None, None]
-    if kb.mask is not None:
-        s_kb = s_kb.masked_fill(~kb.mask[:, None, None, :], float("-inf"))
+        s_kb = s_kb + shift[:, :, None, None]
+    if valid is not None:
+        s_kb = s_kb.masked_fill(~valid[:, :, None, :], float("-inf"))
 
     # one joint softmax, written as the merge of two partial softmaxes (needed when the KB part is pruned)
     lse_text = torch.logsumexp(s_text, -1, keepdim=True)
@@ -157,15 +223,45 @@ def kb_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
     out = p_text @ v
     if mode == "pullback":  # sum_m p_m (W e_m + b) = W (p E) + b sum_m p_m
         w_vh, b_vh = _per_query_head(w_v, H).to(f), _per_query_head(b_v, H).to(f)
-        pe = torch.einsum("bhtn,bni->bhti", p_kb, e_v.expand(B, -1, -1))
+        pe = _weighted(p_kb, e_v)                                                      # [B, H, T, d_in]
         out = out + torch.einsum("bhti,hdi->bhtd", pe, w_vh) + p_kb.sum(-1, keepdim=True) * b_vh[None, :, None, :]
     else:
-        v_kb = torch.einsum("hdi,bni->bhnd", w_v.to(f), e_v) + b_v.to(f)[None, :, None, :]
+        v_kb = torch.einsum("hdi,bni->bhnd", w_v.to(f), e_v[:, 0]) + b_v.to(f)[None, :, None, :]
         v_kb = _per_query_head(v_kb.transpose(0, 1), H).transpose(0, 1)
         out = out + p_kb @ v_kb.expand(B, -1, -1, -1)
-    if kb.record:  # the first call is the prefill (all prompt tokens); decode steps do not overwrite it
-        kb.attention.setdefault(layer, (p_kb if kb.keep_grad else p_kb.detach()).sum(1))
+    if kb.record and layer not in kb.attention:  # the first call is the prefill; decode steps do not overwrite it
+        p_rec = p_kb if kb.keep_grad else p_kb.detach()
+        if kb.pruned is None:
+            kb.attention[layer] = p_rec.sum(1)                                          # [B, T, N]
+        else:  # per group of heads sharing a leaf set: [B, T, G * n] beside positions [B, G * n]
+            G = e_k.shape[1]
+            kb.attention[layer] = p_rec.view(B, G, H // G, T, -1).sum(2).permute(0, 2, 1, 3).reshape(B, T, -1)
+            kb.selected[layer] = sel.positions.reshape(B, -1)
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def _select(kb: KBInputs, adapter: KBAdapter, layer: int, q: torch.Tensor, w_kh: torch.Tensor,
+            b_kh: torch.Tensor, scaling: float):
+    """This layer's kept leaves for every sample (cached: decode steps reuse the prefill's when configured;
+    question routing is the same for all layers, so it runs once per call)."""
+    cfg = kb.pruned.config
+    key = "question" if cfg.route == "question" else layer
+    if key in kb._selections and (cfg.reuse or cfg.route == "question"):
+        return kb._selections[key]
+    if cfg.route != "kbq" and kb.question_emb is None:
+        raise ValueError(f"HiKVP route {cfg.route!r} needs the question's sentence embedding (question_emb)")
+    B, _, T, _ = q.shape
+    tm = kb.token_mask
+    tm = tm.to(q.dtype) if tm is not None and tm.shape[1] == T else None
+    picks = []
+    for b in range(B):
+        scorer = None if cfg.route == "question" else \
+            LayerScorer(q[b], w_kh, b_kh, scaling, None if tm is None else tm[b])
+        qe = None if kb.question_emb is None else kb.question_emb[b].to(q.dtype)
+        picks.append(search(kb.pruned, adapter, scorer, qe, cfg.route))
+    sel = gather(kb.pruned, picks, max(len(p) for p in picks))
+    kb._selections[key] = sel
+    return sel
 
 
 _CURRENT_KB: contextvars.ContextVar[KBInputs | None] = contextvars.ContextVar("atlaskv_kb", default=None)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .attention import KBInputs, use_kb
+from .pruning import ArraySource, PruneConfig, PrunedKB
 from .encoder import encode_records
 from .kg import EvalQuestion, Triple, read_eval_set
 from .kg2kv import triples_to_records
@@ -96,10 +97,11 @@ def _left_pad(tok, prompts: list[str], device):
 
 
 @torch.no_grad()
-def ask_batch(akv, questions: list[str], keys: torch.Tensor, values: torch.Tensor, max_new_tokens: int,
-              record: bool, scale_factor: float | None, qemb: torch.Tensor | None, scale_mode: str | None = None):
-    """Greedy answers for a batch against one KB. scale_factor / scale_mode default to the adapter's;
-    scale_mode "none" turns the KB length correction off."""
+def ask_batch(akv, questions: list[str], kb_source, max_new_tokens: int, record: bool, scale_factor: float | None,
+              qemb: torch.Tensor | None, scale_mode: str | None = None):
+    """Greedy answers for a batch against one KB: `kb_source` is (keys, values) (flat) or a PrunedKB.
+    scale_factor / scale_mode default to the adapter's; scale_mode "none" turns the length correction off.
+    Returns (texts, the KBInputs with the prefill attention recorded, the prompt mask)."""
     from .train import chat_text
 
     tok = akv.tokenizer
@@ -107,88 +109,124 @@ def ask_batch(akv, questions: list[str], keys: torch.Tensor, values: torch.Tenso
     cfg = akv.adapter.config
     mode = scale_mode or cfg.kb_scale_mode
     scale = None if mode == "none" else (scale_factor if scale_factor is not None else cfg.kb_scale_factor)
-    kb = KBInputs(keys, values, record=record, question_emb=qemb, scale_factor=scale,
+    src = dict(pruned=kb_source) if isinstance(kb_source, PrunedKB) else dict(keys=kb_source[0], values=kb_source[1])
+    kb = KBInputs(**src, record=record, question_emb=qemb, scale_factor=scale, token_mask=mask,
                   scale_mode="shift" if mode == "none" else mode)
     stop = [tok.eos_token_id] + ([tok.convert_tokens_to_ids("<|im_end|>")] if "<|im_end|>" in tok.get_vocab() else [])
     with use_kb(kb):
         out = akv.model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id or tok.eos_token_id, eos_token_id=stop)
     texts = tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
-    per_layer = None
-    if record and kb.attention:
-        m = mask.float()
-        per_layer = torch.stack([(a * m[:, :, None]).sum(1) for a in kb.attention.values()])   # [L, B, N]
-    return texts, per_layer
+    return texts, kb, mask
+
+
+def grounding_hits(kb: KBInputs, mask: torch.Tensor, gold: torch.Tensor) -> dict:
+    """Per batch: hits@1 / @5 of the summed KB attention, per-layer hits@1, and (pruned) how many
+    (question, layer) pairs kept the gold entry among the final leaves."""
+    ranked = kb.summed_attention(mask)
+    top = [pos[:5].tolist() for pos, _ in ranked]
+    g = gold.tolist()
+    out = {"hits1": sum(bool(t) and t[0] == x for t, x in zip(top, g)), "hits5": sum(x in t for t, x in zip(top, g)),
+           "layer_hits": [], "kept": 0}
+    for l, att in kb.attention.items():
+        w = (att * mask[:, :, None].to(att.dtype)).sum(1)                              # [B, K]
+        if kb.pruned is None:
+            out["layer_hits"].append(int((w.argmax(-1) == gold).sum()))
+            continue
+        pos = kb.selected[l]
+        w = w.masked_fill(pos < 0, -1)
+        out["layer_hits"].append(int((pos.gather(1, w.argmax(-1, keepdim=True))[:, 0] == gold).sum()))
+        out["kept"] += int((pos == gold[:, None]).any(-1).sum())
+    return out
 
 
 def eval_grounding(set_dir: str | Path, sizes: list[int], akv, encoder, n_questions: int = 500,
                    distractors: str = "random", seed: int = 0, batch_size: int = 16, answers: bool = True,
                    answer_questions: int | None = None, max_new_tokens: int = 32,
                    scale_factor: float | None = None, scale_mode: str | None = None,
-                   progress: bool = True) -> dict:
+                   prune: PruneConfig | None = None, progress: bool = True) -> dict:
+    """`prune`: HiKVP over a tree built for each KB (its build time is reported as index_seconds)."""
     from tqdm.auto import tqdm
+
+    from .index import build_hierarchy
 
     pool = load_pool(set_dir, encoder)
     rng = np.random.default_rng(seed)
     qidx = rng.permutation(len(pool.questions))[: min(n_questions, len(pool.questions))]
     n_ans = len(qidx) if answer_questions is None else min(answer_questions, len(qidx))
     results = []
-    needs_q = akv.adapter.config.question_input
+    needs_q = akv.adapter.config.question_input or (prune is not None and prune.route != "kbq")
+    kb_layers = akv.adapter.config.kb_layers
     for size in sizes:
         size = min(size, len(pool.triples))
         t0 = time.time()
-        hits1 = hits5 = n = em = em_prior = n_em = 0
-        layer_hits = None
+        hits1 = hits5 = n = em = em_prior = n_em = kept = 0
+        index_s = 0.0
+        layer_hits = np.zeros(len(kb_layers))
         chunks = list(kb_chunks(pool, qidx, size, distractors, np.random.default_rng([seed, size])))
-        bar = tqdm(total=len(qidx), desc=f"{Path(set_dir).name} N={size}", disable=not progress)
+        bar = tqdm(total=len(qidx), desc=f"{Path(set_dir).name} N={size}{' pruned' if prune else ''}",
+                   disable=not progress)
         asked = 0
         for qs, rows in chunks:
-            keys = torch.from_numpy(pool.keys[rows].astype(np.float32)).to(akv.device)
-            values = torch.from_numpy(pool.values[rows].astype(np.float32)).to(akv.device)
+            keys_np, values_np = pool.keys[rows].astype(np.float32), pool.values[rows].astype(np.float32)
+            if prune is not None:
+                ti = time.time()
+                tree = build_hierarchy(keys_np, seed=seed)
+                index_s += time.time() - ti
+                source = PrunedKB(tree, ArraySource(keys_np), ArraySource(values_np), config=prune, device=akv.device)
+            else:
+                source = (torch.from_numpy(keys_np).to(akv.device), torch.from_numpy(values_np).to(akv.device))
             pos = {int(r): p for p, r in enumerate(rows)}
             for s in range(0, len(qs), batch_size):
                 bq = [pool.questions[q] for q in qs[s:s + batch_size]]
                 qtexts = [q.question for q in bq]
                 qemb = torch.from_numpy(encoder.encode(qtexts)).to(akv.device) if needs_q else None
                 want_answers = answers and asked < n_ans
-                texts, per_layer = ask_batch(akv, qtexts, keys, values, max_new_tokens if want_answers else 1,
-                                             True, scale_factor, qemb, scale_mode)
-                gold = torch.tensor([pos[pool.index[q.triple]] for q in bq], device=per_layer.device)
-                total = per_layer.sum(0)
-                top5 = total.topk(min(5, total.shape[-1]), -1).indices
-                hits1 += int((top5[:, 0] == gold).sum())
-                hits5 += int((top5 == gold[:, None]).any(-1).sum())
-                lh = (per_layer.argmax(-1) == gold[None]).sum(-1).cpu().numpy()
-                layer_hits = lh if layer_hits is None else layer_hits + lh
+                texts, kb, mask = ask_batch(akv, qtexts, source, max_new_tokens if want_answers else 1,
+                                            True, scale_factor, qemb, scale_mode)
+                gold = torch.tensor([pos[pool.index[q.triple]] for q in bq], device=akv.device)
+                h = grounding_hits(kb, mask, gold)
+                hits1, hits5, kept = hits1 + h["hits1"], hits5 + h["hits5"], kept + h["kept"]
+                layer_hits += np.array(h["layer_hits"])
                 n += len(bq)
                 if want_answers:
                     take = min(len(bq), n_ans - asked)
                     em += sum(contains_answer(t, q.tail) for t, q in zip(texts[:take], bq[:take]))
-                    keep = torch.ones(len(rows), dtype=torch.bool)
-                    keep[gold.cpu()] = False  # the batch's own facts removed: what the model knows without them
-                    if keep.any():
-                        pt, _ = ask_batch(akv, qtexts[:take], keys[keep], values[keep], max_new_tokens, False,
-                                          scale_factor, qemb[:take] if qemb is not None else None, scale_mode)
-                    else:
+                    keep = np.ones(len(rows), dtype=bool)
+                    keep[gold.cpu().numpy()] = False  # the batch's own facts removed: what the model knows without them
+                    sub_q = qemb[:take] if qemb is not None else None
+                    if not keep.any():
                         pt = [akv.generate(q, None, max_new_tokens=max_new_tokens) for q in qtexts[:take]]
+                    elif prune is not None:  # the same tree with the gold leaves tombstoned
+                        without = PrunedKB(tree, source.keys, source.values, live=keep, config=prune, device=akv.device)
+                        pt, _, _ = ask_batch(akv, qtexts[:take], without, max_new_tokens, False, scale_factor, sub_q,
+                                             scale_mode)
+                    else:
+                        k = torch.from_numpy(keep).to(akv.device)
+                        pt, _, _ = ask_batch(akv, qtexts[:take], (source[0][k], source[1][k]), max_new_tokens, False,
+                                             scale_factor, sub_q, scale_mode)
                     em_prior += sum(contains_answer(t, q.tail) for t, q in zip(pt, bq[:take]))
                     n_em += take
                     asked += take
                 bar.update(len(bq))
         bar.close()
-        kb_layers = akv.adapter.config.kb_layers
         results.append({
-            "kb_size": size, "pruned": False, "n_questions": n, "acc1": hits1 / n, "acc5": hits5 / n,
-            "pruning_recall": None,
+            "kb_size": size, "pruned": prune is not None, "n_questions": n, "acc1": hits1 / n, "acc5": hits5 / n,
+            "pruning_recall": kept / (n * len(kb_layers)) if prune is not None else None,
             "answer_em": em / n_em if n_em else None,
             "answer_em_without_gold": em_prior / n_em if n_em else None,
             "n_answer_questions": n_em,
             "acc1_by_layer": {str(l): float(h) / n for l, h in zip(kb_layers, layer_hits)},
             "seconds": round(time.time() - t0, 1),
+            **({"index_seconds": round(index_s, 2)} if prune is not None else {}),
         })
     cfg = akv.adapter.config
     mode = scale_mode or cfg.kb_scale_mode
-    return {"set": Path(set_dir).name, "method": "atlaskv", "distractors": distractors, "seed": seed,
-            "scale_factor": None if mode == "none" else (scale_factor if scale_factor is not None
-                                                         else cfg.kb_scale_factor),
-            "scale_mode": mode, "results": results}
+    out = {"set": Path(set_dir).name, "method": "atlaskv", "distractors": distractors, "seed": seed,
+           "scale_factor": None if mode == "none" else (scale_factor if scale_factor is not None
+                                                        else cfg.kb_scale_factor),
+           "scale_mode": mode, "results": results}
+    if prune is not None:
+        out["prune"] = {"top_k": list(prune.top_k), "route": prune.route, "per_head": prune.per_head,
+                        "reuse": prune.reuse, "scale_n": prune.scale_n}
+    return out

@@ -39,6 +39,7 @@ FORMAT = "atlaskv-kb"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 64 << 20
+DATA_DIRS = ("segments", "tombstones", "index")
 
 
 class KBError(RuntimeError):
@@ -140,7 +141,7 @@ class KnowledgeBase:
             "encoder": {"name": enc.name, "dim": enc.dim}, "directions": directions,
             "next_id": 0, "segments": [], "removed": None, "files": {},
             "counts": {"entries": 0, "triples": 0, "entries_total": 0, "removed_entries": 0},
-            "relation_templates": (nouns.to_json() if nouns else {}), "history": [],
+            "relation_templates": (nouns.to_json() if nouns else {}), "history": [], "index": None,
         }
         kb = cls(out, manifest)
         kb._encoder = enc
@@ -152,7 +153,7 @@ class KnowledgeBase:
     def build(cls, sources: str | Path | Sequence[str | Path] | Iterable[Triple], out: str | Path, *,
               encoder: str | Encoder | None = None, directions: str = "tail", format: str | None = None,
               skip_bad: bool = False, overwrite: bool = False, chat: Callable | None = None,
-              batch_size: int = 256, show_progress: bool | None = None) -> "KnowledgeBase":
+              batch_size: int = 256, show_progress: bool | None = None, index: bool = True) -> "KnowledgeBase":
         """Read triples (files or an iterable of triples), convert, encode and write a new KB.
 
         Every input row is read and validated before anything is written: a bad row stops the build
@@ -176,7 +177,7 @@ class KnowledgeBase:
             nouns = RelationNouns(chat=chat)
             kb = cls.create(tmp, encoder, directions, nouns=nouns)
             kb._append(triples, nouns, batch_size, show_progress,
-                       note={"op": "build", "sources": _describe(sources), **report})
+                       note={"op": "build", "sources": _describe(sources), **report}, index=index)
             old = out.parent / f".{out.name}.replaced-{os.getpid()}"
             if out.exists():
                 os.rename(out, old)
@@ -220,7 +221,15 @@ class KnowledgeBase:
                 "directions": self.manifest["directions"], "format_version": FORMAT_VERSION,
                 "version": self.version, "segments": len(self.manifest["segments"]),
                 "relations": len({k.split("\t", 1)[1] for k in self.manifest["relation_templates"]}),
-                "bytes_on_disk": self.bytes_on_disk(), "created": self.manifest["created"]}
+                "bytes_on_disk": self.bytes_on_disk(), "created": self.manifest["created"],
+                "index": self._index_info()}
+
+    def _index_info(self) -> dict | None:
+        ix = self.manifest.get("index")
+        if not ix:
+            return None
+        return {"built_version": ix["built_version"], **ix["stats"],
+                "added_since_build": int(sum(a["rows"] for a in ix["additions"]))}
 
     @property
     def encoder(self) -> Encoder:
@@ -262,16 +271,90 @@ class KnowledgeBase:
             values = np.load(self.path / s["values"], mmap_mode="r", allow_pickle=False)
             yield ids, keys, values
 
-    def embeddings(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(ids, keys, values) of live entries, in id order, as in-memory fp16 arrays."""
+    def embeddings(self, mmap: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, keys, values) of live entries, in id order, as in-memory fp16 arrays (mmap: a single
+        segment with nothing removed is returned memory-mapped, without copying)."""
         parts = list(self.iter_segments())
         if not parts:
             return np.zeros(0, np.int64), *(np.zeros((0, self.dim), np.float16),) * 2
+        if mmap and len(parts) == 1 and not self.manifest["removed"]:
+            return parts[0]
         ids = np.concatenate([p[0] for p in parts])
         keys = np.concatenate([p[1] for p in parts])
         values = np.concatenate([p[2] for p in parts])
         live = ~np.isin(ids, self.removed_ids())
         return ids[live], keys[live], values[live]
+
+    # ------------------------------------------------------------------ HiKVP index
+    def build_index(self, show_progress: bool | None = None, **params) -> UpdateResult:
+        """(Re)cluster the live entries into a fresh HiKVP tree (a new version; live adds are folded in)."""
+        with self._write_lock():
+            self._reload()
+            table = EmbeddingTable(self)
+            live = np.flatnonzero(table.live)
+            if len(live) == 0:
+                raise KBError(f"{self.path}: the KB is empty; nothing to index")
+            # memory-mapped rows, never the whole KB in memory (10^7 keys are 7.7 GB)
+            ids, keys = table.ids[live], (table.keys if len(live) == len(table) else _Subset(table.keys, live))
+            m = self._next_manifest()
+            if m.get("index"):
+                for rel in self._index_files(m["index"]):
+                    m["files"].pop(rel, None)
+            self._write_index(m, ids, keys, show_progress, **params)
+            m["history"].append({"version": m["version"], "op": "index", **m["index"]["stats"]})
+            self._commit(m)
+            self._remove_orphans()
+            return UpdateResult(version=self.version)
+
+    def hierarchy(self):
+        """The HiKVP tree over this version's entries (leaves = entry ids), live adds merged; None if unindexed."""
+        from .index import Hierarchy
+
+        ix = self.manifest.get("index")
+        if not ix:
+            return None
+        if "hierarchy" not in self._cache:
+            h = Hierarchy.load(self.path / "index", ix["stem"])
+            if ix["additions"]:
+                added = np.concatenate([np.load(self.path / a["file"], allow_pickle=False) for a in ix["additions"]])
+                h = h.with_additions(added[:, 0], added[:, 1])
+            self._cache["hierarchy"] = h
+        return self._cache["hierarchy"]
+
+    def table(self) -> "EmbeddingTable":
+        """Every stored row (removed ones flagged), embeddings memory-mapped: what a pruned model reads."""
+        if "table" not in self._cache:
+            self._cache["table"] = EmbeddingTable(self)
+        return self._cache["table"]
+
+    @staticmethod
+    def _index_files(ix: dict) -> list[str]:
+        return [f"index/{f}" for f in ix["files"]] + [a["file"] for a in ix["additions"]]
+
+    def _write_index(self, m: dict, ids: np.ndarray, keys: np.ndarray, show_progress: bool | None = None,
+                     **params) -> None:
+        from .index import build_hierarchy
+
+        t0 = time.time()
+        h = build_hierarchy(keys, progress=bool(show_progress), **params)
+        h = h.map_leaves(lambda pos: np.asarray(ids, np.int64)[pos])  # on disk: entry ids, stable across adds
+        (self.path / "index").mkdir(exist_ok=True)
+        stem = f"hikvp-{m['version']:06d}"
+        files = h.save(self.path / "index", stem)
+        for f in files:
+            m["files"][f"index/{f}"] = self._file_entry(f"index/{f}")
+        m["index"] = {"stem": stem, "files": files, "built_version": m["version"], "additions": [],
+                      "params": params, "stats": h.stats(), "seconds": round(time.time() - t0, 2)}
+
+    def _place_in_index(self, m: dict, new_ids: np.ndarray, keys: np.ndarray) -> None:
+        from .index import nearest_centroid
+
+        inters = np.load(self.path / "index" / f"{m['index']['stem']}.inters.npy", allow_pickle=False)
+        where = nearest_centroid(keys, inters)
+        rel = f"index/add-{m['version']:06d}.npy"
+        _write_npy(self.path / rel, np.stack([new_ids, where], 1).astype(np.int64))
+        m["files"][rel] = self._file_entry(rel)
+        m["index"]["additions"].append({"file": rel, "rows": int(len(new_ids))})
 
     # ------------------------------------------------------------------ updates
     def add(self, triples: Iterable[Triple] | str | Path | Sequence[str | Path], *, format: str | None = None,
@@ -339,11 +422,14 @@ class KnowledgeBase:
             table = self.records(live_only=True)
             ids, keys, values = self.embeddings()
             m = self._next_manifest()
-            m["files"], m["segments"], m["removed"] = {}, [], None
+            had_index = bool(m.get("index"))
+            m["files"], m["segments"], m["removed"], m["index"] = {}, [], None, None
             if len(table):
                 order = np.argsort(table.column("id").to_numpy(), kind="stable")
                 table = table.take(pa.array(order))
                 self._write_segment(m, table, keys, values)  # embeddings() is already in id order
+                if had_index:  # re-cluster: live adds may have drifted away from the old centroids
+                    self._write_index(m, ids, keys)
             m["counts"]["entries_total"] = m["counts"]["entries"]
             m["counts"]["removed_entries"] = 0
             m["history"].append({"version": m["version"], "op": "compact"})
@@ -361,27 +447,47 @@ class KnowledgeBase:
     # ------------------------------------------------------------------ internals
     def _append(self, triples: list[Triple], nouns: RelationNouns, batch_size: int,
                 show_progress: bool | None, duplicates: int = 0, note: dict | None = None,
-                locked: bool = False) -> UpdateResult:
+                locked: bool = False, index: bool = False) -> UpdateResult:
         records = triples_to_records(triples, self.manifest["directions"], nouns)
         enc = self.encoder
         keys, values = encode_records(enc, records, batch_size, show_progress)
+        return self._append_encoded(records, keys, values, len(triples), nouns, duplicates, note, locked, index)
+
+    def add_encoded(self, records: list[KVRecord], keys: np.ndarray, values: np.ndarray,
+                    index: bool = False) -> UpdateResult:
+        """Append records whose embeddings were computed elsewhere (a distributed build, a benchmark's
+        synthetic KB). The caller vouches for the encoder; shapes are checked. No dedupe."""
+        if keys.shape != (len(records), self.dim) or values.shape != keys.shape:
+            raise KBError(f"embeddings {keys.shape}/{values.shape} do not match {len(records)} records of dim {self.dim}")
+        nouns = RelationNouns.from_json(self.manifest["relation_templates"])
+        return self._append_encoded(records, keys, values, len({r.triple for r in records}), nouns,
+                                    note={"op": "add_encoded"}, index=index)
+
+    def _append_encoded(self, records: list[KVRecord], keys: np.ndarray, values: np.ndarray, n_triples: int,
+                        nouns: RelationNouns, duplicates: int = 0, note: dict | None = None,
+                        locked: bool = False, index: bool = False) -> UpdateResult:
         ctx = contextlib.nullcontext() if locked else self._write_lock()
         with ctx:
             m = self._next_manifest()
             start = m["next_id"]
             table = _records_table(records, start)
             self._write_segment(m, table, keys, values)
+            new_ids = np.arange(start, start + len(records), dtype=np.int64)
+            if m.get("index") and not index:  # live add: each new entry joins its nearest inter cluster
+                self._place_in_index(m, new_ids, keys)
             m["next_id"] = start + len(records)
             m["counts"]["entries"] += len(records)
             m["counts"]["entries_total"] += len(records)
-            m["counts"]["triples"] += len(triples)
+            m["counts"]["triples"] += n_triples
             m["relation_templates"] = nouns.to_json()
             m["history"].append({"version": m["version"], "op": (note or {}).get("op", "add"),
-                                 "triples": len(triples), "entries": len(records),
+                                 "triples": n_triples, "entries": len(records),
                                  **{k: v for k, v in (note or {}).items() if k != "op"}})
+            if index:  # a fresh KB: the tree over everything, committed in the same version
+                self._write_index(m, new_ids, keys)
             self._commit(m)
             self._remove_orphans()
-        return UpdateResult(added=len(triples), duplicates=duplicates, version=self.version)
+        return UpdateResult(added=n_triples, duplicates=duplicates, version=self.version)
 
     def _write_segment(self, m: dict, table: pa.Table, keys: np.ndarray, values: np.ndarray) -> None:
         if keys.shape != (table.num_rows, self.dim) or values.shape != keys.shape:
@@ -393,7 +499,7 @@ class KnowledgeBase:
                "values": f"segments/seg-{v:06d}.values.f16.npy", "rows": table.num_rows,
                "first_id": int(table.column("id")[0].as_py())}
         with open(self.path / seg["records"], "wb") as f:
-            pq.write_table(table, f, compression="zstd")
+            pq.write_table(table, f, compression="zstd", row_group_size=1 << 16)  # citations read one group
             f.flush()
             os.fsync(f.fileno())
         _write_npy(self.path / seg["keys"], np.ascontiguousarray(keys, np.float16))
@@ -413,7 +519,7 @@ class KnowledgeBase:
         return m
 
     def _commit(self, m: dict) -> None:
-        for d in ("segments", "tombstones"):
+        for d in DATA_DIRS:
             if (self.path / d).is_dir():
                 _fsync_dir(self.path / d)
         tmp = self.path / f".{MANIFEST}.tmp"
@@ -463,7 +569,7 @@ class KnowledgeBase:
     def _orphans(self) -> list[Path]:
         listed = set(self.manifest["files"])
         out = []
-        for d in ("segments", "tombstones"):
+        for d in DATA_DIRS:
             if (self.path / d).is_dir():
                 out += [p for p in (self.path / d).iterdir() if f"{d}/{p.name}" not in listed]
         return out
@@ -488,6 +594,88 @@ class KnowledgeBase:
 
     def __repr__(self) -> str:
         return f"KnowledgeBase({str(self.path)!r}, triples={len(self)}, version={self.version})"
+
+
+class EmbeddingTable:
+    """Every row of a KB version, addressed by position (segments in id order, removed rows flagged);
+    embeddings stay memory-mapped and only the rows asked for are read."""
+
+    def __init__(self, kb: KnowledgeBase):
+        self.kb = kb
+        parts = list(kb.iter_segments())
+        self.ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
+        if np.any(np.diff(self.ids) <= 0):
+            raise KBError(f"{kb.path}: entry ids are not increasing across segments")
+        self.starts = np.cumsum([0] + [len(p[0]) for p in parts])
+        self._keys = [p[1] for p in parts]
+        self._values = [p[2] for p in parts]
+        self.live = ~np.isin(self.ids, kb.removed_ids())
+        self.keys, self.values = _Rows(self, self._keys), _Rows(self, self._values)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def positions(self, ids: np.ndarray) -> np.ndarray:
+        pos = np.searchsorted(self.ids, ids)
+        if len(ids) and (pos.max() >= len(self.ids) or not np.array_equal(self.ids[pos], ids)):
+            raise KBError(f"{self.kb.path}: the index names entries that are not stored (rebuild it: atlaskv kb index)")
+        return pos
+
+    def triples(self, positions: np.ndarray) -> list[Triple]:
+        """The triples at these positions, reading only the row groups that hold them."""
+        out: dict[int, Triple] = {}
+        positions = np.asarray(positions, np.int64)
+        for si, seg in enumerate(self.kb.manifest["segments"]):
+            lo, hi = self.starts[si], self.starts[si + 1]
+            want = positions[(positions >= lo) & (positions < hi)]
+            if not len(want):
+                continue
+            f = pq.ParquetFile(self.kb.path / seg["records"])
+            bounds = np.cumsum([0] + [f.metadata.row_group(g).num_rows for g in range(f.num_row_groups)])
+            for g in np.unique(np.searchsorted(bounds, want - lo, side="right") - 1):
+                t = f.read_row_group(int(g), columns=["head", "relation", "tail"])
+                cols = [t.column(c).to_pylist() for c in ("head", "relation", "tail")]
+                for p in want[(want - lo >= bounds[g]) & (want - lo < bounds[g + 1])]:
+                    r = int(p - lo - bounds[g])
+                    out[int(p)] = Triple(cols[0][r], cols[1][r], cols[2][r])
+        return [out[int(p)] for p in positions]
+
+
+class _Rows:
+    """Rows of all segments as one [rows, d] array-like: slices and index arrays, read on demand."""
+
+    def __init__(self, table: EmbeddingTable, arrays: list[np.ndarray]):
+        self.table, self.arrays = table, arrays
+        self.shape = (len(table.ids), table.kb.dim)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx) -> np.ndarray:
+        if isinstance(idx, slice):
+            idx = np.arange(*idx.indices(len(self)))
+        return self.take(np.asarray(idx))
+
+    def take(self, positions: np.ndarray) -> np.ndarray:
+        """float32 rows at `positions` (sorted reads per segment: sequential on the memory map)."""
+        positions = np.asarray(positions, np.int64)
+        out = np.empty((len(positions), self.table.kb.dim), np.float32)
+        seg = np.searchsorted(self.table.starts, positions, side="right") - 1
+        for s in np.unique(seg):
+            at = np.flatnonzero(seg == s)
+            local = positions[at] - self.table.starts[s]
+            order = np.argsort(local)
+            out[at[order]] = self.arrays[s][local[order]]
+        return out
+
+
+class _Subset(_Rows):
+    def __init__(self, rows: _Rows, positions: np.ndarray):
+        self.rows, self.positions = rows, positions
+        self.shape = (len(positions), rows.shape[1])
+
+    def take(self, positions: np.ndarray) -> np.ndarray:
+        return self.rows.take(self.positions[positions])
 
 
 def _records_table(records: list[KVRecord], start_id: int) -> pa.Table:

@@ -1,0 +1,196 @@
+"""Memory and latency vs KB size (DESIGN §5 `bench scale`): one fresh process per (method, size).
+
+    zeroshot  the question alone (no KB)
+    kblam     flat KB attention: every entry's base embeddings in memory, every entry scored
+    atlaskv   HiKVP: the tree in memory, embeddings memory-mapped, each KB layer reads only its kept leaves
+
+KBs up to the real pool's size hold real FB15k-237 facts with their MiniLM embeddings; larger ones are
+synthetic: real key/value embeddings plus Gaussian noise, renormalised (so they cluster like real keys),
+labelled `synthetic` in the JSON. A parent process watches each child's RSS: past the memory limit it is
+killed and reported `oom`; a prefill or decode step over the time limit is reported `too_slow`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+QUESTION = "What is the place of birth of the person who directed the film that won the award in question?"
+METHODS = ("zeroshot", "kblam", "atlaskv")
+
+
+def _records(start: int, n: int):
+    from .kg import Triple
+    from .kg2kv import KVRecord
+
+    return [KVRecord(Triple(f"synthetic entity {i}", "synthetic relation", f"synthetic value {i}"), "tail",
+                     f"the synthetic relation of synthetic entity {i}", f"synthetic value {i}", "", "")
+            for i in range(start, start + n)]
+
+
+def make_kb(out: Path, n: int, pool_triples: list, pool_keys: np.ndarray, pool_values: np.ndarray,
+            encoder_name: str, seed: int = 0, chunk: int = 1_000_000, noise: float = 0.35) -> dict:
+    """A KB of n entries at `out` (reused if it exists): real pool entries first, then synthetic ones."""
+    from .kg2kv import triples_to_records
+    from .store import KnowledgeBase
+
+    if (out / "manifest.json").is_file():
+        kb = KnowledgeBase.open(out)
+        if kb.num_entries == n and kb.manifest.get("index"):
+            return {"synthetic": n > len(pool_triples), "index_seconds": kb.manifest["index"]["seconds"]}
+        import shutil
+        shutil.rmtree(out)
+
+    class _Named:  # the KB records the encoder that made the pool's embeddings
+        name, dim = encoder_name, pool_keys.shape[1]
+
+    kb = KnowledgeBase.create(out, encoder=_Named())
+    n_real = min(n, len(pool_triples))
+    kb.add_encoded(triples_to_records(pool_triples[:n_real], "tail"), pool_keys[:n_real], pool_values[:n_real])
+    rng = np.random.default_rng(seed)
+    for start in range(n_real, n, chunk):
+        m = min(chunk, n - start)
+        src = rng.integers(0, len(pool_keys), m)
+        keys, values = (_jitter(base[src], noise, rng) for base in (pool_keys, pool_values))
+        kb.add_encoded(_records(start, m), keys, values)
+    t0 = time.time()
+    kb.build_index(show_progress=True)
+    return {"synthetic": n > len(pool_triples), "index_seconds": round(time.time() - t0, 1)}
+
+
+def _jitter(x: np.ndarray, noise: float, rng: np.random.Generator) -> np.ndarray:
+    out = np.empty(x.shape, np.float16)
+    for s in range(0, len(x), 200_000):
+        y = x[s:s + 200_000].astype(np.float32)
+        y += rng.standard_normal(y.shape, dtype=np.float32) * (noise / np.sqrt(y.shape[1]))
+        out[s:s + 200_000] = y / np.linalg.norm(y, axis=1, keepdims=True)
+    return out
+
+
+def measure(method: str, kb_dir: str | None, new_tokens: int = 8, prune_args: dict | None = None) -> dict:
+    """In this process: load the model (and KB), time one prefill and `new_tokens` decode steps."""
+    import resource
+
+    import torch
+
+    from .model import AtlasKV
+    from .pruning import PruneConfig
+    from .store import KnowledgeBase
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    akv = AtlasKV.from_pretrained()
+    kb = KnowledgeBase.open(kb_dir) if kb_dir else None
+
+    def run(tokens: int) -> float:
+        kb_in = None
+        if method != "zeroshot":
+            kb_in = akv.kb_inputs(kb, prune=method == "atlaskv", prune_config=PruneConfig(**(prune_args or {})))
+        t = time.perf_counter()
+        akv.generate(QUESTION, kb_in, max_new_tokens=tokens, min_new_tokens=tokens)
+        return time.perf_counter() - t
+
+    run(1)  # warm-up: first-call allocations, the KB load, centroid norms
+    prefill = min(run(1) for _ in range(2))
+    full = run(1 + new_tokens)
+    return {"prefill_s": round(prefill, 4), "decode_s_per_token": round(max(0.0, full - prefill) / new_tokens, 4),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
+def measure_in_child(method: str, kb_dir: str | None, mem_limit_mb: float, time_limit_s: float,
+                     prune_args: dict | None = None) -> dict:
+    import psutil
+
+    cmd = [sys.executable, "-m", "atlaskv.bench", method, kb_dir or "", json.dumps(prune_args or {})]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ps, peak, t0 = psutil.Process(proc.pid), 0.0, time.time()
+    while proc.poll() is None:
+        try:
+            peak = max(peak, ps.memory_info().rss / 2**20)
+        except psutil.NoSuchProcess:
+            break
+        if peak > mem_limit_mb:
+            proc.kill()
+            proc.wait()
+            return {"status": "oom", "reason": f"RSS passed the {mem_limit_mb:.0f} MB limit ({peak:.0f} MB)",
+                    "peak_rss_mb": round(peak, 1)}
+        if time.time() - t0 > time_limit_s:
+            proc.kill()
+            proc.wait()
+            return {"status": "too_slow", "reason": f"no result within {time_limit_s:.0f} s"}
+        time.sleep(0.05)
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        return {"status": "error", "reason": err.strip().splitlines()[-1] if err.strip() else f"exit {proc.returncode}"}
+    res = json.loads(out.strip().splitlines()[-1])
+    slow = res["decode_s_per_token"] > 10 or res["prefill_s"] > 60
+    return {**res, "status": "too_slow" if slow else "ok",
+            **({"reason": "over 10 s per token or 60 s per prefill"} if slow else {})}
+
+
+def bench_scale(sizes: list[int], methods: list[str], work_dir: Path, pool_set: Path, mem_limit_mb: float = 16000,
+                time_limit_s: float = 600, prune_args: dict | None = None, log=print) -> dict:
+    from .encoder import load_encoder
+    from .evaluate import load_pool
+
+    enc = load_encoder()
+    pool = load_pool(pool_set, enc)
+    rows = []
+    for n in sizes:
+        kb_dir = work_dir / f"kb-{n}"
+        info = make_kb(kb_dir, n, pool.triples, pool.keys, pool.values, enc.name) if set(methods) - {"zeroshot"} else {}
+        for method in methods:
+            res = measure_in_child(method, None if method == "zeroshot" else str(kb_dir), mem_limit_mb, time_limit_s,
+                                   prune_args if method == "atlaskv" else None)
+            row = {"method": method, "kb_size": n, **res, **info}
+            rows.append(row)
+            log(json.dumps(row))
+    return {"question": QUESTION, "pool": str(pool_set), "machine": _machine(), "prune": prune_args or {},
+            "results": rows}
+
+
+def _machine() -> dict:
+    import platform
+
+    import psutil
+    import torch
+
+    return {"cpus": os.cpu_count(), "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
+def plot(result: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for method in dict.fromkeys(r["method"] for r in result["results"]):
+        rs = [r for r in result["results"] if r["method"] == method and r["status"] == "ok"]
+        if not rs:
+            continue
+        xs = [r["kb_size"] for r in rs]
+        axes[0].plot(xs, [r["peak_rss_mb"] for r in rs], "o-", label=method)
+        axes[1].plot(xs, [r["decode_s_per_token"] * 1000 for r in rs], "o-", label=method)
+        for r in result["results"]:
+            if r["method"] == method and r["status"] != "ok":
+                axes[0].annotate(r["status"], (r["kb_size"], axes[0].get_ylim()[1]), fontsize=8)
+    for ax, label in zip(axes, ("peak RSS (MB)", "decode ms / token")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("KB size (triples)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle("SmolLM2-135M, CPU (2 cores); sizes above the real pool are synthetic")
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
+if __name__ == "__main__":  # the child process of measure_in_child
+    print(json.dumps(measure(sys.argv[1], sys.argv[2] or None, prune_args=json.loads(sys.argv[3]))))

@@ -1,0 +1,166 @@
+"""HiKVP: the tree (index.py) and the pruned search (pruning.py) against flat attention.
+
+Tiny random-weight models check equalities and id bookkeeping; quality lives in the benchmarks.
+"""
+import numpy as np
+import pytest
+import torch
+
+from atlaskv.attention import KBInputs, attach, kb_attention
+from atlaskv.index import build_hierarchy, gather_children, nearest_inter
+from atlaskv.pruning import ArraySource, LayerScorer, PruneConfig, PrunedKB, gather, search
+from test_attention import D_IN, IDS, _Module, random_adapter, random_kb, tiny_model
+
+
+def clustered(n, d=D_IN, centers=12, seed=0):
+    rng = np.random.default_rng(seed)
+    c = rng.standard_normal((centers, d)) * 3
+    return (c[rng.integers(0, centers, n)] + rng.standard_normal((n, d))).astype(np.float32)
+
+
+@pytest.mark.parametrize("m", [1, 2, 9, 500, 3000])
+def test_tree_covers_every_leaf_once_with_paper_sizes(m):
+    x = clustered(m)
+    h = build_hierarchy(x)
+    assert np.array_equal(np.sort(h.inter_children), np.arange(m))
+    r, i = len(h.roots), len(h.inters)
+    assert r <= int(np.ceil(m ** (1 / 3))) and i <= int(np.ceil(m ** (2 / 3))) + r  # >= 1 per root
+    assert np.array_equal(np.sort(h.root_children), np.arange(i))
+    # centroids are the means of their members (roots: of all their leaves)
+    for j in range(i):
+        members = h.inter_children[h.inter_offsets[j]:h.inter_offsets[j + 1]]
+        assert len(members) > 0
+        np.testing.assert_allclose(h.inters[j], x[members].mean(0), atol=1e-4)
+    for k in range(r):
+        inters = h.root_children[h.root_offsets[k]:h.root_offsets[k + 1]]
+        leaves = np.concatenate([h.inter_children[h.inter_offsets[j]:h.inter_offsets[j + 1]] for j in inters])
+        np.testing.assert_allclose(h.roots[k], x[leaves].mean(0), atol=1e-4)
+
+
+def test_tree_is_balanced_on_clustered_data():
+    h = build_hierarchy(clustered(20000, centers=40))
+    s = h.stats()
+    assert s["largest_root_share"] < 0.2 and s["largest_inter"] < 12 * s["mean_inter"], s
+
+
+def test_gather_children_and_additions():
+    off = torch.tensor([0, 2, 2, 5])
+    ch = torch.tensor([7, 8, 1, 2, 3])
+    assert gather_children(off, ch, torch.tensor([2, 0])).tolist() == [1, 2, 3, 7, 8]
+    assert gather_children(off, ch, torch.tensor([1])).tolist() == []
+    x = clustered(300)
+    h = build_hierarchy(x)
+    new = clustered(5, seed=9)
+    where = nearest_inter(h, new)
+    h2 = h.with_additions(np.arange(300, 305), where)
+    for leaf, j in zip(range(300, 305), where):
+        assert leaf in h2.inter_children[h2.inter_offsets[j]:h2.inter_offsets[j + 1]]
+    assert h2.num_leaves == 305 and np.array_equal(np.sort(h2.inter_children), np.arange(305))
+
+
+def pruned_kb(keys, values, top_k, live=None, **cfg):
+    h = build_hierarchy(keys.numpy())
+    cfg.setdefault("route", "kbq")  # tiny models have no sentence encoder
+    return PrunedKB(h, ArraySource(keys.numpy()), ArraySource(values.numpy()), live=live,
+                    config=PruneConfig(top_k=top_k, **cfg))
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "gemma3"])
+@pytest.mark.parametrize("per_head", [False, True])
+def test_pruning_that_keeps_everything_equals_flat(kind, per_head):
+    model = tiny_model(kind)
+    attach(model, random_adapter(model))
+    keys, values = random_kb(60)
+    flat = KBInputs(keys, values, record=True, scale_factor=30.0)
+    ref = model(IDS, atlaskv_kb=flat).logits
+    kb = KBInputs(pruned=pruned_kb(keys, values, (10**6,) * 3, per_head=per_head), record=True, scale_factor=30.0)
+    out = model(IDS, atlaskv_kb=kb).logits
+    assert (out - ref).abs().max().item() < 1e-5
+    # the recorded attention is the flat one, mapped through the kept positions
+    (pos, w), = kb.summed_attention()
+    (_, w_flat), = flat.summed_attention()
+    dense = torch.zeros(60).index_add_(0, pos, w)
+    torch.testing.assert_close(dense, flat.summed_attention()[0][1].new_zeros(60).index_add_(
+        0, flat.summed_attention()[0][0], w_flat), atol=1e-4, rtol=1e-4)
+
+
+def test_gathered_values_belong_to_the_kept_keys():
+    g = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(400, D_IN, generator=g), torch.randn(400, D_IN, generator=g)
+    kb = pruned_kb(keys, values, (2, 3, 5))
+    picks = [[torch.tensor([5, 17, 399])], [torch.tensor([0, 1])]]
+    sel = gather(kb, picks, 1)
+    assert sel.positions.tolist() == [[[5, 17, 399]], [[0, 1, -1]]]
+    for b in range(2):
+        p = sel.positions[b, 0][sel.valid[b, 0]]
+        assert torch.equal(sel.keys[b, 0][sel.valid[b, 0]], keys[p])
+        assert torch.equal(sel.values[b, 0][sel.valid[b, 0]], values[p])
+    assert sel.keys[1, 0, 2].abs().sum() == 0
+
+
+def test_pulled_back_scores_equal_full_projection():
+    model = tiny_model("llama")
+    adapter = random_adapter(model).double()
+    g = torch.Generator().manual_seed(1)
+    H, T, D, layer = 4, 3, 16, 2
+    q = torch.randn(H, T, D, generator=g).double()
+    e = torch.randn(7, D_IN, generator=g).double()
+    w, b = adapter.layer_weights(layer, "key")
+    rep = H // w.shape[0]
+    scorer = LayerScorer(q, w.repeat_interleave(rep, 0), b.repeat_interleave(rep, 0), 0.25, None)
+    got = scorer.logits(e, adapter.key_inv_std(e))
+    c = adapter.config
+    s = slice(c.slot(layer) * c.slot_width, (c.slot(layer) + 1) * c.slot_width)
+    k = adapter.full_keys(e)[:, s].reshape(7, c.n_kb_heads, D).repeat_interleave(rep, 1)   # [n, H, D]
+    ref = torch.einsum("htd,nhd->htn", q, k) * 0.25
+    torch.testing.assert_close(got, ref, atol=1e-9, rtol=1e-9)
+
+
+def test_removed_leaves_are_never_selected():
+    g = torch.Generator().manual_seed(2)
+    keys, values = torch.randn(300, D_IN, generator=g), torch.randn(300, D_IN, generator=g)
+    live = np.ones(300, bool)
+    live[::2] = False
+    model = tiny_model("llama")
+    adapter = random_adapter(model)
+    kb = pruned_kb(keys, values, (10**6, 10**6, 16), live=live)
+    scorer = LayerScorer(torch.randn(4, 5, 16), *adapter.layer_weights(0, "key"), 0.25, None)  # query-width KB heads
+    (kept,) = search(kb, adapter, scorer, None, "kbq")
+    assert len(kept) == 16 and (kept % 2 == 1).all()
+    assert kb.size == 150
+
+
+def test_question_routing_finds_the_nearest_leaf_and_batches_match_single():
+    model = tiny_model("llama")
+    attach(model, random_adapter(model))
+    keys = torch.from_numpy(clustered(2000, seed=3))
+    values = torch.randn(2000, D_IN)
+    qemb = keys[[11, 1500]] + 0.01
+    kb = pruned_kb(keys, values, (4, 8, 5), route="question")
+    ids = torch.cat([IDS, IDS.flip(1)])
+    batch = KBInputs(pruned=kb, question_emb=qemb, record=True)
+    out = model(ids, atlaskv_kb=batch).logits
+    for b, gold in enumerate([11, 1500]):
+        assert gold in batch.selected[0][b].tolist()  # the retriever's own nearest neighbour survives pruning
+        single = KBInputs(pruned=kb, question_emb=qemb[b:b + 1], record=True)
+        assert (model(ids[b:b + 1], atlaskv_kb=single).logits - out[b:b + 1]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("route", ["kbq", "both"])
+@pytest.mark.parametrize("reuse", [True, False])
+def test_generate_with_pruned_kb_runs_all_routes(route, reuse):
+    from atlaskv.attention import use_kb
+
+    model = tiny_model("llama")
+    attach(model, random_adapter(model))
+    keys, values = random_kb(800)
+    kb = KBInputs(pruned=pruned_kb(keys, values, (3, 5, 4), route=route, reuse=reuse, per_head=True),
+                  question_emb=torch.randn(1, D_IN), record=True)
+    with use_kb(kb):
+        out = model.generate(IDS, attention_mask=torch.ones_like(IDS), max_new_tokens=4, do_sample=False,
+                             pad_token_id=0)
+    assert out.shape[1] == IDS.shape[1] + 4
+    for layer, pos in kb.selected.items():
+        kept = pos[pos >= 0]
+        assert len(kept) >= 4 and kept.max() < 800
+        assert kb.attention[layer].shape[-1] == pos.shape[-1]
