@@ -5,20 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=${ATLASKV_SHARED:-../shared}
 Q=${1:-500}
-A=${2:-100}
+A=${2:-50}
 R=benchmarks/results
 export HF_HUB_OFFLINE=1
 ev() { .venv/bin/atlaskv eval grounding --questions $Q "$@"; }
 
-# 1. search options against each other: the hard set, 10,000 entries, grounding only
-P="--set $SHARED/eval/fb15k-para --distractors same-head --sizes 10000 --no-answers"
-ev $P --route kbq --json $R/pruning_option_kbq.json
-ev $P --route kbq --per-head --json $R/pruning_option_kbq_perhead.json
-ev $P --route question --json $R/pruning_option_question.json
-ev $P --route both --json $R/pruning_option_both.json
-ev $P --route both --per-head --json $R/pruning_option_both_perhead.json
-
-# 2. the default (route both) vs flat on every set; answers for the first $A questions of each pruned point
+# 1. the default (route both, top-k 128,64,64) vs flat on every set; answers for the first $A questions
 ev --set $SHARED/eval/fb15k --sizes 1000,10000 --answer-questions $A --json $R/grounding_fb15k_pruned.json
 ev --set $SHARED/eval/pararel --sizes 1000,10000 --answer-questions $A --json $R/grounding_pararel_pruned.json
 ev --set $SHARED/eval/fb15k-para --distractors same-head --sizes 1000,10000,40844 --answer-questions $A \
@@ -26,8 +18,12 @@ ev --set $SHARED/eval/fb15k-para --distractors same-head --sizes 1000,10000,4084
 ev --set $SHARED/eval/fb15k-para --distractors same-head --sizes 40844 --no-prune --no-answers \
   --json $R/grounding_fb15k-para_samehead_flat_40844.json
 
-# 3. decode steps: reuse the prefill's selection (default) vs search again at every token (the reference)
-ev --set $SHARED/eval/fb15k --sizes 1000 --answer-questions $A --questions $A --research \
-  --json $R/pruning_option_research.json
-ev --set $SHARED/eval/fb15k --sizes 1000 --answer-questions $A --questions $A \
-  --json $R/pruning_option_reuse.json
+# 2. search options against each other (the hard set, 10,000 entries, the paper's 16 leaves, grounding only);
+#    committed in pruning_option_{kbq,kbq_perhead,question,both}.json (100 questions each):
+# ev --set $SHARED/eval/fb15k-para --distractors same-head --sizes 10000 --questions 100 --no-answers \
+#   --top-k 128,64,16 --route kbq|question|both [--per-head] --json ...
+
+# 3. leaves kept and decode-time search vs answers (fb15k, 1,000 entries, 100 questions), as committed in
+#    pruning_answers_fb15k1000_{k16,k64,k16r,flat}.json
+# ev --set $SHARED/eval/fb15k --sizes 1000 --questions 100 --answer-questions 100 --top-k 128,64,16 --json ..k16.json
+# ev ... --top-k 128,64,64 (k64) ; ev ... --top-k 128,64,16 --research (k16r) ; ev ... --no-prune (flat)

@@ -1,19 +1,23 @@
-"""`make demo`: build the bundled demo KB, answer real questions with cited facts, add a fact live."""
+"""`make demo`: answer real questions from the bundled demo KB with the facts they cite, then teach the
+model a new fact live (no retraining) and ask about it."""
 import json
 import time
 from pathlib import Path
 
 from atlaskv import KnowledgeBase
+from atlaskv.evaluate import contains_answer
 from atlaskv.model import AtlasKV
 
 HERE = Path(__file__).resolve().parent / "demo"
 KB_DIR = Path("build/demo_kb")
 
 
-def show(akv, kb, question):
+def show(akv, kb, question, gold=None):
     t0 = time.time()
-    ans = akv.ask(question, kb, max_new_tokens=40)
-    print(f"\nQ: {question}\nA: {ans.text}   ({time.time() - t0:.1f} s, KB of {ans.kb_size:,} facts)")
+    ans = akv.ask(question, kb, max_new_tokens=40).or_refusal()  # "I don't know." when no fact stands out
+    mark = ("  [refused]" if ans.refused else "" if gold is None
+            else "  [right]" if contains_answer(ans.text, gold) else f"  [wrong: {gold}]")
+    print(f"\nQ: {question}\nA: {ans.text}{mark}   ({time.time() - t0:.1f} s, support {ans.support:.1f})")
     for t, w in ans.citations[:3]:
         print(f"   {w:6.1%}  {t.head} | {t.relation} | {t.tail}")
 
@@ -21,17 +25,22 @@ def show(akv, kb, question):
 def main():
     kb = (KnowledgeBase.open(KB_DIR) if (KB_DIR / "manifest.json").exists()
           else KnowledgeBase.build(HERE / "facts.tsv", KB_DIR))
-    print(kb.info())
+    print(f"KB {KB_DIR}: {len(kb):,} facts, version {kb.version}, encoder {kb.encoder_name}")
     akv = AtlasKV.from_pretrained()
+    print("Answers with the facts the model attended to most (share of its KB attention):")
     for line in open(HERE / "questions.jsonl", encoding="utf-8").readlines()[:6]:
-        show(akv, kb, json.loads(line)["question"])
-    fact = ("Ada Lovelace", "place of birth", "London")
-    if tuple(fact) not in {tuple(t) for t in kb.triples()}:
-        kb.add([fact])
-        print(f"\nadded live: {fact} (KB version {kb.version})")
-    show(akv, kb, "What is the place of birth of Ada Lovelace?")
+        q = json.loads(line)
+        show(akv, kb, q["question"], q["tail"])
+
+    fact = ("Mount Kilimanjaro", "country", "Tanzania")
+    question = "What is the country of Mount Kilimanjaro?"
+    print("\n--- live update: the KB knows nothing about Mount Kilimanjaro yet")
+    show(akv, kb, question)
+    res = kb.add([fact])
+    print(f"\nadded {fact} -> KB version {res.version}, {len(kb):,} facts (one new segment, nothing re-encoded)")
+    show(akv, kb, question, fact[2])
     kb.remove([fact])  # leave the demo KB as it was built
-    print(f"removed it again (KB version {kb.version})")
+    print(f"\nremoved it again -> KB version {kb.version}")
 
 
 if __name__ == "__main__":

@@ -130,7 +130,7 @@ def _scores(u: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     B, H, T, d = u.shape
     if e.shape[1] == 1:
         if e.shape[0] == 1:
-            return (u.reshape(-1, d) @ e[0, 0].T).view(B, H, T, -1)
+            return (u.reshape(B * H * T, d) @ e[0, 0].T).view(B, H, T, -1)
         return (u.reshape(B, H * T, d) @ e[:, 0].transpose(-1, -2)).view(B, H, T, -1)
     return u @ e.transpose(-1, -2)
 
@@ -140,7 +140,7 @@ def _weighted(p: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
     B, H, T, n = p.shape
     if e.shape[1] == 1:
         if e.shape[0] == 1:
-            return (p.reshape(-1, n) @ e[0, 0]).view(B, H, T, -1)
+            return (p.reshape(B * H * T, n) @ e[0, 0]).view(B, H, T, -1)
         return (p.reshape(B, H * T, n) @ e[:, 0]).view(B, H, T, -1)
     return p @ e
 

@@ -74,8 +74,6 @@ def _jitter(x: np.ndarray, noise: float, rng: np.random.Generator) -> np.ndarray
 
 def measure(method: str, kb_dir: str | None, new_tokens: int = 8, prune_args: dict | None = None) -> dict:
     """In this process: load the model (and KB), time one prefill and `new_tokens` decode steps."""
-    import resource
-
     import torch
 
     from .model import AtlasKV
@@ -98,7 +96,18 @@ def measure(method: str, kb_dir: str | None, new_tokens: int = 8, prune_args: di
     prefill = min(run(1) for _ in range(2))
     full = run(1 + new_tokens)
     return {"prefill_s": round(prefill, 4), "decode_s_per_token": round(max(0.0, full - prefill) / new_tokens, 4),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+            "peak_rss_mb": _peak_rss_mb()}
+
+
+def _peak_rss_mb() -> float:
+    """This process's RSS high-water mark. Not getrusage's ru_maxrss: on Linux a child inherits its
+    parent's mark through fork + exec, so every child of a big parent would report the parent's size."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def measure_in_child(method: str, kb_dir: str | None, mem_limit_mb: float, time_limit_s: float,
@@ -121,7 +130,8 @@ def measure_in_child(method: str, kb_dir: str | None, mem_limit_mb: float, time_
         if time.time() - t0 > time_limit_s:
             proc.kill()
             proc.wait()
-            return {"status": "too_slow", "reason": f"no result within {time_limit_s:.0f} s"}
+            return {"status": "too_slow", "reason": f"no result within {time_limit_s:.0f} s",
+                    "peak_rss_mb": round(peak, 1)}
         time.sleep(0.05)
     out, err = proc.communicate()
     if proc.returncode != 0:

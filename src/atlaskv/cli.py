@@ -14,6 +14,9 @@ kb_app = typer.Typer(help="Build, inspect and update knowledge-base directories.
 app.add_typer(kb_app, name="kb")
 
 FORMAT_HELP = "Force the input format (tsv, csv, jsonl, nt, ttl, parquet); default: from the extension."
+REFUSE_BELOW = 3.23  # model.REFUSE_BELOW, repeated so that --help imports no torch (a test keeps them equal)
+REFUSE_HELP = ("Answer \"I don't know.\" when the most-cited fact has under this many times the weight of the "
+               "second (0: never; calibrated in benchmarks/results/refusal_fb15k.json).")
 
 
 def _fail(msg: str, code: int = 1):
@@ -23,13 +26,14 @@ def _fail(msg: str, code: int = 1):
 
 def _run(fn):
     """Turn the library's own errors into one clear line and exit code 1 (no traceback)."""
+    from .adapter import AdapterError
     from .encoder import EncoderError
     from .kg import KGFormatError
     from .store import KBError
 
     try:
         return fn()
-    except (KGFormatError, KBError, EncoderError, FileNotFoundError, ValueError) as e:
+    except (KGFormatError, KBError, EncoderError, AdapterError, FileNotFoundError, ValueError) as e:
         _fail(str(e))
 
 
@@ -62,6 +66,7 @@ def kb_build(
     engine: str = typer.Option("local", help="Build engine (local; ray comes with the Ray issue)."),
     batch_size: int = typer.Option(256, help="Encoder batch size."),
     json_out: bool = typer.Option(False, "--json", help="Print kb info as JSON when done."),
+    index: bool = typer.Option(True, "--index/--no-index", help="Also build the HiKVP tree (pruned attention)."),
 ):
     """Read triples, convert them to key/value records, encode them and write a new KB directory."""
     from .kg2kv import local_chat, openai_chat
@@ -74,7 +79,7 @@ def kb_build(
         chat = local_chat() if llm_nouns == "local" else openai_chat(model=llm_nouns)
     kb = _run(lambda: KnowledgeBase.build(
         triples, out, encoder=encoder, directions=directions, format=format, skip_bad=skip_bad,
-        overwrite=overwrite, chat=chat, batch_size=batch_size, show_progress=None))
+        overwrite=overwrite, chat=chat, batch_size=batch_size, show_progress=None, index=index))
     last = kb.manifest["history"][-1]
     if last.get("bad") or last.get("duplicates"):
         typer.secho(f"skipped {last.get('bad', 0)} bad rows, dropped {last.get('duplicates', 0)} duplicate "
@@ -134,6 +139,20 @@ def kb_compact(kb_dir: Path = typer.Argument(..., help="KB directory.")):
 
     res = _run(lambda: KnowledgeBase.open(kb_dir).compact())
     typer.echo(f"compacted to version {res.version}")
+
+
+@kb_app.command("index")
+def kb_index(kb_dir: Path = typer.Argument(..., help="KB directory."),
+             json_out: bool = typer.Option(False, "--json")):
+    """(Re)build the HiKVP tree over the live entries (kb build makes one; adds join it live)."""
+    from .store import KnowledgeBase
+
+    kb = _run(lambda: KnowledgeBase.open(kb_dir))
+    res = _run(lambda: kb.build_index(show_progress=not json_out))
+    info = kb.info()["index"]
+    typer.echo(json.dumps({"version": res.version, **info}) if json_out else
+               f"indexed version {res.version}: {info['roots']:,} roots, {info['inters']:,} inter clusters, "
+               f"{info['leaves']:,} leaves (largest root holds {info['largest_root_share']:.1%})")
 
 
 @kb_app.command("verify")
@@ -206,14 +225,34 @@ eval_app = typer.Typer(help="Evaluate grounding and answers.", no_args_is_help=T
 app.add_typer(eval_app, name="eval")
 
 
+def prune_options(top_k: str, route: str, per_head: bool, reuse: bool, scale_n: str):
+    """PruneConfig from the CLI's spelling (shared by ask, eval and bench)."""
+    from .pruning import PruneConfig
+
+    try:
+        return PruneConfig(top_k=tuple(int(x) for x in top_k.split(",")), route=route, per_head=per_head,
+                           reuse=reuse, scale_n=scale_n)
+    except ValueError as e:
+        _fail(f"--top-k/--route/--scale-n: {e}")
+
+
+TOP_K_HELP = "HiKVP top-k per level: roots,inter,leaves."
+ROUTE_HELP = "HiKVP routing: kbq (the LLM's KB query heads, the paper), question (sentence embedding), both."
+
+
 @eval_app.command("grounding")
 def eval_grounding_cmd(
     set_dir: Path = typer.Option(..., "--set", help="Evaluation set folder (triples.tsv + questions.jsonl)."),
     sizes: str = typer.Option("10,100,1000,10000", help="KB sizes, comma-separated."),
     questions: int = typer.Option(500, help="Questions per point (all where the set has fewer)."),
     answer_questions: Optional[int] = typer.Option(None, help="Generate answers for only this many of them."),
-    method: str = typer.Option("atlaskv", help="atlaskv (flat for now)."),
-    no_prune: bool = typer.Option(True, "--no-prune/--prune", help="Flat KB attention (pruning: HiKVP issue)."),
+    method: str = typer.Option("atlaskv", help="atlaskv (HiKVP-pruned unless --no-prune) or kblam (flat)."),
+    no_prune: bool = typer.Option(False, "--no-prune/--prune", help="Flat KB attention over every entry."),
+    top_k: str = typer.Option("128,64,64", "--top-k", help=TOP_K_HELP),
+    route: str = typer.Option("both", help=ROUTE_HELP),
+    per_head: bool = typer.Option(False, "--per-head", help="Each head keeps its own leaves (default: summed)."),
+    reuse: bool = typer.Option(True, "--reuse/--research", help="Decode steps reuse the prefill's selection."),
+    scale_n: str = typer.Option("selected", help="N of the length correction when pruned: selected or kb."),
     distractors: str = typer.Option("random", help="random or same-head."),
     seed: int = typer.Option(0),
     adapter: Optional[Path] = typer.Option(None, help="Adapter folder (default: the shipped one)."),
@@ -223,26 +262,29 @@ def eval_grounding_cmd(
     no_answers: bool = typer.Option(False, "--no-answers", help="Grounding accuracy only (no generation)."),
     json_out: Path = typer.Option(..., "--json", help="Where to write the results JSON."),
 ):
-    """ACC@1/ACC@5 of the KB attention, answer exact-match with and without the gold fact."""
+    """ACC@1/ACC@5 of the KB attention, pruning recall, answer exact-match with and without the gold fact."""
     from .encoder import load_encoder
     from .evaluate import eval_grounding
     from .model import AtlasKV
 
-    if method != "atlaskv" or not no_prune:
-        _fail("this version evaluates --method atlaskv --no-prune only (baselines and HiKVP come next)")
+    if method not in ("atlaskv", "kblam"):
+        _fail("this version evaluates --method atlaskv or kblam (rag, icl, zeroshot come with the evaluation issue)")
     if distractors not in ("random", "same-head"):
         _fail("--distractors must be random or same-head")
     if scale_mode not in (None, "shift", "cap", "none"):
         _fail("--scale-mode must be shift, cap or none")
+    prune = None if (no_prune or method == "kblam") else prune_options(top_k, route, per_head, reuse, scale_n)
     akv = _run(lambda: AtlasKV.from_pretrained(adapter))
     enc = load_encoder(akv.adapter.config.encoder)
     res = _run(lambda: eval_grounding(set_dir, [int(float(x)) for x in sizes.split(",")], akv, enc, questions,
                                       distractors, seed, batch_size, not no_answers, answer_questions,
-                                      scale_factor=scale_factor, scale_mode=scale_mode))
+                                      scale_factor=scale_factor, scale_mode=scale_mode, prune=prune))
+    res["method"] = method
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(res, indent=1) + "\n")
     for r in res["results"]:
-        typer.echo(f"N={r['kb_size']:>6}  acc1 {r['acc1']:.3f}  acc5 {r['acc5']:.3f}  answer_em {r['answer_em']}  "
+        rec = f"  recall {r['pruning_recall']:.3f}" if r["pruning_recall"] is not None else ""
+        typer.echo(f"N={r['kb_size']:>6}  acc1 {r['acc1']:.3f}  acc5 {r['acc5']:.3f}{rec}  answer_em {r['answer_em']}  "
                    f"without gold {r['answer_em_without_gold']}  ({r['seconds']} s)")
 
 
@@ -251,27 +293,214 @@ def ask_cmd(question: str = typer.Argument(..., help="The question."),
             kb_dir: Path = typer.Option(..., "--kb", help="KB directory."),
             adapter: Optional[Path] = typer.Option(None, help="Adapter folder (default: the shipped one)."),
             max_new_tokens: int = typer.Option(48),
+            refuse_below: float = typer.Option(REFUSE_BELOW, help=REFUSE_HELP),
+            no_prune: bool = typer.Option(False, "--no-prune", help="Flat KB attention over every entry "
+                                                                  "(default: HiKVP when the KB has an index)."),
+            top_k: str = typer.Option("128,64,64", "--top-k", help=TOP_K_HELP),
+            route: str = typer.Option("both", help=ROUTE_HELP),
             json_out: bool = typer.Option(False, "--json")):
     """Answer a question from the KB and show the facts it attended to most."""
     import time
 
-    from .model import AtlasKV
-    from .store import KnowledgeBase
-
     if not question.strip():
         _fail("empty question")
-    kb = _run(lambda: KnowledgeBase.open(kb_dir))
-    akv = _run(lambda: AtlasKV.from_pretrained(adapter))
+    cfg = prune_options(top_k, route, False, True, "selected")
+    kb, akv = _load(kb_dir, adapter)
     t0 = time.time()
-    ans = _run(lambda: akv.ask(question, kb, max_new_tokens=max_new_tokens))
+    ans = _run(lambda: akv.ask(question, kb, max_new_tokens=max_new_tokens, prune=False if no_prune else None,
+                               prune_config=cfg))
+    ans = ans.or_refusal(refuse_below) if refuse_below > 0 else ans
     if json_out:
         typer.echo(json.dumps({"answer": ans.text, "citations": [
             {"head": t.head, "relation": t.relation, "tail": t.tail, "weight": round(w, 4)} for t, w in ans.citations],
-            "kb_size": ans.kb_size, "pruned": False, "seconds": round(time.time() - t0, 3)}))
+            "kb_size": ans.kb_size, "pruned": bool(getattr(ans, "pruned", False)),
+            "seconds": round(time.time() - t0, 3)}))
         return
-    typer.echo(ans.text)
-    for t, w in ans.citations:
-        typer.echo(f"  {w:6.1%}  ({t.head} | {t.relation} | {t.tail})")
+    _print_answer(ans)
+
+
+def _load(kb_dir: Path, adapter: Optional[Path]):
+    """The KB, then the model: the errors people hit first (no KB there, a KB encoded with another
+    encoder than the adapter reads) come in one line, before the slow model load."""
+    from .model import AtlasKV, default_adapter_dir
+    from .store import KnowledgeBase
+
+    kb = _run(lambda: KnowledgeBase.open(kb_dir))
+    cfg = Path(adapter or default_adapter_dir()) / "adapter_config.json"
+    if cfg.is_file():
+        want = json.loads(cfg.read_text("utf-8")).get("encoder")
+        if want and kb.encoder_name != want:
+            _fail(f"KB {kb_dir} was built with encoder {kb.encoder_name!r}, but the adapter expects {want!r}: "
+                  f"rebuild it with `atlaskv kb build ... --encoder {want}` (or pass the matching --adapter)")
+    return kb, _run(lambda: AtlasKV.from_pretrained(adapter))
+
+
+def _print_answer(ans, console=None) -> None:
+    """The answer, then a small table of the facts it attended to most."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(highlight=False)
+    console.print(ans.text, markup=False)
+    if not ans.citations:
+        return
+    t = Table(box=box.SIMPLE, title=f"cited facts (KB of {ans.kb_size:,})", title_justify="left",
+              show_edge=False, pad_edge=False)
+    for col in ("weight", "head", "relation", "tail"):
+        t.add_column(col, justify="right" if col == "weight" else "left")
+    for tr, w in ans.citations:
+        t.add_row(f"{w:.1%}", tr.head, tr.relation, tr.tail)
+    console.print(t)
+
+
+
+CHAT_HELP = """commands:
+  /add head | relation | tail      add a fact to the KB (live, saved in the KB directory)
+  /remove head | relation | tail   remove a fact
+  /kb                              KB info        /reset   forget the conversation
+  /help                            this help      /quit    leave (or Ctrl-D)"""
+
+
+@app.command("chat")
+def chat_cmd(kb_dir: Path = typer.Option(..., "--kb", help="KB directory."),
+             adapter: Optional[Path] = typer.Option(None, help="Adapter folder (default: the shipped one)."),
+             max_new_tokens: int = typer.Option(48),
+             turns: int = typer.Option(3, help="Earlier question/answer turns kept as context."),
+             refuse_below: float = typer.Option(REFUSE_BELOW, help=REFUSE_HELP)):
+    """Multi-turn chat over a KB, with /add, /remove and /kb commands that change the KB live."""
+    from rich.console import Console
+
+    kb, akv = _load(kb_dir, adapter)
+    console = Console(highlight=False)
+    history_file = Path.home() / ".atlaskv_history"
+    if sys.stdin.isatty():  # readline: arrow keys and history across sessions, only for a person typing
+        import readline
+
+        try:
+            readline.read_history_file(history_file)
+        except OSError:
+            pass
+    typer.echo(f"KB {kb_dir}: {len(kb):,} facts. Ask a question, or /help.")
+    messages: list[dict] = []
+    while True:
+        try:
+            line = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            typer.echo()
+            break
+        if not line:
+            continue
+        if line.startswith("/"):
+            cmd, _, arg = line.partition(" ")
+            if cmd in ("/quit", "/exit"):
+                break
+            elif cmd == "/kb":
+                _print_info(kb.info(), False)
+            elif cmd == "/reset":
+                messages = []
+            elif cmd in ("/add", "/remove"):
+                parts = [p.strip() for p in arg.split("|")]
+                if len(parts) != 3 or not all(parts):
+                    typer.secho(f"usage: {cmd} head | relation | tail", fg=typer.colors.YELLOW)
+                    continue
+                try:
+                    res = getattr(kb, cmd[1:])([tuple(parts)])
+                except Exception as e:  # a busy or broken KB must not end the session
+                    typer.secho(f"error: {e}", fg=typer.colors.RED)
+                    continue
+                done, verb, none = ((res.added, "added", " (already there)") if cmd == "/add"
+                                    else (res.removed, "removed", " (not found)"))
+                typer.echo(f"{verb} {done}{'' if done else none}; KB version {kb.version}, {len(kb):,} facts")
+            else:
+                typer.echo(CHAT_HELP)
+            continue
+        messages = messages[-2 * turns:] if turns > 0 else []
+        messages.append({"role": "user", "content": line})
+        try:
+            ans = akv.ask(messages, kb, max_new_tokens=max_new_tokens)
+            ans = ans.or_refusal(refuse_below) if refuse_below > 0 else ans
+        except Exception as e:
+            typer.secho(f"error: {e}", fg=typer.colors.RED)
+            messages.pop()
+            continue
+        messages.append({"role": "assistant", "content": ans.text})
+        _print_answer(ans, console)
+    if sys.stdin.isatty():
+        import readline
+
+        try:
+            readline.write_history_file(history_file)
+        except OSError:
+            pass
+
+
+@app.command("serve")
+def serve_cmd(kb_dir: Path = typer.Option(..., "--kb", help="KB directory."),
+              host: str = typer.Option("127.0.0.1", help="Address to bind (not localhost: set ATLASKV_API_KEY)."),
+              port: int = typer.Option(8000),
+              adapter: Optional[Path] = typer.Option(None, help="Adapter folder (default: the shipped one)."),
+              max_tokens: int = typer.Option(512, help="Largest max_tokens a request may ask for."),
+              max_body_bytes: int = typer.Option(1 << 20, help="Largest request body (413 above)."),
+              max_queue: int = typer.Option(64, help="Requests waiting for the model before 503."),
+              refuse_below: float = typer.Option(REFUSE_BELOW, help=REFUSE_HELP)):
+    """OpenAI-compatible server: /v1/chat/completions (with citations), /v1/models, /v1/kb/triples, /health.
+    With ATLASKV_API_KEY set, every request needs `Authorization: Bearer <key>`."""
+    import os
+
+    import uvicorn
+
+    from .server import create_app
+
+    if host not in ("127.0.0.1", "localhost", "::1") and not os.environ.get("ATLASKV_API_KEY"):
+        typer.secho(f"warning: serving on {host} without ATLASKV_API_KEY: anyone who can reach it can read and "
+                    "change the KB", fg=typer.colors.YELLOW, err=True)
+    kb, akv = _load(kb_dir, adapter)
+    _run(lambda: akv.kb_inputs(kb))  # warm the KB cache before the first request
+    app_ = create_app(akv, kb, max_tokens=max_tokens, max_body_bytes=max_body_bytes, max_queue=max_queue,
+                      refuse_below=refuse_below)
+    uvicorn.run(app_, host=host, port=port, log_level="info")
+
+
+bench_app = typer.Typer(help="Benchmarks: memory and latency vs KB size.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("scale")
+def bench_scale_cmd(
+    sizes: str = typer.Option("1e2,1e3,1e4,1e5,1e6,1e7", help="KB sizes, comma-separated (1e6 style is fine)."),
+    methods: str = typer.Option("zeroshot,kblam,atlaskv", help="zeroshot, kblam (flat), atlaskv (HiKVP)."),
+    json_out: Path = typer.Option(..., "--json", help="Results JSON (one row per method and size)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Log-log PNG of memory and time per token."),
+    pool: Optional[Path] = typer.Option(None, help="Eval set whose real facts fill the KBs first "
+                                                   "(default: $ATLASKV_SHARED/eval/fb15k-dense)."),
+    work_dir: Path = typer.Option(Path("build/bench"), help="Where the benchmark KBs are built (and reused)."),
+    mem_limit_mb: float = typer.Option(16000, help="A run whose RSS passes this is killed and reported oom."),
+    time_limit_s: float = typer.Option(900, help="A run with no result after this long is reported too_slow."),
+    top_k: str = typer.Option("128,64,64", "--top-k", help=TOP_K_HELP),
+    route: str = typer.Option("both", help=ROUTE_HELP),
+    reuse: bool = typer.Option(True, "--reuse/--research", help="Decode steps reuse the prefill's selection."),
+):
+    """Peak RSS, prefill seconds and seconds per generated token vs KB size, one process per point."""
+    import os
+
+    from .bench import METHODS, bench_scale, plot as plot_fn
+
+    ms = [m.strip() for m in methods.split(",") if m.strip()]
+    if not ms or set(ms) - set(METHODS):
+        _fail(f"--methods: choose from {', '.join(METHODS)} (icl and rag come with the evaluation issue)")
+    pool = pool or Path(os.environ.get("ATLASKV_SHARED", "../shared")) / "eval" / "fb15k-dense"
+    cfg = prune_options(top_k, route, False, reuse, "selected")
+    prune_args = {"top_k": list(cfg.top_k), "route": cfg.route, "reuse": cfg.reuse}
+    res = _run(lambda: bench_scale([int(float(x)) for x in sizes.split(",")], ms, work_dir, pool, mem_limit_mb,
+                                   time_limit_s, prune_args, log=lambda m: typer.echo(m, err=True)))
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(res, indent=1) + "\n")
+    if plot:
+        plot_fn(res, plot)
+    for r in res["results"]:
+        typer.echo(f"{r['method']:>9} N={r['kb_size']:>9,}  {r['status']:>8}  rss {r.get('peak_rss_mb', '-')} MB  "
+                   f"prefill {r.get('prefill_s', '-')} s  decode {r.get('decode_s_per_token', '-')} s/token")
 
 
 @app.command("version")
