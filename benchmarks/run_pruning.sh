@@ -10,10 +10,11 @@ R=benchmarks/results
 export HF_HUB_OFFLINE=1
 ev() { .venv/bin/atlaskv eval grounding --questions $Q "$@"; }
 
-# 1. the default (route both, top-k 128,64,64) vs flat on every set; answers for the first $A questions
-ev --set $SHARED/eval/fb15k --sizes 1000,10000 --answer-questions $A --json $R/grounding_fb15k_pruned.json
-ev --set $SHARED/eval/pararel --sizes 1000,10000 --answer-questions $A --json $R/grounding_pararel_pruned.json
-ev --set $SHARED/eval/fb15k-para --distractors same-head --sizes 1000,10000,40844 --answer-questions $A \
+# 1. the default (route both, top-k 128,64,64) vs flat on every set (ANSWER_QUESTIONS=0: grounding only)
+ANS=$([ "$A" = 0 ] && echo --no-answers || echo --answer-questions $A)
+ev --set $SHARED/eval/fb15k --sizes 1000,10000 $ANS --json $R/grounding_fb15k_pruned.json
+ev --set $SHARED/eval/pararel --sizes 1000,10000 $ANS --json $R/grounding_pararel_pruned.json
+ev --set $SHARED/eval/fb15k-para --distractors same-head --sizes 1000,10000,40844 $ANS \
   --json $R/grounding_fb15k-para_samehead_pruned.json
 ev --set $SHARED/eval/fb15k-para --distractors same-head --sizes 40844 --no-prune --no-answers \
   --json $R/grounding_fb15k-para_samehead_flat_40844.json

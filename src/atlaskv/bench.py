@@ -84,19 +84,36 @@ def measure(method: str, kb_dir: str | None, new_tokens: int = 8, prune_args: di
     akv = AtlasKV.from_pretrained()
     kb = KnowledgeBase.open(kb_dir) if kb_dir else None
 
-    def run(tokens: int) -> float:
+    class Clock:  # generate() hands the streamer the prompt, then every new token as it is made
+        def __init__(self):
+            self.t = []
+
+        def put(self, _):
+            self.t.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    def run(tokens: int) -> tuple[float, float]:
         kb_in = None
         if method != "zeroshot":
             kb_in = akv.kb_inputs(kb, prune=method == "atlaskv", prune_config=PruneConfig(**(prune_args or {})))
+        clock = Clock()
         t = time.perf_counter()
-        akv.generate(QUESTION, kb_in, max_new_tokens=tokens, min_new_tokens=tokens)
-        return time.perf_counter() - t
+        akv.generate(QUESTION, kb_in, max_new_tokens=tokens, min_new_tokens=tokens, streamer=clock)
+        return clock.t[1] - t, (clock.t[-1] - clock.t[1]) / max(1, len(clock.t) - 2)
 
-    run(1)  # warm-up: first-call allocations, the KB load, centroid norms
-    prefill = min(run(1) for _ in range(2))
-    full = run(1 + new_tokens)
-    return {"prefill_s": round(prefill, 4), "decode_s_per_token": round(max(0.0, full - prefill) / new_tokens, 4),
-            "peak_rss_mb": _peak_rss_mb()}
+    run(2)  # warm-up: first-call allocations, the KB load, centroid norms
+    runs = [run(1 + new_tokens) for _ in range(2)]
+    return {"prefill_s": round(min(r[0] for r in runs), 4), "decode_s_per_token": round(min(r[1] for r in runs), 4),
+            "peak_rss_mb": _peak_rss_mb(), "rss_file_mb": _status_mb("RssFile")}
+
+
+def _status_mb(field: str) -> float | None:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return None
 
 
 def _peak_rss_mb() -> float:

@@ -175,6 +175,8 @@ def build_hierarchy(keys, n_roots: int | None = None, n_inter: int | None = None
         else:
             c = _kmeans(_sample(x, k * points_per_centroid, rng), int(k), seed, niter)
             labels = _assign(x, c)
+        labels = _split_oversized(x, labels, m / n_inter, seed, niter)
+        k = int(labels.max()) + 1
         order, counts, means = _group_means(x, labels, int(k))
         keep = counts > 0
         inters.append(means[keep])
@@ -189,6 +191,37 @@ def build_hierarchy(keys, n_roots: int | None = None, n_inter: int | None = None
     np.cumsum(inter_sizes, out=inter_offsets[1:])
     return Hierarchy(np.stack(roots), np.concatenate(inters), root_offsets, np.arange(root_offsets[-1]),
                      inter_offsets, np.concatenate(inter_children).astype(np.int64))
+
+
+def _split_oversized(x: np.ndarray, labels: np.ndarray, target: float, seed: int, niter: int,
+                     factor: float = 4.0) -> np.ndarray:
+    """Split clusters over factor x target members: dense regions otherwise collect giant clusters that
+    the search keeps selecting (at 10^7 synthetic keys: 24x the mean), and every leaf of a kept cluster is
+    read. Sub-k-means first, then cuts along the principal direction, so every cluster ends <= the cap."""
+    cap = max(8, int(factor * target))
+    counts = np.bincount(labels)
+    if counts.max() <= cap:
+        return labels
+    labels = labels.copy()
+    next_label = len(counts)
+    for c in np.flatnonzero(counts > cap):
+        idx = np.flatnonzero(labels == c)
+        pieces = math.ceil(len(idx) / target)
+        sub = _assign(x[idx], _kmeans(x[idx], pieces, seed, niter))
+        for s_label in np.unique(sub):
+            part = idx[sub == s_label]
+            if len(part) > cap:  # still too big: equal cuts along the part's principal direction
+                y = x[part] - x[part].mean(0)
+                v = np.linalg.svd(y[:2048], full_matrices=False)[2][0]
+                part = part[np.argsort(y @ v)]
+                chunks = np.array_split(part, math.ceil(len(part) / target))
+            else:
+                chunks = [part]
+            for chunk in chunks:
+                labels[chunk] = next_label
+                next_label += 1
+    # renumber densely (the original labels of split clusters are now unused)
+    return np.unique(labels, return_inverse=True)[1]
 
 
 def nearest_inter(h: Hierarchy, x) -> np.ndarray:
