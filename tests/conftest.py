@@ -35,3 +35,12 @@ def encoder():
     from atlaskv.encoder import load_encoder
 
     return load_encoder()
+
+
+@pytest.fixture(scope="session")
+def trained_model():
+    """SmolLM2 + the shipped adapter, loaded once for every test file that reads it (no test changes it)."""
+    pytest.importorskip("gguf")
+    from atlaskv.model import AtlasKV
+
+    return AtlasKV.from_pretrained()

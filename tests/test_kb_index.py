@@ -16,8 +16,8 @@ QUESTION = "What is the place of birth of Ada Lovelace?"
 
 
 @pytest.fixture(scope="module")
-def akv():
-    return AtlasKV.from_pretrained()
+def akv(trained_model):
+    return trained_model
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from atlaskv.attention import KBInputs, attach, kb_attention
-from atlaskv.index import build_hierarchy, gather_children, nearest_inter
+from atlaskv.index import build_hierarchy, gather_children, nearest_centroid
 from atlaskv.pruning import ArraySource, LayerScorer, PruneConfig, PrunedKB, gather, search
 from test_attention import D_IN, IDS, _Module, random_adapter, random_kb, tiny_model
 
@@ -51,7 +51,7 @@ def test_gather_children_and_additions():
     x = clustered(300)
     h = build_hierarchy(x)
     new = clustered(5, seed=9)
-    where = nearest_inter(h, new)
+    where = nearest_centroid(new, h.inters)
     h2 = h.with_additions(np.arange(300, 305), where)
     for leaf, j in zip(range(300, 305), where):
         assert leaf in h2.inter_children[h2.inter_offsets[j]:h2.inter_offsets[j + 1]]

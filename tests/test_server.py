@@ -26,8 +26,8 @@ NEW_Q = "What is the country of Mount Kilimanjaro?"
 
 
 @pytest.fixture(scope="module")
-def model():
-    return AtlasKV.from_pretrained()
+def model(trained_model):
+    return trained_model
 
 
 @pytest.fixture(scope="module")

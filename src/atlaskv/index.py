@@ -224,12 +224,8 @@ def _split_oversized(x: np.ndarray, labels: np.ndarray, target: float, seed: int
     return np.unique(labels, return_inverse=True)[1]
 
 
-def nearest_inter(h: Hierarchy, x) -> np.ndarray:
-    """Where live adds go: the inter cluster with the nearest centroid."""
-    return _assign(x, h.inters)
-
-
 def nearest_centroid(x, centroids: np.ndarray) -> np.ndarray:
+    """Where live adds go: the inter cluster with the nearest centroid."""
     return _assign(x, centroids)
 
 
