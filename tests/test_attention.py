@@ -326,7 +326,7 @@ def test_loading_checks_model_encoder_and_files(tmp_path):
     cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     cfg["encoder_dim"] = 10 ** 9
     (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(AdapterError, match="implausible"):
+    with pytest.raises(AdapterError, match="implausible|encoder_dim is 1000000000"):
         KBAdapter.from_pretrained(tmp_path / "ad")
     with pytest.raises(AdapterError, match="missing"):
         KBAdapter.from_pretrained(tmp_path / "nothing")

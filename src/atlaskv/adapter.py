@@ -96,6 +96,30 @@ class AdapterConfig:
                                    f"this model has {k}={getattr(other, k)}")
 
 
+_INT_LIMITS = {"encoder_dim": 1 << 16, "num_layers": 1024, "hidden_size": 1 << 16, "num_heads": 1024,
+               "num_kv_heads": 1024, "head_dim": 4096, "kb_layer_frequency": 1024}
+
+
+def _check_config_values(config: AdapterConfig, cfg_file: Path) -> None:
+    """Types and ranges of an untrusted config, before any tensor is sized from it."""
+    for k, hi in _INT_LIMITS.items():
+        v = getattr(config, k)
+        if type(v) is not int or not 1 <= v <= hi:
+            raise AdapterError(f"{cfg_file}: {k} is {v!r}, expected an integer from 1 to {hi}")
+    for k in ("base_model", "encoder", "model_type", "kb_heads", "kb_scale_mode"):
+        if not isinstance(getattr(config, k), str):
+            raise AdapterError(f"{cfg_file}: {k} must be a string")
+    for k in ("q_bias", "question_input"):
+        if not isinstance(getattr(config, k), bool):
+            raise AdapterError(f"{cfg_file}: {k} must be true or false")
+    eps, scale = config.layer_norm_eps, config.kb_scale_factor
+    if not (isinstance(eps, (int, float)) and 0 < eps < 1) or not (
+            scale is None or (isinstance(scale, (int, float)) and 0 < scale < 1e12)):
+        raise AdapterError(f"{cfg_file}: layer_norm_eps / kb_scale_factor out of range")
+    if not isinstance(config.training, dict):
+        raise AdapterError(f"{cfg_file}: training must be an object")
+
+
 def _attention_modules(model) -> list[nn.Module]:
     """The self-attention module of every decoder layer, in order (llama, qwen2/3, gemma3 ...)."""
     mods = [m for name, m in model.named_modules() if name.endswith("self_attn") and hasattr(m, "q_proj")]
@@ -181,10 +205,14 @@ class KBAdapter(nn.Module):
         var = |W_c e + b_c|^2 / D with W_c, b_c centred: e^T G e + 2 (W_c^T b_c) e + |b_c|^2, G = W_c^T W_c.
         """
         gram, lin, const = self._cached("gram", self._gram)
-        ed = e.double()
-        sq = ((ed @ gram) * ed).sum(-1) + 2 * ed @ lin + const
-        var = (sq / self.config.out_dim).clamp_min(0)
-        return torch.rsqrt(var + self.config.layer_norm_eps).to(e.dtype)
+        out = torch.empty(e.shape[:-1], dtype=e.dtype, device=e.device)
+        flat, flat_out = e.reshape(-1, e.shape[-1]), out.view(-1)
+        for s in range(0, len(flat), 16384):  # float64 in chunks: 10^5 centroids at once cost 0.3 GB
+            ed = flat[s:s + 16384].double()
+            sq = ((ed @ gram) * ed).sum(-1) + 2 * ed @ lin + const
+            var = (sq / self.config.out_dim).clamp_min(0)
+            flat_out[s:s + 16384] = torch.rsqrt(var + self.config.layer_norm_eps).to(e.dtype)
+        return out
 
     def _gram(self):
         w = self.key_proj.weight.double()
@@ -231,6 +259,8 @@ class KBAdapter(nn.Module):
         for f in (cfg_file, w_file):
             if not f.is_file():
                 raise AdapterError(f"{f}: missing (an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME})")
+            if path.resolve() not in f.resolve().parents:  # a symlink to somewhere else
+                raise AdapterError(f"{f}: resolves to {f.resolve()}, outside the adapter folder {path}")
         if cfg_file.stat().st_size > MAX_CONFIG_BYTES:
             raise AdapterError(f"{cfg_file}: {cfg_file.stat().st_size} bytes is not an adapter config")
         try:
@@ -240,6 +270,7 @@ class KBAdapter(nn.Module):
             raise AdapterError(f"{cfg_file}: not a valid adapter config ({e})") from e
         if config.format_version != FORMAT_VERSION:
             raise AdapterError(f"{cfg_file}: format_version {config.format_version}, this atlaskv reads {FORMAT_VERSION}")
+        _check_config_values(config, cfg_file)
         expected_params = 2 * (config.encoder_dim + 1) * config.out_dim + len(config.kb_layers) * (
             config.hidden_size + config.q_bias + config.encoder_dim + 1) * config.num_heads * config.head_dim
         if not 0 < expected_params < MAX_PARAMS or config.kb_heads not in ("query", "kv"):
@@ -250,7 +281,14 @@ class KBAdapter(nn.Module):
             raise AdapterError(f"adapter {path} was trained on {config.encoder!r} embeddings; the KB was "
                                f"built with {encoder!r} (rebuild the KB with --encoder {config.encoder})")
         adapter = cls(config)
-        state = {k: v.float() for k, v in load_file(w_file, device="cpu").items()}
+        # fp32 at most, plus a header: a larger file is not these weights (and is not read into memory)
+        if w_file.stat().st_size > 4 * expected_params + (1 << 20):
+            raise AdapterError(f"{w_file}: {w_file.stat().st_size:,} bytes, more than the {expected_params:,} "
+                               f"parameters of {CONFIG_NAME} can take")
+        try:
+            state = {k: v.float() for k, v in load_file(w_file, device="cpu").items()}
+        except Exception as e:  # safetensors raises its own error types for a damaged or foreign file
+            raise AdapterError(f"{w_file}: not a readable safetensors file ({type(e).__name__}: {e})") from None
         try:
             missing, unexpected = adapter.load_state_dict(state, strict=False)
         except RuntimeError as e:  # shape mismatch

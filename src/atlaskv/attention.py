@@ -151,10 +151,14 @@ def kb_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
     kwargs.pop(PREFIX + "kb", None)
     layer_ctx = kwargs.pop(PREFIX + "layer", None)
     if layer_ctx is None:  # no KB here: the stock implementation, bit for bit
+        import sys
+
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
         from transformers.models.llama.modeling_llama import eager_attention_forward
 
-        fn = eager_attention_forward if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
+        # eager is each family's own function (Gemma's applies its logit soft-capping), llama's otherwise
+        own = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        fn = (own or eager_attention_forward) if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
         return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
     adapter, layer, q_kb, kb = layer_ctx
@@ -179,13 +183,11 @@ def kb_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
     hk, d_in = w_k.shape[0], w_k.shape[-1]
     q = q_kb.to(f)
     if kb.pruned is not None:  # HiKVP: the kept leaves of this layer, [B, G, n, d_in] (G = 1 or H)
-        sel = _select(kb, adapter, layer, q, _per_query_head(w_k, H).to(f), _per_query_head(b_k, H).to(f),
-                      scaling)
-        e_k, e_v, valid = sel.keys.to(f), sel.values.to(f), sel.valid
-        inv_std = adapter.key_inv_std(e_k.to(adapter.key_proj.weight.dtype)).to(f)   # [B, G, n]
+        sel = _select(kb, adapter, layer, q, w_k, b_k, scaling, f)
+        valid = sel.valid
         n_kb = valid.sum(-1).clamp_min(1).float() if kb.pruned.config.scale_n == "selected" \
             else torch.full(valid.shape[:2], float(kb.size), device=valid.device)
-        mode = "pullback"
+        mode = "selected"
     else:
         e_k, e_v = kb.keys.to(f)[:, None], kb.values.to(f)[:, None]                  # [Bk, 1, N, d_in]
         inv_std = kb.inv_std(adapter).to(f)[:, None]                                   # [Bk, 1, N]
@@ -195,7 +197,10 @@ def kb_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
         mode = kb.mode
         if mode == "auto":
             mode = "project" if hk * D * d_in + T * H * D < T * H * d_in else "pullback"
-    if mode == "pullback":
+    if mode == "selected":  # the few kept leaves, projected once per selection and reused by decode steps
+        k_kb, v_kb = _projected(sel, adapter, layer, H, f)                             # [B, H, n, D]
+        s_kb = (q @ k_kb.transpose(-1, -2)) * scaling
+    elif mode == "pullback":
         w_kh, b_kh = _per_query_head(w_k, H).to(f), _per_query_head(b_k, H).to(f)
         u = torch.einsum("bhtd,hdi->bhti", q, w_kh)
         c = torch.einsum("bhtd,hd->bht", q, b_kh)
@@ -221,7 +226,9 @@ def kb_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
     p_text = torch.exp(s_text - lse)
     p_kb = torch.exp(s_kb - lse)
     out = p_text @ v
-    if mode == "pullback":  # sum_m p_m (W e_m + b) = W (p E) + b sum_m p_m
+    if mode == "selected":
+        out = out + p_kb @ v_kb
+    elif mode == "pullback":  # sum_m p_m (W e_m + b) = W (p E) + b sum_m p_m
         w_vh, b_vh = _per_query_head(w_v, H).to(f), _per_query_head(b_v, H).to(f)
         pe = _weighted(p_kb, e_v)                                                      # [B, H, T, d_in]
         out = out + torch.einsum("bhti,hdi->bhtd", pe, w_vh) + p_kb.sum(-1, keepdim=True) * b_vh[None, :, None, :]
@@ -234,14 +241,34 @@ def kb_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
         if kb.pruned is None:
             kb.attention[layer] = p_rec.sum(1)                                          # [B, T, N]
         else:  # per group of heads sharing a leaf set: [B, T, G * n] beside positions [B, G * n]
-            G = e_k.shape[1]
+            G = sel.keys.shape[1]
             kb.attention[layer] = p_rec.view(B, G, H // G, T, -1).sum(2).permute(0, 2, 1, 3).reshape(B, T, -1)
             kb.selected[layer] = sel.positions.reshape(B, -1)
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
-def _select(kb: KBInputs, adapter: KBAdapter, layer: int, q: torch.Tensor, w_kh: torch.Tensor,
-            b_kh: torch.Tensor, scaling: float):
+def _projected(sel, adapter: KBAdapter, layer: int, H: int, f: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """This layer's keys (LayerNorm-scaled) and values of the selected leaves at query-head width,
+    [B, H, n, D]; computed on first use and kept with the selection (decode steps reuse it)."""
+    if ("proj", layer) not in sel.cache:
+        (w_k, b_k), (w_v, b_v) = adapter.layer_weights(layer, "key"), adapter.layer_weights(layer, "value")
+        w_k, b_k, w_v, b_v = (_per_query_head(t, H).to(f) for t in (w_k, b_k, w_v, b_v))
+        e_k, e_v = sel.keys.to(f), sel.values.to(f)                                    # [B, G, n, d_in]
+        inv_std = adapter.key_inv_std(e_k.to(adapter.key_proj.weight.dtype)).to(f)    # [B, G, n]
+        if e_k.shape[1] == 1:  # one leaf set for all heads
+            k = torch.einsum("hdi,bni->bhnd", w_k, e_k[:, 0]) * inv_std[:, 0, None, :, None]
+            v = torch.einsum("hdi,bni->bhnd", w_v, e_v[:, 0])
+            inv_b = inv_std[:, 0, None, :, None]
+        else:  # per head: head h reads its own leaves
+            k = torch.einsum("hdi,bhni->bhnd", w_k, e_k) * inv_std[..., None]
+            v = torch.einsum("hdi,bhni->bhnd", w_v, e_v)
+            inv_b = inv_std[..., None]
+        sel.cache[("proj", layer)] = (k + b_k[None, :, None, :] * inv_b, v + b_v[None, :, None, :])
+    return sel.cache[("proj", layer)]
+
+
+def _select(kb: KBInputs, adapter: KBAdapter, layer: int, q: torch.Tensor, w_k: torch.Tensor,
+            b_k: torch.Tensor, scaling: float, f: torch.dtype):
     """This layer's kept leaves for every sample (cached: decode steps reuse the prefill's when configured;
     question routing is the same for all layers, so it runs once per call)."""
     cfg = kb.pruned.config
@@ -250,6 +277,8 @@ def _select(kb: KBInputs, adapter: KBAdapter, layer: int, q: torch.Tensor, w_kh:
         return kb._selections[key]
     if cfg.route != "kbq" and kb.question_emb is None:
         raise ValueError(f"HiKVP route {cfg.route!r} needs the question's sentence embedding (question_emb)")
+    H = q.shape[1]
+    w_kh, b_kh = _per_query_head(w_k, H).to(f), _per_query_head(b_k, H).to(f)
     B, _, T, _ = q.shape
     tm = kb.token_mask
     tm = tm.to(q.dtype) if tm is not None and tm.shape[1] == T else None

@@ -1,6 +1,10 @@
 """Memory and latency vs KB size (DESIGN §5 `bench scale`): one fresh process per (method, size).
 
     zeroshot  the question alone (no KB)
+    icl       every KB fact written into the prompt (while it fits the context window; no prompt cache:
+              one user, one question)
+    rag       faiss exact inner-product index over the KB's key embeddings in memory; the top 5 facts go
+              into the prompt (retrieval and the encoder call count in the prefill)
     kblam     flat KB attention: every entry's base embeddings in memory, every entry scored
     atlaskv   HiKVP: the tree in memory, embeddings memory-mapped, each KB layer reads only its kept leaves
 
@@ -21,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 QUESTION = "What is the place of birth of the person who directed the film that won the award in question?"
-METHODS = ("zeroshot", "kblam", "atlaskv")
+METHODS = ("zeroshot", "icl", "rag", "kblam", "atlaskv")
 
 
 def _records(start: int, n: int):
@@ -94,19 +98,50 @@ def measure(method: str, kb_dir: str | None, new_tokens: int = 8, prune_args: di
         def end(self):
             pass
 
+    extra: dict = {}
+    if method == "icl":
+        from .baselines import context_window, fact_sentences, facts_prompt, prompt_tokens
+
+        table = kb.table()
+        positions = np.arange(len(table)) if table.live is None else np.flatnonzero(table.live)
+        window = context_window(akv)
+        cap = window // 4  # a fact line is never under 4 tokens: more facts than this cannot fit
+        icl_prompt = facts_prompt(QUESTION, fact_sentences(table.triples(positions[:cap])))
+        extra = {"prompt_tokens": prompt_tokens(akv, icl_prompt), "context_window": window}
+        if len(positions) > cap:  # too many to write out (10^7 facts): extrapolate from the first `cap`
+            extra.update(prompt_tokens=int(extra["prompt_tokens"] * len(positions) / cap), prompt_tokens_estimated=True)
+        if extra["prompt_tokens"] + 1 + new_tokens > window:
+            return {"status": "too_long", **extra, "peak_rss_mb": _peak_rss_mb()}
+    elif method == "rag":
+        from .baselines import RAG_TOP_K, DenseRetriever, facts_prompt, fact_sentences
+        from .encoder import load_encoder
+
+        t0 = time.perf_counter()
+        table = kb.table()
+        retriever = DenseRetriever(table.keys)  # removed rows stay in the index and are filtered at query time
+        encoder = load_encoder(akv.adapter.config.encoder)
+        extra = {"rag_index_seconds": round(time.perf_counter() - t0, 2)}
+
     def run(tokens: int) -> tuple[float, float]:
-        kb_in = None
-        if method != "zeroshot":
-            kb_in = akv.kb_inputs(kb, prune=method == "atlaskv", prune_config=PruneConfig(**(prune_args or {})))
-        clock = Clock()
+        kb_in, prompt = None, QUESTION
         t = time.perf_counter()
-        akv.generate(QUESTION, kb_in, max_new_tokens=tokens, min_new_tokens=tokens, streamer=clock)
+        if method in ("kblam", "atlaskv"):
+            kb_in = akv.kb_inputs(kb, prune=method == "atlaskv", prune_config=PruneConfig(**(prune_args or {})))
+        elif method == "icl":
+            prompt = icl_prompt
+        elif method == "rag":
+            hits = retriever.search(encoder.encode([QUESTION]), 2 * RAG_TOP_K)[0]
+            if table.live is not None:
+                hits = hits[table.live[hits]]
+            prompt = facts_prompt(QUESTION, fact_sentences(table.triples(hits[:RAG_TOP_K])))
+        clock = Clock()
+        akv.generate(prompt, kb_in, max_new_tokens=tokens, min_new_tokens=tokens, streamer=clock)
         return clock.t[1] - t, (clock.t[-1] - clock.t[1]) / max(1, len(clock.t) - 2)
 
     run(2)  # warm-up: first-call allocations, the KB load, centroid norms
     runs = [run(1 + new_tokens) for _ in range(2)]
     return {"prefill_s": round(min(r[0] for r in runs), 4), "decode_s_per_token": round(min(r[1] for r in runs), 4),
-            "peak_rss_mb": _peak_rss_mb(), "rss_file_mb": _status_mb("RssFile")}
+            "peak_rss_mb": _peak_rss_mb(), "rss_file_mb": _status_mb("RssFile"), **extra}
 
 
 def _status_mb(field: str) -> float | None:
@@ -154,6 +189,8 @@ def measure_in_child(method: str, kb_dir: str | None, mem_limit_mb: float, time_
     if proc.returncode != 0:
         return {"status": "error", "reason": err.strip().splitlines()[-1] if err.strip() else f"exit {proc.returncode}"}
     res = json.loads(out.strip().splitlines()[-1])
+    if res.get("status") == "too_long":
+        return {**res, "reason": f"{res['prompt_tokens']} prompt tokens > the {res['context_window']}-token window"}
     slow = res["decode_s_per_token"] > 10 or res["prefill_s"] > 60
     return {**res, "status": "too_slow" if slow else "ok",
             **({"reason": "over 10 s per token or 60 s per prefill"} if slow else {})}

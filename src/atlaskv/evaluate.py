@@ -1,4 +1,5 @@
-"""Knowledge-grounding evaluation (DESIGN §5 contract; method.md §6.1), flat KB attention.
+"""Knowledge-grounding evaluation (DESIGN §5 contract; method.md §6.1): AtlasKV (HiKVP-pruned) and KBLaM
+(flat) KB attention here; the text-prompt baselines (rag, icl, zeroshot) in eval_text_method.
 
 For KB size N: the KB holds every evaluated question's gold triple plus distractors from the set's pool
 (seeded; `same-head` puts facts that share a head with an evaluated question first). Questions are asked
@@ -51,6 +52,23 @@ def load_pool(set_dir: str | Path, encoder) -> EvalPool:
     keys, values = encode_records(encoder, triples_to_records(triples, "tail"), show_progress=True,
                                   cache_dir=cache_dir() / "eval")
     return EvalPool(triples, questions, keys, values, {t: i for i, t in enumerate(triples)})
+
+
+def with_synthetic_fill(pool: EvalPool, total: int, seed: int = 0) -> EvalPool:
+    """The pool grown to `total` entries with synthetic distractors (real embeddings plus noise, as
+    `bench scale` makes them): KB sizes past the real data, for search-quality sweeps. Questions stay real."""
+    from .bench import _jitter
+
+    extra = total - len(pool.triples)
+    if extra <= 0:
+        return pool
+    rng = np.random.default_rng([seed, total])
+    src = rng.integers(0, len(pool.keys), extra)
+    keys, values = _jitter(pool.keys[src], 0.35, rng), _jitter(pool.values[src], 0.35, rng)
+    start = len(pool.triples)
+    fill = [Triple(f"synthetic entity {i}", "synthetic relation", f"synthetic value {i}") for i in range(start, total)]
+    return EvalPool(pool.triples + fill, pool.questions, np.concatenate([pool.keys, keys]),
+                    np.concatenate([pool.values, values]), {**pool.index, **{t: start + i for i, t in enumerate(fill)}})
 
 
 def kb_chunks(pool: EvalPool, qidx: np.ndarray, size: int, distractors: str, rng: np.random.Generator):
@@ -112,7 +130,9 @@ def ask_batch(akv, questions: list[str], kb_source, max_new_tokens: int, record:
     src = dict(pruned=kb_source) if isinstance(kb_source, PrunedKB) else dict(keys=kb_source[0], values=kb_source[1])
     kb = KBInputs(**src, record=record, question_emb=qemb, scale_factor=scale, token_mask=mask,
                   scale_mode="shift" if mode == "none" else mode)
-    stop = [tok.eos_token_id] + ([tok.convert_tokens_to_ids("<|im_end|>")] if "<|im_end|>" in tok.get_vocab() else [])
+    from .llm import stop_token_ids
+
+    stop = stop_token_ids(tok, akv.model)  # EOS and the chat format's end of turn (<|im_end|>, <end_of_turn>)
     with use_kb(kb):
         out = akv.model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id or tok.eos_token_id, eos_token_id=stop)
@@ -120,14 +140,18 @@ def ask_batch(akv, questions: list[str], kb_source, max_new_tokens: int, record:
     return texts, kb, mask
 
 
+def rank_hits(ranked: list[list[int]], gold: list[int]) -> tuple[int, int]:
+    """(#gold ranked first, #gold in the top 5) over samples; `ranked` is best first."""
+    hits1 = sum(bool(r) and r[0] == g for r, g in zip(ranked, gold))
+    return hits1, sum(g in r[:5] for r, g in zip(ranked, gold))
+
+
 def grounding_hits(kb: KBInputs, mask: torch.Tensor, gold: torch.Tensor) -> dict:
     """Per batch: hits@1 / @5 of the summed KB attention, per-layer hits@1, and (pruned) how many
     (question, layer) pairs kept the gold entry among the final leaves."""
     ranked = kb.summed_attention(mask)
-    top = [pos[:5].tolist() for pos, _ in ranked]
-    g = gold.tolist()
-    out = {"hits1": sum(bool(t) and t[0] == x for t, x in zip(top, g)), "hits5": sum(x in t for t, x in zip(top, g)),
-           "layer_hits": [], "kept": 0}
+    hits1, hits5 = rank_hits([pos.tolist() for pos, _ in ranked], gold.tolist())
+    out = {"hits1": hits1, "hits5": hits5, "layer_hits": [], "kept": 0}
     for l, att in kb.attention.items():
         w = (att * mask[:, :, None].to(att.dtype)).sum(1)                              # [B, K]
         if kb.pruned is None:
@@ -144,13 +168,16 @@ def eval_grounding(set_dir: str | Path, sizes: list[int], akv, encoder, n_questi
                    distractors: str = "random", seed: int = 0, batch_size: int = 16, answers: bool = True,
                    answer_questions: int | None = None, max_new_tokens: int = 32,
                    scale_factor: float | None = None, scale_mode: str | None = None,
-                   prune: PruneConfig | None = None, progress: bool = True) -> dict:
-    """`prune`: HiKVP over a tree built for each KB (its build time is reported as index_seconds)."""
+                   prune: PruneConfig | None = None, progress: bool = True, synthetic_fill: bool = False) -> dict:
+    """`prune`: HiKVP over a tree built for each KB (its build time is reported as index_seconds).
+    `synthetic_fill`: sizes past the set's pool are reached with synthetic distractors (reported per row)."""
     from tqdm.auto import tqdm
 
     from .index import build_hierarchy
 
-    pool = load_pool(set_dir, encoder)
+    pool = real = load_pool(set_dir, encoder)
+    if synthetic_fill and max(sizes) > len(pool.triples):
+        pool = with_synthetic_fill(pool, max(sizes), seed)
     rng = np.random.default_rng(seed)
     qidx = rng.permutation(len(pool.questions))[: min(n_questions, len(pool.questions))]
     n_ans = len(qidx) if answer_questions is None else min(answer_questions, len(qidx))
@@ -219,6 +246,7 @@ def eval_grounding(set_dir: str | Path, sizes: list[int], akv, encoder, n_questi
             "acc1_by_layer": {str(l): float(h) / n for l, h in zip(kb_layers, layer_hits)},
             "seconds": round(time.time() - t0, 1),
             **({"index_seconds": round(index_s, 2)} if prune is not None else {}),
+            **({"synthetic_entries": size - len(real.triples)} if size > len(real.triples) else {}),
         })
     cfg = akv.adapter.config
     mode = scale_mode or cfg.kb_scale_mode
@@ -230,3 +258,132 @@ def eval_grounding(set_dir: str | Path, sizes: list[int], akv, encoder, n_questi
         out["prune"] = {"top_k": list(prune.top_k), "route": prune.route, "per_head": prune.per_head,
                         "reuse": prune.reuse, "scale_n": prune.scale_n}
     return out
+
+
+def eval_text_method(set_dir: str | Path, sizes: list[int], akv, encoder, method: str, n_questions: int = 500,
+                     distractors: str = "random", seed: int = 0, batch_size: int = 16,
+                     answer_questions: int | None = None, max_new_tokens: int = 32, top_k: int = 5,
+                     judge=None, progress: bool = True) -> dict:
+    """The text-prompt baselines (baselines.py) on the same KBs and questions as eval_grounding.
+    rag: acc1/acc5 are the retriever's hit@1/@5; icl: a size whose prompt exceeds the context window is
+    reported `too_long`; zeroshot: answers only (the KB plays no part, so every size reads the same)."""
+    from tqdm.auto import tqdm
+
+    from .baselines import (TEXT_METHODS, DenseRetriever, answer_with_shared_facts, context_window, fact_sentences,
+                            facts_prompt, prompt_tokens)
+
+    if method not in TEXT_METHODS:
+        raise ValueError(f"method must be one of {TEXT_METHODS}, got {method!r}")
+    pool = load_pool(set_dir, encoder)
+    rng = np.random.default_rng(seed)
+    qidx = rng.permutation(len(pool.questions))[: min(n_questions, len(pool.questions))]
+    n_ans = len(qidx) if answer_questions is None else min(answer_questions, len(qidx))
+    sentences = fact_sentences(pool.triples)
+    window = context_window(akv)
+    results, zeroshot_row = [], None
+    for size in sizes:
+        size = min(size, len(pool.triples))
+        t0 = time.time()
+        if method == "zeroshot" and zeroshot_row is not None:
+            results.append({**zeroshot_row, "kb_size": size})
+            continue
+        hits1 = hits5 = n = em = em_prior = n_em = judged = 0
+        judge_sum = 0.0
+        longest = 0
+        status = "ok"
+        bar = tqdm(total=len(qidx), desc=f"{Path(set_dir).name} N={size} {method}", disable=not progress)
+        for qs, rows in kb_chunks(pool, qidx, size, distractors, np.random.default_rng([seed, size])):
+            pos = {int(r): p for p, r in enumerate(rows)}
+            retriever = DenseRetriever(pool.keys[rows]) if method == "rag" else None
+            facts = [sentences[r] for r in rows]
+            if method == "icl":
+                longest = max(longest, max(prompt_tokens(akv, facts_prompt(pool.questions[q].question, facts))
+                                           for q in qs[:4]))
+                if longest + max_new_tokens > window:
+                    status = "too_long"
+                    break
+            for s in range(0, len(qs), batch_size):
+                bq = [pool.questions[q] for q in qs[s:s + batch_size]]
+                qtexts = [q.question for q in bq]
+                gold = [pos[pool.index[q.triple]] for q in bq]
+                ranked = None
+                if method == "rag":
+                    ranked = retriever.search(encoder.encode(qtexts), max(5, top_k + 1))
+                    h1, h5 = rank_hits([r.tolist() for r in ranked], gold)
+                    hits1, hits5 = hits1 + h1, hits5 + h5
+                n += len(bq)
+                take = min(len(bq), n_ans - n_em)
+                if take > 0:
+                    prompts, prior_prompts = [], []
+                    for i in range(take):
+                        if method == "rag":
+                            with_gold = [facts[j] for j in ranked[i][:top_k]]
+                            without = [facts[j] for j in ranked[i] if j != gold[i]][:top_k]
+                        elif method == "icl":
+                            break
+                        else:
+                            with_gold = without = []
+                        prompts.append(facts_prompt(qtexts[i], with_gold))
+                        prior_prompts.append(facts_prompt(qtexts[i], without))
+                    if method == "icl":  # one fact list per batch: its prefix is computed once
+                        without = [f for j, f in enumerate(facts) if j not in set(gold[:take])]
+                        texts = answer_with_shared_facts(akv, qtexts[:take], facts, max_new_tokens)
+                        prior = answer_with_shared_facts(akv, qtexts[:take], without, max_new_tokens)
+                    else:
+                        texts = _answer(akv, prompts, max_new_tokens)
+                        prior = _answer(akv, prior_prompts, max_new_tokens) if method == "rag" else None
+                    em += sum(contains_answer(t, q.tail) for t, q in zip(texts, bq))
+                    if prior is not None:
+                        em_prior += sum(contains_answer(t, q.tail) for t, q in zip(prior, bq))
+                    if judge is not None:
+                        for t, q in zip(texts, bq):
+                            judge_sum += judge(q.question, q.tail, t)
+                            judged += 1
+                    n_em += take
+                bar.update(len(bq))
+        bar.close()
+        row = {"kb_size": size, "status": status, "n_questions": n,
+               "acc1": hits1 / n if method == "rag" and n else None,
+               "acc5": hits5 / n if method == "rag" and n else None, "pruning_recall": None,
+               "answer_em": em / n_em if n_em and status == "ok" else None,
+               "answer_em_without_gold": em_prior / n_em if n_em and method != "zeroshot" and status == "ok" else None,
+               "n_answer_questions": n_em if status == "ok" else 0, "seconds": round(time.time() - t0, 1)}
+        if method == "icl":
+            row.update(prompt_tokens=longest, context_window=window)
+        if judge is not None and judged:
+            row["judge_score"] = judge_sum / judged
+        if method == "zeroshot":
+            zeroshot_row = row
+        results.append(row)
+    return {"set": Path(set_dir).name, "method": method, "distractors": distractors, "seed": seed,
+            **({"top_k": top_k} if method == "rag" else {}), "results": results}
+
+
+def _answer(akv, prompts: list[str], max_new_tokens: int) -> list[str]:
+    from .baselines import answer_with_prompts
+
+    return answer_with_prompts(akv, prompts, max_new_tokens)
+
+
+def openai_judge(base_url: str, model: str, api_key: str | None = None, timeout: float = 60.0):
+    """The paper's GPT-4o relevance score, from any OpenAI-compatible chat endpoint: 0-5 per answer,
+    returned scaled to 0-1. Only called when the user passes --judge (nothing here reaches one)."""
+    import json
+    import re
+    import urllib.request
+
+    url = base_url.rstrip("/") + "/chat/completions"
+
+    def score(question: str, gold: str, answer: str) -> float:
+        prompt = (f"Question: {question}\nReference answer: {gold}\nModel answer: {answer}\n"
+                  "On a scale of 0 to 5, how well does the model answer agree with the reference answer? "
+                  "Reply with the number only.")
+        body = json.dumps({"model": model, "messages": [{"role": "user", "content": prompt}],
+                           "max_tokens": 4, "temperature": 0}).encode()
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+        with urllib.request.urlopen(urllib.request.Request(url, body, headers), timeout=timeout) as r:
+            text = json.loads(r.read())["choices"][0]["message"]["content"]
+        m = re.search(r"[0-5](?:\.\d+)?", text)
+        return float(m.group()) / 5 if m else 0.0
+
+    return score

@@ -75,8 +75,10 @@ class Hierarchy:
         return names
 
     @classmethod
-    def load(cls, folder: Path, stem: str) -> "Hierarchy":
-        return cls(*(np.load(folder / f"{stem}.{name}.npy", allow_pickle=False) for name in ARRAYS))
+    def load(cls, folder: Path, stem: str, mmap: bool = False) -> "Hierarchy":
+        """mmap: arrays stay on disk and a search reads only the CSR ranges it visits (10^7 leaves: 80 MB)."""
+        mode = "r" if mmap else None
+        return cls(*(np.load(folder / f"{stem}.{name}.npy", mmap_mode=mode, allow_pickle=False) for name in ARRAYS))
 
 
 # ---------------------------------------------------------------------------------------------- building

@@ -179,6 +179,19 @@ def _open_binary(path: str) -> Iterator[IO[bytes]]:
             yield f
 
 
+def _split_lone_cr(f: IO[bytes]) -> Iterator[bytes]:
+    """Lines of a binary file ending in \n, \r\n or a lone \r (old Mac files, or a mix of all three):
+    binary iteration splits on \n only, which would glue CR-separated lines into one bad row."""
+    for raw in f:
+        body = raw.rstrip(b"\r\n")
+        if b"\r" not in body:
+            yield raw
+            continue
+        parts = body.split(b"\r")
+        yield from (p + b"\r" for p in parts[:-1])
+        yield parts[-1] + raw[len(body):]
+
+
 def _lines(path: str) -> Iterator[tuple[int, str | KGFormatError]]:
     """(line number, text without line ending); an undecodable line yields its error instead.
 
@@ -187,7 +200,8 @@ def _lines(path: str) -> Iterator[tuple[int, str | KGFormatError]]:
     offset = 0
     with _open_binary(path) as f:
         try:
-            for lineno, raw in enumerate(f, 1):
+            for raw in _split_lone_cr(f):
+                lineno += 1
                 start, offset = offset, offset + len(raw)
                 if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
                     raw, start = raw[3:], start + 3
@@ -239,7 +253,8 @@ def _csv_rows(path: str, limit: int, header: bool) -> Iterator[Triple | KGFormat
             else:
                 yield line + "\n"
 
-    reader = csv.reader(feed(), skipinitialspace=True)
+    # strict: a quote left open would otherwise swallow the rest of the file into one field, silently
+    reader = csv.reader(feed(), skipinitialspace=True, strict=True)
     first = True
     while True:
         start = reader.line_num + 1  # a quoted field may span lines; report where the record starts
@@ -248,10 +263,12 @@ def _csv_rows(path: str, limit: int, header: bool) -> Iterator[Triple | KGFormat
         except StopIteration:
             return
         except csv.Error as e:
+            why = ("a quoted field is never closed (it runs to the end of the file)"
+                   if "unexpected end of data" in str(e) else str(e))
             if reader.line_num < start:  # nothing consumed: stop rather than loop forever
-                raise KGFormatError(path, start, f"CSV error: {e}") from None
+                raise KGFormatError(path, start, f"CSV error: {why}") from None
             first = False
-            yield KGFormatError(path, start, f"CSV error: {e}")
+            yield KGFormatError(path, start, f"CSV error: {why}")
             continue
         if undecodable:
             first = False
@@ -428,7 +445,9 @@ def _ttl_rows(path: str, limit: int, header: bool) -> Iterator[Triple | KGFormat
             self.order.append((None, *triple))
             super().add(triple, context, quoted)
 
-    text = _read_text(path)
+    # rdflib does not take a lone CR as a line break (Turtle does); CR/CRLF -> LF keeps lines as _lines counts
+    # them, and any CR inside a literal is whitespace that cleaning collapses anyway
+    text = _read_text(path).replace("\r\n", "\n").replace("\r", "\n")
     store = OrderedStore()
     try:
         Graph(store=store).parse(data=text, format="turtle")
@@ -439,6 +458,10 @@ def _ttl_rows(path: str, limit: int, header: bool) -> Iterator[Triple | KGFormat
         why = re.search(r"Bad syntax \((.*?)\) at \^", message)
         reason = why.group(1) if why else message.splitlines()[0] if message else type(e).__name__
         lines = text.split("\n")  # as rdflib counts lines; splitlines() also splits on \x0b, \u2028...
+        last = max((i for i, s in enumerate(lines, 1) if s.strip()), default=1)
+        if isinstance(e, IndexError) or (line is not None and line > last):
+            # rdflib says "string index out of range", or a line past the end, when the file stops mid-statement
+            reason, line = ("unexpected end of file" if isinstance(e, IndexError) else f"{reason}, at end of file"), last
         near = f": {lines[line - 1][:80]!r}" if line is not None and 0 < line <= len(lines) else ""
         raise KGFormatError(path, line, f"invalid Turtle ({reason}){near}") from None
     yield from _rdf_rows(path, limit, store.order)
@@ -446,6 +469,26 @@ def _ttl_rows(path: str, limit: int, header: bool) -> Iterator[Triple | KGFormat
 
 # ---------------------------------------------------------------------------------------------
 # Parquet
+
+
+_BAD_UTF8 = "\x00<invalid UTF-8>"  # a sentinel no cleaned field can equal (cleaning rejects NUL)
+
+
+def _utf8_each(col) -> list[str | None]:
+    """A string column's values decoded one by one; undecodable ones become _BAD_UTF8."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if pa.types.is_dictionary(col.type):
+        col = col.dictionary_decode()
+    raw = pc.cast(col, pa.large_binary()) if not pa.types.is_string(col.type) else col.view(pa.binary())
+    out: list[str | None] = []
+    for v in raw.to_pylist():
+        try:
+            out.append(None if v is None else v.decode("utf-8"))
+        except UnicodeDecodeError:
+            out.append(_BAD_UTF8)
+    return out
 
 
 def _parquet_rows(path: str, limit: int, header: bool) -> Iterator[Triple | KGFormatError]:
@@ -457,6 +500,8 @@ def _parquet_rows(path: str, limit: int, header: bool) -> Iterator[Triple | KGFo
         schema = pf.schema_arrow
     except (pa.ArrowException, OSError) as e:
         raise KGFormatError(path, None, f"not a readable Parquet file ({e})") from None
+    except UnicodeDecodeError:  # a damaged footer can hold column names that are not UTF-8
+        raise KGFormatError(path, None, "not a readable Parquet file (a column name is not valid UTF-8)") from None
     names = schema.names
     columns = next((c for c in _FIELD_NAMES if all(n in names for n in c)), None)
     if columns is None:
@@ -476,10 +521,16 @@ def _parquet_rows(path: str, limit: int, header: bool) -> Iterator[Triple | KGFo
     row = 0
     try:
         for batch in pf.iter_batches(columns=list(columns), batch_size=65536):
-            for values in zip(*(col.to_pylist() for col in batch.columns)):
+            try:
+                cols = [col.to_pylist() for col in batch.columns]
+            except UnicodeDecodeError:  # Parquet has no checksums by default: damaged data can decode as bad UTF-8
+                cols = [_utf8_each(col) for col in batch.columns]
+            for values in zip(*cols):
                 row += 1
                 if None in values:
                     yield KGFormatError(path, row, f"null {FIELDS[values.index(None)]}")
+                elif _BAD_UTF8 in values:
+                    yield KGFormatError(path, row, f"invalid UTF-8 in {FIELDS[values.index(_BAD_UTF8)]}")
                 else:
                     yield _triple(path, row, values, limit)
     except (pa.ArrowException, OSError) as e:

@@ -15,12 +15,23 @@ from .attention import KBInputs, attach, use_kb
 from .pruning import PruneConfig, PrunedKB
 from .encoder import DEFAULT_ENCODER
 from .kg import Triple
-from .llm import DEFAULT_LLM, load_base_model
+from .llm import DEFAULT_LLM, canonical_name, load_base_model, stop_token_ids
 from .store import KnowledgeBase
 
 
 def default_adapter_dir() -> Path:
     return Path(str(resources.files("atlaskv"))) / "adapters" / "default"
+
+
+def adapter_base_model(path: str | Path) -> str:
+    """The base LLM an adapter folder was trained on (a PACKAGED name or a local folder), from its config."""
+    import json
+
+    try:
+        name = json.loads((Path(path) / "adapter_config.json").read_text("utf-8")).get("base_model")
+    except (OSError, ValueError, AttributeError):
+        name = None  # KBAdapter.from_pretrained reports a broken config properly
+    return name or DEFAULT_LLM
 
 
 REFUSAL = "I don't know."  # what the adapter's refusal samples answer (train.REFUSAL)
@@ -58,18 +69,20 @@ class AtlasKV:
         self.model.requires_grad_(False)
         attach(model, adapter)
         self._kb_cache: dict = {}
+        self._stop_ids = stop_token_ids(tokenizer, model)  # EOS and the chat format's end of turn
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, adapter: str | Path | None = None, base_model: str | None = None,
                         device: str = "cpu", dtype: str = "float32") -> "AtlasKV":
-        """The base LLM + a trained adapter (default: the one shipped with atlaskv for SmolLM2)."""
+        """The base LLM + a trained adapter (default: the one shipped with atlaskv for SmolLM2). The base
+        model is the one named in the adapter's config (`base_model` overrides it)."""
         path = Path(adapter) if adapter else default_adapter_dir()
         if not (path / "adapter_config.json").is_file():
             raise AdapterError(f"no trained adapter at {path}" + (
                 " (this atlaskv ships none yet: train one with `atlaskv train`, or use "
                 "AtlasKV.from_base_model() for an untrained adapter)" if adapter is None else ""))
-        model, tok = load_base_model(base_model, dtype=dtype, device=device)
+        model, tok = load_base_model(base_model or adapter_base_model(path), dtype=dtype, device=device)
         return cls(model, tok, KBAdapter.from_pretrained(path, model=model, device=device))
 
     @classmethod
@@ -77,7 +90,7 @@ class AtlasKV:
                         device: str = "cpu", dtype: str = "float32", **adapter_kw) -> "AtlasKV":
         """A fresh adapter (KB query heads copied from q_proj) on the base LLM: the start of training."""
         model, tok = load_base_model(base_model, dtype=dtype, device=device)
-        adapter = KBAdapter.for_model(model, encoder, encoder_dim, base_model=base_model or DEFAULT_LLM,
+        adapter = KBAdapter.for_model(model, encoder, encoder_dim, base_model=canonical_name(base_model),
                                       **adapter_kw)
         return cls(model, tok, adapter)
 
@@ -130,7 +143,9 @@ class AtlasKV:
             raise AdapterError(f"KB {kb.path} has no HiKVP index: build one with `atlaskv kb index {kb.path}` "
                                "or ask with --no-prune")
         table = kb.table()
-        pkb = PrunedKB(h.map_leaves(table.positions), table.keys, table.values, live=table.live, device=self.device)
+        if not table.identity:  # on disk the tree names entry ids; the search works on row positions
+            h = h.map_leaves(table.positions)
+        pkb = PrunedKB(h, table.keys, table.values, live=table.live, rows=len(table), size=len(kb), device=self.device)
         pkb.triples = table.triples  # citations read only the cited rows
         return pkb
 
@@ -149,7 +164,8 @@ class AtlasKV:
         return torch.from_numpy(load_encoder(self.adapter.config.encoder).encode([text])).to(self.device)
 
     def chat_ids(self, question: str | Sequence[dict]) -> torch.Tensor:
-        """Prompt ids as in training: ChatML without SmolLM2's default system prompt."""
+        """Prompt ids as in training: ChatML without SmolLM2's default system prompt; other families in
+        their tokenizer's chat format (Gemma 3: <bos><start_of_turn>user ... <start_of_turn>model)."""
         from .train import chat_text
 
         if isinstance(question, str):
@@ -177,7 +193,7 @@ class AtlasKV:
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                       do_sample=do_sample, streamer=streamer,
                                       pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
-                                      **gen_kw)
+                                      **{"eos_token_id": self._stop_ids, **gen_kw})
         return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
     def stream(self, question: str | Sequence[dict], kb: KnowledgeBase | None = None, **kw) -> Iterator[str]:

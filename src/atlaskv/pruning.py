@@ -17,6 +17,7 @@ reference does.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,6 +47,11 @@ class PruneConfig:
             raise ValueError(f"scale_n must be 'selected' or 'kb', got {self.scale_n!r}")
 
 
+def _tensor(a, dtype, device) -> torch.Tensor:
+    """A torch view of a (possibly memory-mapped) array: no copy when dtype and device already match."""
+    return torch.from_numpy(np.asarray(a, dtype)).to(device)
+
+
 class ArraySource:
     """Rows of an in-memory (or memory-mapped) [M, d] array, read as float32 only where asked."""
 
@@ -65,6 +71,7 @@ class Selection:
     keys: torch.Tensor        # [B, G, n, d_in] base key embeddings (0 at padding)
     values: torch.Tensor      # [B, G, n, d_in]
     valid: torch.Tensor       # [B, G, n] bool
+    cache: dict = field(default_factory=dict)  # per layer: the leaves' projected keys and values
 
 
 @dataclass
@@ -76,15 +83,22 @@ class PrunedKB:
     live: np.ndarray | None = None     # [rows] bool, False for removed entries (never attended)
     config: PruneConfig = field(default_factory=PruneConfig)
     device: str | torch.device = "cpu"
+    rows: int | None = None            # rows of keys/values (default: from live, else the largest leaf + 1)
+    size: int | None = None            # live leaves, when the caller knows it (else counted)
 
     def __post_init__(self):
         h, dev = self.hierarchy, self.device
-        self.roots = torch.from_numpy(np.asarray(h.roots, np.float32)).to(dev)
-        self.inters = torch.from_numpy(np.asarray(h.inters, np.float32)).to(dev)
-        self.csr = tuple(torch.from_numpy(np.asarray(a, np.int64)).to(dev) for a in
-                         (h.root_offsets, h.root_children, h.inter_offsets, h.inter_children))
+        with warnings.catch_warnings():  # memory-mapped tree arrays are read-only; torch only reads them
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            self.roots = _tensor(h.roots, np.float32, dev)
+            self.inters = _tensor(h.inters, np.float32, dev)
+            self.csr = tuple(_tensor(a, np.int64, dev) for a in
+                             (h.root_offsets, h.root_children, h.inter_offsets, h.inter_children))
         self.live_t = None if self.live is None else torch.from_numpy(np.asarray(self.live, bool)).to(dev)
-        self.size = h.num_leaves if self.live is None else int(self.live[h.inter_children].sum())
+        if self.rows is None:
+            self.rows = len(self.live) if self.live is not None else int(np.max(h.inter_children)) + 1
+        if self.size is None:
+            self.size = h.num_leaves if self.live is None else int(self.live[h.inter_children].sum())
         self._norm_cache: dict = {}
 
     def centroid_inv_std(self, adapter, level: str) -> torch.Tensor:
@@ -98,11 +112,10 @@ class PrunedKB:
         call, and at 10^7 entries recomputing it for each layer's candidates dominated the prefill."""
         key = ("leaves", id(adapter))
         cache = self._norm_cache.get(key)
-        if cache is None:
-            rows = len(self.live) if self.live is not None else int(self.hierarchy.inter_children.max()) + 1
-            cache = self._norm_cache[key] = torch.full((rows,), float("nan"), device=self.device)
+        if cache is None:  # 0 = not yet known (a scale is never 0); calloc'd, so only touched pages cost memory
+            cache = self._norm_cache[key] = torch.from_numpy(np.zeros(self.rows, np.float32)).to(self.device)
         got = cache[positions]
-        miss = torch.isnan(got)
+        miss = got == 0
         if miss.any():
             got[miss] = adapter.key_inv_std(e[miss]).to(got.dtype)
             cache[positions[miss]] = got[miss]

@@ -196,8 +196,16 @@ def create_app(model, kb: KnowledgeBase | str | Path, *, api_key: str | None = N
             raise ApiError(413, f"request body over {max_body_bytes} bytes", code="body_too_large")
         try:
             data = json.loads(body)
+            # a lone surrogate (JSON "\ud800") would pass validation and fail deep inside the tokenizer or Parquet
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ApiError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
+        except UnicodeEncodeError:
+            raise ApiError(400, "request body is not valid JSON: a string holds a lone surrogate escape",
+                           code="invalid_json") from None
+        except (ValueError, RecursionError) as e:  # a 5,000-digit number, [[[[... nested past the recursion limit
+            raise ApiError(400, f"request body is not valid JSON: {str(e)[:100] or type(e).__name__}",
+                           code="invalid_json") from None
         try:
             return schema.model_validate(data)
         except ValidationError as e:
@@ -309,6 +317,8 @@ def create_app(model, kb: KnowledgeBase | str | Path, *, api_key: str | None = N
             raise ApiError(422, f"{len(req.triples)} triples, at most {max_triples} per request",
                            code="too_many_triples")
         triples = [(t.head, t.relation, t.tail) for t in req.triples]
+        if any("\x00" in f for t in triples for f in t):  # the file readers refuse NUL too (kg.py)
+            raise ApiError(422, "invalid request: a triple field holds a NUL character", code="invalid_request")
 
         def go():
             kb = live.current()

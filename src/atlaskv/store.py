@@ -40,6 +40,8 @@ FORMAT = "atlaskv-kb"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 64 << 20
+MAX_COUNT = 1 << 40  # entries, versions, ids: far above any real KB, far below an overflow
+MAX_DIM = 1 << 16
 DATA_DIRS = ("segments", "tombstones", "index")
 
 
@@ -106,6 +108,8 @@ class KnowledgeBase:
     def open(cls, path: str | Path, verify: bool = False) -> "KnowledgeBase":
         path = Path(path)
         mf = path / MANIFEST
+        if not path.exists():
+            _recover_swap(path)
         if not path.is_dir():
             raise KBError(f"{path}: no KB directory at this path")
         if not mf.is_file():
@@ -122,7 +126,10 @@ class KnowledgeBase:
             raise KBError(f"{mf}: format_version {manifest.get('format_version')} is not supported "
                           f"(this atlaskv reads {FORMAT_VERSION})")
         kb = cls(path, manifest)
+        kb._check_manifest()
         kb._check_files(deep=verify)
+        if verify:
+            kb._check_tombstones()
         return kb
 
     @classmethod
@@ -154,12 +161,27 @@ class KnowledgeBase:
     def build(cls, sources: str | Path | Sequence[str | Path] | Iterable[Triple], out: str | Path, *,
               encoder: str | Encoder | None = None, directions: str = "tail", format: str | None = None,
               skip_bad: bool = False, overwrite: bool = False, chat: Callable | None = None,
-              batch_size: int = 256, show_progress: bool | None = None, index: bool = True) -> "KnowledgeBase":
+              batch_size: int = 256, show_progress: bool | None = None, index: bool = True,
+              engine: str = "local", address: str | None = None, **ray_options) -> "KnowledgeBase":
         """Read triples (files or an iterable of triples), convert, encode and write a new KB.
 
         Every input row is read and validated before anything is written: a bad row stops the build
         with its file and line (unless skip_bad), and `out` is left as it was.
+
+        engine="ray" runs the same pipeline on Ray (atlaskv.distributed; `pip install 'atlaskv[ray]'`):
+        `address` None/"local" (a local Ray instance), "auto" or "ray://host:port"; `ray_options` are
+        distributed.build's (actors, num_gpus_per_actor, num_cpus_per_actor, segment_rows, ...).
         """
+        if engine == "ray":
+            from .distributed import build as ray_build
+
+            return ray_build(sources, out, encoder=encoder, directions=directions, format=format,
+                             skip_bad=skip_bad, overwrite=overwrite, chat=chat, batch_size=batch_size,
+                             show_progress=show_progress, index=index, address=address, **ray_options)
+        if engine != "local":
+            raise KBError(f"engine must be 'local' or 'ray', got {engine!r}")
+        if address is not None or ray_options:
+            raise KBError(f"address / {sorted(ray_options) or 'options'} apply to engine='ray' only")
         out = Path(out)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             if not overwrite:
@@ -172,6 +194,8 @@ class KnowledgeBase:
         # Build beside the target and rename at the end: an interrupted build never looks like a KB at
         # `out`, and an overwritten KB stays intact until the new one is complete.
         out.parent.mkdir(parents=True, exist_ok=True)
+        _recover_swap(out)
+        _remove_stale_temps(out)
         tmp = out.parent / f".{out.name}.building-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
@@ -292,7 +316,7 @@ class KnowledgeBase:
         with self._write_lock():
             self._reload()
             table = EmbeddingTable(self)
-            live = np.flatnonzero(table.live)
+            live = np.arange(len(table)) if table.live is None else np.flatnonzero(table.live)
             if len(live) == 0:
                 raise KBError(f"{self.path}: the KB is empty; nothing to index")
             # memory-mapped rows, never the whole KB in memory (10^7 keys are 7.7 GB)
@@ -315,7 +339,7 @@ class KnowledgeBase:
         if not ix:
             return None
         if "hierarchy" not in self._cache:
-            h = Hierarchy.load(self.path / "index", ix["stem"])
+            h = Hierarchy.load(self.path / "index", ix["stem"], mmap=True)
             if ix["additions"]:
                 added = np.concatenate([np.load(self.path / a["file"], allow_pickle=False) for a in ix["additions"]])
                 h = h.with_additions(added[:, 0], added[:, 1])
@@ -440,7 +464,9 @@ class KnowledgeBase:
 
     def verify(self) -> dict:
         """Check every file against its size and sha256 in the manifest, and row counts; raise KBError."""
+        self._check_manifest()
         self._check_files(deep=True)
+        self._check_tombstones()
         orphans = self._orphans()
         return {"ok": True, "version": self.version, "files": len(self.manifest["files"]),
                 "orphans": [str(p.relative_to(self.path)) for p in orphans]}
@@ -540,6 +566,73 @@ class KnowledgeBase:
     def _live_hashes(self) -> np.ndarray:
         return self.records(live_only=True).column("triple_hash").to_numpy()
 
+    def _check_manifest(self) -> None:
+        """A manifest is untrusted input too: every path it uses must be a file it lists (whose place
+        _check_files then checks), and every count a plausible integer that agrees with the others."""
+        mf = self.path / MANIFEST
+        m = self.manifest
+
+        def fail(why: str):
+            raise KBError(f"{mf}: {why}")
+
+        def count(v, what: str, hi: int = MAX_COUNT, lo: int = 0) -> int:
+            if type(v) is not int or not lo <= v <= hi:
+                fail(f"{what} is {v!r}, expected an integer from {lo} to {hi}")
+            return v
+
+        try:
+            files = m["files"]
+            if not isinstance(files, dict):
+                fail("'files' is not an object")
+            for rel, meta in files.items():
+                count(meta["bytes"], f"size of {rel!r}", 1 << 50)
+                if not isinstance(meta["sha256"], str):
+                    fail(f"sha256 of {rel!r} is not a string")
+
+            def listed(rel, what: str) -> None:
+                if not isinstance(rel, str) or rel not in files:
+                    fail(f"{what} {rel!r} is not a file listed in the manifest")
+
+            count(m["version"], "version")
+            if not isinstance(m["encoder"]["name"], str):
+                fail("encoder name is not a string")
+            count(m["encoder"]["dim"], "encoder dim", MAX_DIM, 1)
+            for i, s in enumerate(m["segments"]):
+                for k in ("records", "keys", "values"):
+                    listed(s[k], f"segment {i} {k}")
+                count(s["rows"], f"segment {i} rows")
+            c = m["counts"]
+            for k in ("entries", "triples", "entries_total", "removed_entries"):
+                count(c[k], f"counts.{k}")
+            removed = m["removed"]
+            if removed:
+                listed(removed["file"], "tombstone file")
+            n_removed = count(removed["count"], "removed.count") if removed else 0
+            if c["entries"] != c["entries_total"] - c["removed_entries"] or c["removed_entries"] != n_removed:
+                fail(f"counts do not add up: {c['entries']} live entries, {c['entries_total']} stored, "
+                     f"{c['removed_entries']} removed, {n_removed} in the tombstone file")
+            if c["triples"] > c["entries"] or count(m["next_id"], "next_id") < c["entries_total"]:
+                fail(f"counts do not add up: {c['triples']} triples in {c['entries']} entries, next id {m['next_id']}")
+            ix = m.get("index")
+            if ix:
+                from .index import ARRAYS
+
+                for name in ARRAYS:
+                    listed(f"index/{ix['stem']}.{name}.npy", "index file")
+                for a in ix["additions"]:
+                    listed(a["file"], "index addition")
+        except (KeyError, TypeError, AttributeError, IndexError) as e:
+            fail(f"malformed manifest ({type(e).__name__}: {e})")
+
+    def _check_tombstones(self) -> None:
+        """The tombstone file holds as many ids as the manifest counts (after _check_files vouched for it)."""
+        removed = self.manifest["removed"]
+        if removed:
+            p = self.path / removed["file"]
+            ids = np.load(p, mmap_mode="r", allow_pickle=False)
+            if ids.ndim != 1 or ids.dtype != np.int64 or len(ids) != removed["count"]:
+                raise KBError(f"{p}: {ids.shape} {ids.dtype} ids, expected {removed['count']} int64 (removed.count)")
+
     def _check_files(self, deep: bool) -> None:
         rows = 0
         for rel, meta in self.manifest["files"].items():
@@ -603,24 +696,61 @@ class EmbeddingTable:
 
     def __init__(self, kb: KnowledgeBase):
         self.kb = kb
-        parts = list(kb.iter_segments())
-        self.ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
-        if np.any(np.diff(self.ids) <= 0):
-            raise KBError(f"{kb.path}: entry ids are not increasing across segments")
-        self.starts = np.cumsum([0] + [len(p[0]) for p in parts])
-        self._keys = [_random_access(p[1]) for p in parts]
-        self._values = [_random_access(p[2]) for p in parts]
-        self.live = ~np.isin(self.ids, kb.removed_ids())
+        segs = kb.manifest["segments"]
+        self.starts = np.cumsum([0] + [s["rows"] for s in segs])
+        self._keys = [_random_access(np.load(kb.path / s["keys"], mmap_mode="r", allow_pickle=False)) for s in segs]
+        self._values = [_random_access(np.load(kb.path / s["values"], mmap_mode="r", allow_pickle=False)) for s in segs]
+        ranges = [_id_range(kb.path / s["records"]) for s in segs]
+        self.firsts = np.asarray([lo for lo, _ in ranges], np.int64)
+        # Appended segments hold consecutive ids, so id -> position is arithmetic and the 10^7-entry id
+        # column never has to sit in memory; compacted segments (gaps where removed ids were) are read.
+        dense = all(hi - lo == s["rows"] - 1 for (lo, hi), s in zip(ranges, segs))
+        self._ids = None
+        if not dense or np.any(self.firsts[1:] < self.firsts[:-1] + np.diff(self.starts)[:-1]):
+            self._ids = np.concatenate([pq.read_table(kb.path / s["records"], columns=["id"]).column("id").to_numpy()
+                                        for s in segs]) if segs else np.zeros(0, np.int64)
+            if np.any(np.diff(self._ids) <= 0):
+                raise KBError(f"{kb.path}: entry ids are not increasing across segments")
+        removed = kb.removed_ids()
+        self.live = None  # None: every row is live
+        if len(removed):
+            self.live = np.ones(len(self), bool)
+            self.live[self.positions(np.sort(removed))] = False
         self.keys, self.values = _Rows(self, self._keys), _Rows(self, self._values)
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return int(self.starts[-1])
+
+    @property
+    def ids(self) -> np.ndarray:
+        if self._ids is not None:
+            return self._ids
+        return np.concatenate([np.arange(f, f + n, dtype=np.int64) for f, n in zip(self.firsts, np.diff(self.starts))]
+                              ) if len(self.firsts) else np.zeros(0, np.int64)
+
+    @property
+    def identity(self) -> bool:
+        """Entry id == row position (one KB grown by appends from id 0): the index needs no id mapping."""
+        return self._ids is None and np.array_equal(self.firsts, self.starts[:-1])
 
     def positions(self, ids: np.ndarray) -> np.ndarray:
-        pos = np.searchsorted(self.ids, ids)
-        if len(ids) and (pos.max() >= len(self.ids) or not np.array_equal(self.ids[pos], ids)):
+        ids = np.asarray(ids, np.int64)
+        out = np.empty(len(ids), np.int64)
+        bad = False
+        for s in range(0, len(ids), 1 << 20):  # chunks: no 10^7-long temporaries
+            chunk = np.asarray(ids[s:s + (1 << 20)])
+            if self._ids is not None:
+                pos = np.searchsorted(self._ids, chunk)
+                bad |= bool(len(chunk) and (pos.max() >= len(self._ids) or not np.array_equal(self._ids[pos], chunk)))
+            else:
+                seg = np.searchsorted(self.firsts, chunk, side="right") - 1
+                local = chunk - self.firsts[np.maximum(seg, 0)]
+                bad |= bool(len(chunk) and (seg.min() < 0 or np.any(local >= np.diff(self.starts)[seg])))
+                pos = self.starts[np.maximum(seg, 0)] + local
+            out[s:s + len(chunk)] = pos
+        if bad:
             raise KBError(f"{self.kb.path}: the index names entries that are not stored (rebuild it: atlaskv kb index)")
-        return pos
+        return out
 
     def triples(self, positions: np.ndarray) -> list[Triple]:
         """The triples at these positions, reading only the row groups that hold them."""
@@ -642,6 +772,17 @@ class EmbeddingTable:
         return [out[int(p)] for p in positions]
 
 
+def _id_range(records: Path) -> tuple[int, int]:
+    """(min, max) entry id of a records file, from the Parquet footer's statistics (no data read)."""
+    meta = pq.ParquetFile(records).metadata
+    col = meta.schema.names.index("id")
+    stats = [meta.row_group(g).column(col).statistics for g in range(meta.num_row_groups)]
+    if not stats or any(st is None or not st.has_min_max for st in stats):
+        ids = pq.read_table(records, columns=["id"]).column("id").to_numpy()
+        return (int(ids.min()), int(ids.max())) if len(ids) else (0, -1)
+    return min(int(st.min) for st in stats), max(int(st.max) for st in stats)
+
+
 def _random_access(array: np.ndarray) -> np.ndarray:
     """Tell the kernel a memory map is read at random rows: without it every row read faults in the
     32 pages around it (read-around), which put 4 GB of a 10^7-entry KB into the process for one search."""
@@ -651,12 +792,26 @@ def _random_access(array: np.ndarray) -> np.ndarray:
     return array
 
 
+def _release(array: np.ndarray, lo: int, hi: int) -> None:
+    """Drop rows lo..hi of a memory map from this process once they are copied out: the pages stay in the
+    kernel's page cache (shared, reclaimable; the next read of them is a minor fault), but they no longer
+    count as this process's memory. Without it a 10^7-entry KB left 1.7 GB of touched pages in the RSS."""
+    mm = getattr(array, "_mmap", None)
+    if mm is None or not hasattr(mmap, "MADV_DONTNEED") or hi <= lo:
+        return
+    row = array.strides[0]
+    base = array.offset if hasattr(array, "offset") else 0
+    start = (base + lo * row) // mmap.PAGESIZE * mmap.PAGESIZE
+    end = min(len(mm), base + hi * row)
+    mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
 class _Rows:
     """Rows of all segments as one [rows, d] array-like: slices and index arrays, read on demand."""
 
     def __init__(self, table: EmbeddingTable, arrays: list[np.ndarray]):
         self.table, self.arrays = table, arrays
-        self.shape = (len(table.ids), table.kb.dim)
+        self.shape = (len(table), table.kb.dim)
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -676,6 +831,7 @@ class _Rows:
             local = positions[at] - self.table.starts[s]
             order = np.argsort(local)
             out[at[order]] = self.arrays[s][local[order]]
+            _release(self.arrays[s], int(local[order[0]]), int(local[order[-1]]) + 1)
         return out
 
 
@@ -686,6 +842,38 @@ class _Subset(_Rows):
 
     def take(self, positions: np.ndarray) -> np.ndarray:
         return self.rows.take(self.positions[positions])
+
+
+def _pid_alive(name: str) -> bool:
+    """Whether the process whose pid ends a temp directory's name (".kb.building-1234") still runs."""
+    try:
+        os.kill(int(name.rsplit("-", 1)[1]), 0)
+    except (ValueError, IndexError, ProcessLookupError):
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _recover_swap(out: Path) -> None:
+    """A build with overwrite that was killed between its two renames left no KB at `out` and the old one
+    at .<name>.replaced-<pid>: put the old one back (only when that build is dead)."""
+    if out.exists() or not out.parent.is_dir():
+        return
+    for old in sorted(out.parent.glob(f".{out.name}.replaced-*")):
+        if (old / MANIFEST).is_file() and not _pid_alive(old.name):
+            with contextlib.suppress(OSError):
+                os.rename(old, out)
+                _fsync_dir(out.parent)
+            return
+
+
+def _remove_stale_temps(out: Path) -> None:
+    """Temp directories of killed builds of `out` (never read, but they hold a whole KB's worth of files)."""
+    for pattern in (f".{out.name}.building-*", f".{out.name}.replaced-*"):
+        for p in out.parent.glob(pattern):
+            if p.is_dir() and not _pid_alive(p.name) and (out.exists() or "building" in p.name):
+                shutil.rmtree(p, ignore_errors=True)
 
 
 def _records_table(records: list[KVRecord], start_id: int) -> pa.Table:

@@ -55,6 +55,7 @@ class TrainConfig:
     kb_layer_frequency: int = 3
     kb_heads: str = "query"
     question_input: bool = False
+    kb_scale_factor: float | None = None  # inference setting stored in the adapter (mode "cap"), not trained
     answer_loss_weight: float = 1.0
     retrieval_loss_weight: float = 1.0
     distractors_start: int = 4
@@ -177,7 +178,10 @@ def chat_text(tokenizer, question: str) -> str:
 
 
 def answer_suffix(tokenizer) -> str:
-    return "<|im_end|>" if "<|im_start|>" in (tokenizer.chat_template or "") else (tokenizer.eos_token or "")
+    """What closes a trained answer: the chat format's end-of-turn token (<|im_end|>, Gemma's <end_of_turn>)."""
+    from .llm import end_of_turn
+
+    return end_of_turn(tokenizer)
 
 
 def encode_batch(tokenizer, prompts: list[str], answers: list[str], device) -> dict:
@@ -260,16 +264,17 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
 
 # ------------------------------------------------------------------------------------------------ loop
 def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
-    from .llm import load_base_model
+    from .llm import canonical_name, load_base_model
 
     out = Path(cfg.out)
     ckpt = out / "checkpoint"
     if resume and (ckpt / "trainer_state.json").exists():
         saved = json.loads((ckpt / "trainer_state.json").read_text())
-        steps, budget, device = cfg.steps, cfg.max_minutes, cfg.device
+        steps, budget, device, scale = cfg.steps, cfg.max_minutes, cfg.device, cfg.kb_scale_factor
         cfg = TrainConfig(**saved["config"])
         cfg.steps = max(steps, cfg.steps)  # a resumed run may be extended
         cfg.max_minutes, cfg.device = budget, device
+        cfg.kb_scale_factor = scale if scale is not None else cfg.kb_scale_factor
         start = saved["step"]
     else:
         if out.exists() and any(out.iterdir()) and not resume:
@@ -286,13 +291,17 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     data = prepare_data(cfg, cache_dir() / "train")
     enc = load_encoder(cfg.encoder) if cfg.question_input else None
     model, tok = load_base_model(cfg.base_model, dtype=cfg.dtype, device=cfg.device)
+    base_name = str(Path(cfg.base_model).resolve()) if cfg.base_model and Path(cfg.base_model).is_dir() \
+        else canonical_name(cfg.base_model)
     if start:
         adapter = KBAdapter.from_pretrained(ckpt, model=model, device=cfg.device)
     else:
         adapter = KBAdapter.for_model(model, cfg.encoder, data.key_emb.shape[1],
-                                      base_model=cfg.base_model or "SmolLM2-135M-Instruct",
+                                      base_model=base_name,
                                       kb_layer_frequency=cfg.kb_layer_frequency, kb_heads=cfg.kb_heads,
                                       question_input=cfg.question_input)
+    if cfg.kb_scale_factor is not None:  # KBs larger than the training ones get KB logits += ln(s) - ln(N)
+        adapter.config.kb_scale_factor, adapter.config.kb_scale_mode = cfg.kb_scale_factor, "cap"
     adapter.config.training = {"config": asdict(cfg), "data_sha256_16": data.digest,
                                "records": len(data.records)}
     attach(model, adapter)
