@@ -493,7 +493,6 @@ def serve_cmd(kb_dir: Path = typer.Option(..., "--kb", help="KB directory."),
               refuse_below: float = typer.Option(REFUSE_BELOW, help=REFUSE_HELP)):
     """OpenAI-compatible server: /v1/chat/completions (with citations), /v1/models, /v1/kb/triples, /health.
     With ATLASKV_API_KEY set, every request needs `Authorization: Bearer <key>`."""
-    import os
 
     import uvicorn
 
@@ -531,7 +530,6 @@ def bench_scale_cmd(
     reuse: bool = typer.Option(True, "--reuse/--research", help="Decode steps reuse the prefill's selection."),
 ):
     """Peak RSS, prefill seconds and seconds per generated token vs KB size, one process per point."""
-    import os
 
     from .bench import METHODS, bench_scale, plot as plot_fn
 

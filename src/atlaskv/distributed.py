@@ -24,7 +24,6 @@ stays as it was) and removes its temporary directory.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -80,11 +79,9 @@ def _write_file(path: Path, write: Callable) -> dict:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+    from .store import _sha256
+
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
 
 
 class _EncodeSegments:
@@ -196,8 +193,8 @@ def build(sources: str | Path | Sequence[str | Path], out: str | Path, *, encode
     from .encoder import DEFAULT_ENCODER
     from .kg import _check_file, detect_format
     from .kg2kv import DIRECTIONS, RelationNouns
-    from .store import (MANIFEST, KBError, KnowledgeBase, _describe, _fsync_dir, _recover_swap,
-                        _remove_stale_temps)
+    from .store import (MANIFEST, KBError, KnowledgeBase, _describe, _recover_swap, _remove_stale_temps,
+                        _swap_into_place)
 
     ray = require_ray()
     if not isinstance(sources, (str, Path)) and not (
@@ -319,12 +316,7 @@ def build(sources: str | Path | Sequence[str | Path], out: str | Path, *, encode
         kb = KnowledgeBase(tmp, m)
         with kb._write_lock():
             kb._commit(m)  # the manifest, last: before this line the directory is not a KB
-        old = out.parent / f".{out.name}.replaced-{os.getpid()}"
-        if out.exists():
-            os.rename(out, old)
-        os.rename(tmp, out)
-        _fsync_dir(out.parent)
-        shutil.rmtree(old, ignore_errors=True)
+        _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -203,12 +203,7 @@ class KnowledgeBase:
             kb = cls.create(tmp, encoder, directions, nouns=nouns)
             kb._append(triples, nouns, batch_size, show_progress,
                        note={"op": "build", "sources": _describe(sources), **report}, index=index)
-            old = out.parent / f".{out.name}.replaced-{os.getpid()}"
-            if out.exists():
-                os.rename(out, old)
-            os.rename(tmp, out)
-            _fsync_dir(out.parent)
-            shutil.rmtree(old, ignore_errors=True)
+            _swap_into_place(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -853,6 +848,17 @@ def _pid_alive(name: str) -> bool:
     except PermissionError:  # someone else's process
         return True
     return True
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """A finished build at `tmp` becomes `out`; an old KB there is moved aside first and deleted last
+    (a kill between the two renames is undone by _recover_swap on the next open or build)."""
+    old = out.parent / f".{out.name}.replaced-{os.getpid()}"
+    if out.exists():
+        os.rename(out, old)
+    os.rename(tmp, out)
+    _fsync_dir(out.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _recover_swap(out: Path) -> None:
