@@ -164,3 +164,33 @@ def test_generate_with_pruned_kb_runs_all_routes(route, reuse):
         kept = pos[pos >= 0]
         assert len(kept) >= 4 and kept.max() < 800
         assert kb.attention[layer].shape[-1] == pos.shape[-1]
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "gemma3"])
+@pytest.mark.parametrize("per_head,kb_heads", [(False, "query"), (True, "query"), (True, "kv")])
+def test_decode_step_equals_the_two_softmax_merge(kind, per_head, kb_heads):
+    """Decode steps over a kept selection take the one-softmax path (no grad); with grad on, the same step
+    runs the two-softmax merge. Left padding, a length shift and unequal leaf counts per sample included."""
+    model = tiny_model(kind)
+    attach(model, random_adapter(model, kb_heads=kb_heads))
+    keys, values = random_kb(300)
+    ids = torch.tensor([[0, 0, 0, 5, 17, 3, 44, 8], [9, 91, 23, 12, 7, 66, 4, 2]])
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1], [1] * 8])
+    steps = torch.tensor([[31, 32, 33], [41, 42, 43]])
+    logits = {}
+    for fused in (True, False):
+        kb = KBInputs(pruned=pruned_kb(keys, values, (3, 4, 5), per_head=per_head), scale_factor=20.0,
+                      token_mask=mask.bool())
+        with torch.no_grad():
+            out = model(ids, attention_mask=mask, atlaskv_kb=kb, use_cache=True)
+        cache, m, rows = out.past_key_values, mask, []
+        for t in range(steps.shape[1]):
+            m = torch.cat([m, torch.ones(2, 1, dtype=m.dtype)], 1)
+            with torch.set_grad_enabled(not fused):
+                out = model(steps[:, t:t + 1], attention_mask=m, past_key_values=cache, atlaskv_kb=kb, use_cache=True)
+            cache = out.past_key_values
+            rows.append(out.logits[:, -1].detach())
+        if fused:
+            assert any(k[0] == "decode" for s in kb._selections.values() for k in s.cache), "fused path not taken"
+        logits[fused] = torch.stack(rows)
+    torch.testing.assert_close(logits[True], logits[False], atol=1e-5, rtol=1e-5)

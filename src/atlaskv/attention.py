@@ -57,6 +57,7 @@ class KBInputs:
     selected: dict[int, torch.Tensor] = field(default_factory=dict)  # pruned: prefill leaf positions [B, K]
     _selections: dict = field(default_factory=dict, repr=False)
     _inv_std: torch.Tensor | None = field(default=None, repr=False)
+    _question_q: dict = field(default_factory=dict, repr=False)  # per layer: the question's KB-query term
 
     def __post_init__(self):
         if self.pruned is not None:
@@ -166,11 +167,14 @@ def kb_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
     scaling = D ** -0.5 if scaling is None else scaling
     f = torch.promote_types(query.dtype, torch.float32)  # fp32 at least, whatever the model's dtype
     groups = H // key.shape[1]
+    if T == 1 and kb.pruned is not None and ("question" in kb._selections or layer in kb._selections) \
+            and kb.pruned.config.reuse and not torch.is_grad_enabled() and not _softcap(module):
+        return _decode_step(module, query, key, value, attention_mask, scaling, adapter, layer, q_kb, kb, f)
     k = key.to(f).repeat_interleave(groups, dim=1)
     v = value.to(f).repeat_interleave(groups, dim=1)
     S = k.shape[2]
     s_text = (query.to(f) @ k.transpose(-1, -2)) * scaling
-    cap = getattr(module, "attn_logit_softcapping", None) or getattr(module.config, "attn_logit_softcapping", None)
+    cap = _softcap(module)
     if cap:
         s_text = torch.tanh(s_text / cap) * cap
     s_text = s_text + _to_additive(attention_mask, T, S, query.device).to(f)
@@ -211,10 +215,7 @@ def kb_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
         k_kb = _per_query_head(k_kb.transpose(0, 1), H).transpose(0, 1)           # [Bk, H, N, D]
         s_kb = (q @ k_kb.expand(B, -1, -1, -1).transpose(-1, -2)) * scaling
     if kb.scale_factor is not None:
-        shift = math.log(kb.scale_factor) - torch.log(n_kb.to(s_kb.device))
-        if kb.scale_mode == "cap":  # only damp KBs larger than s (the sizes seen in training), never boost
-            shift = shift.clamp_max(0)
-        s_kb = s_kb + shift[:, :, None, None]
+        s_kb = s_kb + _length_shift(kb, n_kb.to(s_kb.device))[:, :, None, None]
     if valid is not None:
         s_kb = s_kb.masked_fill(~valid[:, :, None, :], float("-inf"))
 
@@ -244,6 +245,48 @@ def kb_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
             G = sel.keys.shape[1]
             kb.attention[layer] = p_rec.view(B, G, H // G, T, -1).sum(2).permute(0, 2, 1, 3).reshape(B, T, -1)
             kb.selected[layer] = sel.positions.reshape(B, -1)
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def _softcap(module: nn.Module) -> float | None:
+    return getattr(module, "attn_logit_softcapping", None) or getattr(module.config, "attn_logit_softcapping", None)
+
+
+def _length_shift(kb: KBInputs, n_kb: torch.Tensor) -> torch.Tensor:
+    """ln s - ln N added to the KB logits (N: entries the layer attends to, per sample and head group)."""
+    shift = math.log(kb.scale_factor) - torch.log(n_kb)
+    return shift.clamp_max(0) if kb.scale_mode == "cap" else shift  # "cap": only damp KBs larger than s
+
+
+def _decode_step(module, query, key, value, attention_mask, scaling, adapter, layer, q_kb, kb, f):
+    """One generated token over a pruned KB whose selection the prefill already made: the same joint
+    softmax over [KB | text] as kb_attention, as one softmax over the concatenated logits. Decoding on a
+    CPU is bound by memory traffic, so nothing is copied to query-head width: the text scores use the
+    grouped query layout against the cache's own keys, and the kept leaves' keys/values, length shift and
+    padding mask are built once per selection (the two-softmax merge cost about twice as much per step)."""
+    sel = kb._selections["question" if "question" in kb._selections else layer]
+    B, H, _, D = query.shape
+    if ("decode", layer) not in sel.cache:
+        valid = sel.valid                                                               # [B, G, n]
+        n_kb = valid.sum(-1).clamp_min(1).float() if kb.pruned.config.scale_n == "selected" \
+            else torch.full(valid.shape[:2], float(kb.size), device=valid.device)
+        bias = torch.zeros(valid.shape, dtype=f, device=valid.device)
+        if kb.scale_factor is not None:
+            bias = bias + _length_shift(kb, n_kb)[..., None].to(f)
+        bias = bias.masked_fill(~valid, float("-inf"))
+        sel.cache[("decode", layer)] = _per_query_head(bias.transpose(0, 1), H).transpose(0, 1)[:, :, None, :]
+    k_kb, v_kb = _projected(sel, adapter, layer, H, f)                                  # [B, H, n, D]
+    bias = sel.cache[("decode", layer)]                                                   # [B, H, 1, n]
+    Hk = key.shape[1]
+    g = H // Hk
+    s_kb = (q_kb.to(f) @ k_kb.transpose(-1, -2)) * scaling + bias                       # [B, H, 1, n]
+    q = query.to(f).reshape(B, Hk, g, D)                                                # heads of a group as rows
+    s_text = ((q @ key.to(f).transpose(-1, -2)) * scaling).view(B, H, 1, -1)            # [B, H, 1, S]
+    if attention_mask is not None:
+        s_text = s_text + _to_additive(attention_mask, 1, s_text.shape[-1], query.device).to(f)
+    p = torch.softmax(torch.cat([s_kb, s_text], -1), -1)
+    n = s_kb.shape[-1]
+    out = p[..., :n] @ v_kb + (p[..., n:].reshape(B, Hk, g, -1) @ value.to(f)).view(B, H, 1, D)
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
@@ -321,7 +364,9 @@ def _kb_query_hook(module, args, kwargs, *, adapter: KBAdapter, layer: int):
     if adapter.config.question_input:
         if kb.question_emb is None:
             raise ValueError("this adapter reads the question's sentence embedding: pass KBInputs(question_emb=...)")
-        q = q + adapter.question_query(kb.question_emb, layer)[:, :, None, :].to(q.dtype)
+        if layer not in kb._question_q or torch.is_grad_enabled():  # the same for every decode step
+            kb._question_q[layer] = adapter.question_query(kb.question_emb, layer)[:, :, None, :].to(q.dtype)
+        q = q + kb._question_q[layer]
     return args, {**kwargs, PREFIX + "layer": (adapter, layer, q, kb)}
 
 
