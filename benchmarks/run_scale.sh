@@ -4,7 +4,10 @@
 # (measured; those two rows are carried over from the previous scale.json with their `run` note).
 # Runs are listed oldest first; a later run's row replaces an earlier one for the same (method, size):
 # atlaskv and rag at 10^6 were measured again after KB pages were released from the process after each
-# read (store._release). Usage: bash benchmarks/run_scale.sh   (~40 min on 2 cores; KBs cached in build/bench)
+# read (store._release), and again (with rag at 10^6 in the same run) after decode steps over a kept
+# selection became one softmax (attention._decode_step).
+# Usage: bash benchmarks/run_scale.sh   (~40 min on 2 cores; KBs cached in build/bench; SKIP_DONE=1: only
+# the last two runs, reusing build/scale_small.json and scale_large.json)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -16,7 +19,7 @@ run() { flock /tmp/atlaskv-heavy.lock .venv/bin/atlaskv bench scale --time-limit
   run --sizes 1e6,1e7 --methods zeroshot,icl,rag,atlaskv --json build/scale_large.json
 }
 run --sizes 1e2,1e3,1e4,1e5,1e6,1e7 --methods zeroshot,atlaskv --json build/scale_atlaskv.json
-run --sizes 1e6 --methods rag --json build/scale_rag.json
+run --sizes 1e6 --methods rag,atlaskv --json build/scale_rag.json   # the two compared at 10^6, back to back
 .venv/bin/python - <<'PY'
 import json
 from pathlib import Path

@@ -1,6 +1,6 @@
 """The five methods side by side: prints the README's table and draws benchmarks/results/methods.png.
 
-Reads benchmarks/results/methods/<set>_<method>.json (bash benchmarks/run_methods.sh); kblam (flat)
+Reads benchmarks/results/methods/<set>_<method>[_<sizes>].json (bash benchmarks/run_methods.sh); kblam (flat)
 rows come from the committed grounding_<set>_flat.json runs (same seed, questions and KBs).
     .venv/bin/python benchmarks/summarize_methods.py
 """
@@ -13,8 +13,13 @@ METHODS = ("atlaskv", "kblam", "rag", "icl", "zeroshot")
 
 
 def load(set_key: str, method: str) -> list[dict]:
-    f = R / (f"grounding_{set_key}_flat.json" if method == "kblam" else f"methods/{set_key}_{method}.json")
-    return json.loads(f.read_text())["results"] if f.is_file() else []
+    """Rows of every run of this set and method: <set>_<method>.json and extra sizes run separately
+    (<set>_<method>_<sizes>.json, e.g. atlaskv at 10 entries)."""
+    if method == "kblam":
+        files = [R / f"grounding_{set_key}_flat.json"]
+    else:
+        files = [R / f"methods/{set_key}_{method}.json", *sorted((R / "methods").glob(f"{set_key}_{method}_*.json"))]
+    return [r for f in files if f.is_file() for r in json.loads(f.read_text())["results"]]
 
 
 def cell(v) -> str:

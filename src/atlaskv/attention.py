@@ -16,6 +16,7 @@ all in fp32 whatever the model dtype. Keys and values stay in base-embedding spa
 (W_l e + b_l) * r(e) (LayerNorm, r = 1/std over the full vector),
     q . key_l(e) = ((q W_l) . e + q . b_l) * r(e)          and     sum_m p_m value_l(e_m) = W_l^v (p E) + b^v sum_m p_m
 so a layer scores N entries with d_in-dim dot products and never builds [N, heads, head_dim] tensors.
+Pruned KBs project only the kept leaves, once per selection; decode steps then reuse them (_decode_step).
 """
 from __future__ import annotations
 
@@ -168,7 +169,8 @@ def kb_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
     f = torch.promote_types(query.dtype, torch.float32)  # fp32 at least, whatever the model's dtype
     groups = H // key.shape[1]
     if T == 1 and kb.pruned is not None and ("question" in kb._selections or layer in kb._selections) \
-            and kb.pruned.config.reuse and not torch.is_grad_enabled() and not _softcap(module):
+            and kb.pruned.config.reuse and not torch.is_grad_enabled() and not _softcap(module) \
+            and not (kb.record and layer not in kb.attention):  # a one-token prefill still records
         return _decode_step(module, query, key, value, attention_mask, scaling, adapter, layer, q_kb, kb, f)
     k = key.to(f).repeat_interleave(groups, dim=1)
     v = value.to(f).repeat_interleave(groups, dim=1)
