@@ -41,7 +41,10 @@ def main() -> None:
             cells = []
             for m in METHODS:
                 r = rows[m].get(size)
-                if r is None:
+                longest = [s for s, x in rows[m].items() if x.get("status") == "too_long" and s < size]
+                if r is None and longest:  # a bigger KB than one that already overflowed the window
+                    cells.append("too_long")
+                elif r is None:
                     cells.append("")
                 elif r.get("status", "ok") != "ok":
                     cells.append(r["status"])
