@@ -92,3 +92,26 @@ def test_icl_beyond_the_context_window_is_reported(tiny_set, trained_model, enco
     small, big = res["results"]
     assert small["status"] == "ok" and big["status"] == "too_long"
     assert big["prompt_tokens"] > 120 and big["answer_em"] is None
+
+
+def test_bench_scale_interleaved_rounds_report_medians(tiny_set, tmp_path):
+    """`atlaskv bench scale` end to end (a fresh process per point, the real model): two interleaved rounds,
+    rows carry both rounds' times and their median; a KB past the 20 real facts is filled synthetically."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "scale.json"
+    r = subprocess.run([sys.executable, "-m", "atlaskv.cli", "bench", "scale", "--sizes", "40", "--methods",
+                        "zeroshot,atlaskv", "--rounds", "2", "--new-tokens", "3", "--pool", str(tiny_set),
+                        "--work-dir", str(tmp_path / "kbs"), "--top-k", "2,2,2", "--json", str(out)],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["rounds"] == 2 and [(x["method"], x["kb_size"]) for x in res["results"]] == [("zeroshot", 40),
+                                                                                           ("atlaskv", 40)]
+    for row in res["results"]:
+        assert row["status"] == "ok" and row["new_tokens"] == 3
+        times = row["decode_s_per_token_rounds"]
+        assert len(times) == 2 and row["decode_s_per_token"] == round(float(np.median(times)), 4)
+        assert row["peak_rss_mb"] > 300
+    assert res["results"][1]["synthetic"] is True

@@ -528,6 +528,9 @@ def bench_scale_cmd(
     top_k: str = typer.Option("128,64,64", "--top-k", help=TOP_K_HELP),
     route: str = typer.Option("both", help=ROUTE_HELP),
     reuse: bool = typer.Option(True, "--reuse/--research", help="Decode steps reuse the prefill's selection."),
+    new_tokens: int = typer.Option(8, min=1, help="Tokens generated per timed run (two timed runs per process)."),
+    rounds: int = typer.Option(1, min=1, help="Measure every method this many times, interleaved; rows report "
+                                              "the median (and each round's times)."),
 ):
     """Peak RSS, prefill seconds and seconds per generated token vs KB size, one process per point."""
 
@@ -540,7 +543,8 @@ def bench_scale_cmd(
     cfg = prune_options(top_k, route, False, reuse, "selected")
     prune_args = {"top_k": list(cfg.top_k), "route": cfg.route, "reuse": cfg.reuse}
     res = _run(lambda: bench_scale([int(float(x)) for x in sizes.split(",")], ms, work_dir, pool, mem_limit_mb,
-                                   time_limit_s, prune_args, log=lambda m: typer.echo(m, err=True)))
+                                   time_limit_s, prune_args, log=lambda m: typer.echo(m, err=True),
+                                   new_tokens=new_tokens, rounds=rounds))
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(res, indent=1) + "\n")
     if plot:
