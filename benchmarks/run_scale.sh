@@ -18,7 +18,7 @@ run() { flock /tmp/atlaskv-heavy.lock .venv/bin/atlaskv bench scale --time-limit
   run --sizes 1e2,1e3,1e4,1e5 --methods zeroshot,icl,rag,kblam,atlaskv --json build/scale_small.json
   run --sizes 1e6,1e7 --methods zeroshot,icl,rag,atlaskv --json build/scale_large.json
 }
-run --sizes 1e2,1e3,1e4,1e5,1e6,1e7 --methods zeroshot,atlaskv --json build/scale_atlaskv.json
+run --sizes 1e2,1e3,1e4,1e5,1e6,1e7 --methods zeroshot,atlaskv --rounds 3 --new-tokens 16 --json build/scale_atlaskv.json
 run --sizes 1e6 --methods zeroshot,rag,atlaskv --rounds 3 --new-tokens 16 --json build/scale_rag.json   # compared at 10^6: 3 interleaved rounds, medians
 .venv/bin/python - <<'PY'
 import json
