@@ -171,7 +171,7 @@ def kb_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
     if T == 1 and kb.pruned is not None and ("question" in kb._selections or layer in kb._selections) \
             and kb.pruned.config.reuse and not torch.is_grad_enabled() and not _softcap(module) \
             and not (kb.record and layer not in kb.attention):  # a one-token prefill still records
-        return _decode_step(module, query, key, value, attention_mask, scaling, adapter, layer, q_kb, kb, f)
+        return _decode_step(query, key, value, attention_mask, scaling, adapter, layer, q_kb, kb, f)
     k = key.to(f).repeat_interleave(groups, dim=1)
     v = value.to(f).repeat_interleave(groups, dim=1)
     S = k.shape[2]
@@ -260,7 +260,7 @@ def _length_shift(kb: KBInputs, n_kb: torch.Tensor) -> torch.Tensor:
     return shift.clamp_max(0) if kb.scale_mode == "cap" else shift  # "cap": only damp KBs larger than s
 
 
-def _decode_step(module, query, key, value, attention_mask, scaling, adapter, layer, q_kb, kb, f):
+def _decode_step(query, key, value, attention_mask, scaling, adapter, layer, q_kb, kb, f):
     """One generated token over a pruned KB whose selection the prefill already made: the same joint
     softmax over [KB | text] as kb_attention, as one softmax over the concatenated logits. Decoding on a
     CPU is bound by memory traffic, so nothing is copied to query-head width: the text scores use the

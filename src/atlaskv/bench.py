@@ -232,8 +232,10 @@ def bench_scale(sizes: list[int], methods: list[str], work_dir: Path, pool_set: 
 def _median_round(runs: list[dict]) -> dict:
     """One row from a method's rounds: median times, the highest peak RSS, and each round's times."""
     ok = [r for r in runs if r["status"] == "ok"]
-    if len(runs) == 1 or len(ok) < len(runs):
-        return runs[-1] if len(ok) < len(runs) else runs[0]
+    if len(ok) < len(runs):  # a round that failed (oom, too_slow, too_long, error) is the row
+        return runs[-1]
+    if len(runs) == 1:
+        return runs[0]
     row = dict(ok[0])
     for k in ("prefill_s", "decode_s_per_token"):
         row[k] = round(float(np.median([r[k] for r in ok])), 4)
