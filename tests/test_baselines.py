@@ -115,3 +115,22 @@ def test_bench_scale_interleaved_rounds_report_medians(tiny_set, tmp_path):
         assert len(times) == 2 and row["decode_s_per_token"] == round(float(np.median(times)), 4)
         assert row["peak_rss_mb"] > 300
     assert res["results"][1]["synthetic"] is True
+
+
+def test_refusal_rule_scoring_bounds(tiny_set, trained_model, encoder):
+    """--refuse-below: threshold 0 refuses nothing (scores equal the raw ones), an infinite one refuses
+    every answer (nothing counts as right), and a real one lies in between."""
+    from atlaskv.evaluate import eval_grounding
+
+    kw = dict(n_questions=6, answer_questions=4, max_new_tokens=12, progress=False)
+    rows = {t: eval_grounding(tiny_set, [20], trained_model, encoder, refuse_below=t, **kw)["results"][0]
+            for t in (0.0, 3.23, float("inf"))}
+    r0, r, rinf = rows[0.0], rows[3.23], rows[float("inf")]
+    assert r0["refused_with_gold"] == 0 and r0["refused_without_gold"] == 0
+    assert r0["answer_em_with_refusal"] == r0["answer_em"]
+    assert r0["answer_em_without_gold_with_refusal"] == r0["answer_em_without_gold"]
+    assert rinf["refused_with_gold"] == 1 and rinf["refused_without_gold"] == 1
+    assert rinf["answer_em_with_refusal"] == 0 and rinf["answer_em_without_gold_with_refusal"] == 0
+    assert r["answer_em"] == r0["answer_em"]  # the rule never changes the generated text
+    assert 0 <= r["answer_em_with_refusal"] <= r["answer_em"]
+    assert 0 <= r["refused_without_gold"] <= 1

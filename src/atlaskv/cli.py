@@ -292,6 +292,10 @@ def eval_grounding_cmd(
     no_answers: bool = typer.Option(False, "--no-answers", help="Grounding accuracy only (no generation)."),
     synthetic_fill: bool = typer.Option(False, "--synthetic-fill", help="atlaskv/kblam: reach sizes past the set's "
                                         "pool with synthetic distractors (real embeddings + noise; counted per row)."),
+    refuse_below: Optional[float] = typer.Option(
+        None, help="atlaskv/kblam: also score answers with the refusal rule of ask/serve (an answer whose top cited "
+                   "fact is under this multiple of the second's becomes \"I don't know.\"; the default rule is "
+                   f"{REFUSE_BELOW}): adds *_with_refusal and refused_* fields."),
     json_out: Path = typer.Option(..., "--json", help="Where to write the results JSON."),
 ):
     """ACC@1/ACC@5 (KB attention, or the retriever for rag), pruning recall, answer exact-match with and without the gold fact."""
@@ -314,6 +318,8 @@ def eval_grounding_cmd(
 
         if no_answers and method != "rag":
             _fail(f"--method {method} measures answers only; drop --no-answers")
+        if refuse_below is not None:
+            _fail("--refuse-below scores atlaskv / kblam answers by their KB attention; the text methods have none")
         scorer = openai_judge(judge, judge_model, os.environ.get("ATLASKV_JUDGE_KEY")) if judge else None
         res = _run(lambda: eval_text_method(set_dir, size_list, akv, enc, method, questions, distractors, seed,
                                             batch_size, 0 if no_answers else answer_questions, top_k=rag_top_k,
@@ -323,7 +329,8 @@ def eval_grounding_cmd(
             _fail("--judge scores generated answers of the text methods (rag, icl, zeroshot) in this version")
         res = _run(lambda: eval_grounding(set_dir, size_list, akv, enc, questions, distractors, seed, batch_size,
                                           not no_answers, answer_questions, scale_factor=scale_factor,
-                                          scale_mode=scale_mode, prune=prune, synthetic_fill=synthetic_fill))
+                                          scale_mode=scale_mode, prune=prune, synthetic_fill=synthetic_fill,
+                                          refuse_below=refuse_below))
         res["method"] = method
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(res, indent=1) + "\n")
@@ -333,6 +340,10 @@ def eval_grounding_cmd(
         status = f"  [{r['status']}]" if r.get("status", "ok") != "ok" else ""
         typer.echo(f"N={r['kb_size']:>6}  acc1 {fmt(r['acc1'])}  acc5 {fmt(r['acc5'])}{rec}  answer_em "
                    f"{fmt(r['answer_em'])}  without gold {fmt(r['answer_em_without_gold'])}  ({r['seconds']} s){status}")
+        if "answer_em_with_refusal" in r:
+            typer.echo(f"        with refusal below {refuse_below}: answer_em {fmt(r['answer_em_with_refusal'])}  "
+                       f"without gold {fmt(r['answer_em_without_gold_with_refusal'])}  refused "
+                       f"{fmt(r['refused_with_gold'])} / {fmt(r['refused_without_gold'])}")
 
 
 @app.command("ask")

@@ -168,12 +168,17 @@ def eval_grounding(set_dir: str | Path, sizes: list[int], akv, encoder, n_questi
                    distractors: str = "random", seed: int = 0, batch_size: int = 16, answers: bool = True,
                    answer_questions: int | None = None, max_new_tokens: int = 32,
                    scale_factor: float | None = None, scale_mode: str | None = None,
-                   prune: PruneConfig | None = None, progress: bool = True, synthetic_fill: bool = False) -> dict:
+                   prune: PruneConfig | None = None, progress: bool = True, synthetic_fill: bool = False,
+                   refuse_below: float | None = None) -> dict:
     """`prune`: HiKVP over a tree built for each KB (its build time is reported as index_seconds).
-    `synthetic_fill`: sizes past the set's pool are reached with synthetic distractors (reported per row)."""
+    `synthetic_fill`: sizes past the set's pool are reached with synthetic distractors (reported per row).
+    `refuse_below`: also score the answers as `ask` / `serve` give them, with the refusal rule on: an answer
+    whose top-cited fact's weight is under this multiple of the second's (Answer.support) becomes
+    "I don't know." and counts as wrong (extra fields `*_with_refusal`, `refused*`)."""
     from tqdm.auto import tqdm
 
     from .index import build_hierarchy
+    from .model import support_of
 
     pool = real = load_pool(set_dir, encoder)
     if synthetic_fill and max(sizes) > len(pool.triples):
@@ -188,6 +193,7 @@ def eval_grounding(set_dir: str | Path, sizes: list[int], akv, encoder, n_questi
         size = min(size, len(pool.triples))
         t0 = time.time()
         hits1 = hits5 = n = em = em_prior = n_em = kept = 0
+        em_r = em_prior_r = refused = refused_prior = 0  # with the refusal rule (refuse_below)
         index_s = 0.0
         layer_hits = np.zeros(len(kb_layers))
         chunks = list(kb_chunks(pool, qidx, size, distractors, np.random.default_rng([seed, size])))
@@ -218,21 +224,34 @@ def eval_grounding(set_dir: str | Path, sizes: list[int], akv, encoder, n_questi
                 n += len(bq)
                 if want_answers:
                     take = min(len(bq), n_ans - asked)
-                    em += sum(contains_answer(t, q.tail) for t, q in zip(texts[:take], bq[:take]))
+                    right = [contains_answer(t, q.tail) for t, q in zip(texts[:take], bq[:take])]
+                    em += sum(right)
+                    if refuse_below is not None:
+                        kept_ = [support_of(w) >= refuse_below for _, w in kb.summed_attention(mask)[:take]]
+                        em_r += sum(r and k for r, k in zip(right, kept_))
+                        refused += take - sum(kept_)
                     keep = np.ones(len(rows), dtype=bool)
                     keep[gold.cpu().numpy()] = False  # the batch's own facts removed: what the model knows without them
                     sub_q = qemb[:take] if qemb is not None else None
+                    rec = refuse_below is not None
+                    kb_p = None
                     if not keep.any():
                         pt = [akv.generate(q, None, max_new_tokens=max_new_tokens) for q in qtexts[:take]]
                     elif prune is not None:  # the same tree with the gold leaves tombstoned
                         without = PrunedKB(tree, source.keys, source.values, live=keep, config=prune, device=akv.device)
-                        pt, _, _ = ask_batch(akv, qtexts[:take], without, max_new_tokens, False, scale_factor, sub_q,
-                                             scale_mode)
+                        pt, kb_p, mask_p = ask_batch(akv, qtexts[:take], without, max_new_tokens, rec, scale_factor,
+                                                     sub_q, scale_mode)
                     else:
                         k = torch.from_numpy(keep).to(akv.device)
-                        pt, _, _ = ask_batch(akv, qtexts[:take], (source[0][k], source[1][k]), max_new_tokens, False,
-                                             scale_factor, sub_q, scale_mode)
-                    em_prior += sum(contains_answer(t, q.tail) for t, q in zip(pt, bq[:take]))
+                        pt, kb_p, mask_p = ask_batch(akv, qtexts[:take], (source[0][k], source[1][k]), max_new_tokens,
+                                                     rec, scale_factor, sub_q, scale_mode)
+                    right = [contains_answer(t, q.tail) for t, q in zip(pt, bq[:take])]
+                    em_prior += sum(right)
+                    if rec:  # an empty KB backs nothing: refused
+                        kept_ = [False] * take if kb_p is None else \
+                            [support_of(w) >= refuse_below for _, w in kb_p.summed_attention(mask_p)]
+                        em_prior_r += sum(r and k for r, k in zip(right, kept_))
+                        refused_prior += take - sum(kept_)
                     n_em += take
                     asked += take
                 bar.update(len(bq))
@@ -243,6 +262,9 @@ def eval_grounding(set_dir: str | Path, sizes: list[int], akv, encoder, n_questi
             "answer_em": em / n_em if n_em else None,
             "answer_em_without_gold": em_prior / n_em if n_em else None,
             "n_answer_questions": n_em,
+            **({"answer_em_with_refusal": em_r / n_em, "answer_em_without_gold_with_refusal": em_prior_r / n_em,
+                "refused_with_gold": refused / n_em, "refused_without_gold": refused_prior / n_em}
+               if refuse_below is not None and n_em else {}),
             "acc1_by_layer": {str(l): float(h) / n for l, h in zip(kb_layers, layer_hits)},
             "seconds": round(time.time() - t0, 1),
             **({"index_seconds": round(index_s, 2)} if prune is not None else {}),
@@ -254,6 +276,8 @@ def eval_grounding(set_dir: str | Path, sizes: list[int], akv, encoder, n_questi
            "scale_factor": None if mode == "none" else (scale_factor if scale_factor is not None
                                                         else cfg.kb_scale_factor),
            "scale_mode": mode, "results": results}
+    if refuse_below is not None:
+        out["refuse_below"] = refuse_below
     if prune is not None:
         out["prune"] = {"top_k": list(prune.top_k), "route": prune.route, "per_head": prune.per_head,
                         "reuse": prune.reuse, "scale_n": prune.scale_n}

@@ -38,6 +38,14 @@ REFUSAL = "I don't know."  # what the adapter's refusal samples answer (train.RE
 REFUSE_BELOW = 3.23         # top_ratio threshold calibrated on fb15k with a KB of 5,887 facts (flat)
 
 
+def support_of(weights) -> float:
+    """Weights of the cited facts, most attended first -> the first's over the second's (inf for a lone
+    fact, 0 for none): the refusal rule's signal (Answer.support, eval grounding --refuse-below)."""
+    if len(weights) < 2:
+        return float("inf") if len(weights) else 0.0
+    return float(weights[0]) / max(float(weights[1]), 1e-12)
+
+
 @dataclass
 class Answer:
     text: str
@@ -50,9 +58,7 @@ class Answer:
     @property
     def support(self) -> float:
         """How far the most-cited fact stands out: its weight over the second-cited one's."""
-        if len(self.citations) < 2:
-            return float("inf") if self.citations else 0.0
-        return self.citations[0][1] / max(self.citations[1][1], 1e-12)
+        return support_of([w for _, w in self.citations])
 
     def or_refusal(self, min_support: float = REFUSE_BELOW) -> "Answer":
         """This answer, or REFUSAL (citations kept) when no fact in the KB stands out. The adapter alone
