@@ -10,7 +10,6 @@ from __future__ import annotations
 import codecs
 import contextlib
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -18,16 +17,15 @@ import signal
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from atlaskv import encoder as encoder_mod
 from atlaskv.kg import MAX_FIELD_CHARS, FORMATS, KGFormatError, Triple, read_eval_set, read_triples, write_triples
 from atlaskv.store import KBError, KnowledgeBase
+from hash_encoder import HashEncoder
 
 READ_TIMEOUT_S = 20  # generous on a loaded 2-core machine; the slowest case here takes well under 1 s
 # CI: 120 fixed examples per property. ATLASKV_FUZZ_EXAMPLES=N runs N fresh random ones (RELIABILITY.md)
@@ -54,18 +52,6 @@ def time_limit(seconds: int = READ_TIMEOUT_S):
         signal.signal(signal.SIGALRM, old)
 
 
-class HashEncoder:
-    """Deterministic 16-d 'embeddings' from a hash: enough for the store, no model to load."""
-    name, dim = "fuzz-hash-16", 16
-
-    def encode(self, texts, batch_size=256, show_progress=None):
-        out = np.zeros((len(texts), self.dim), np.float32)
-        for i, t in enumerate(texts):
-            out[i] = np.frombuffer(hashlib.sha256(t.encode("utf-8")).digest()[:16], np.uint8) / 255.0
-        return out
-
-
-encoder_mod._CACHE[HashEncoder.name] = HashEncoder()  # so a reopened KB finds it by name
 
 
 def clean(t: Triple) -> bool:

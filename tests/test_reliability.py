@@ -6,7 +6,6 @@ KBs here are built with a deterministic hash 'encoder', so no sentence model is 
 kill test (which runs the real CLI in subprocesses)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -18,24 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from atlaskv import encoder as encoder_mod
 from atlaskv.kg import Triple
 from atlaskv.store import KBError, KnowledgeBase
+from hash_encoder import HashEncoder
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-class HashEncoder:
-    name, dim = "reliability-hash-16", 16
-
-    def encode(self, texts, batch_size=256, show_progress=None):
-        out = np.zeros((len(texts), self.dim), np.float32)
-        for i, t in enumerate(texts):
-            out[i] = np.frombuffer(hashlib.sha256(t.encode("utf-8")).digest()[:16], np.uint8) / 255.0
-        return out
-
-
-encoder_mod._CACHE[HashEncoder.name] = HashEncoder()
 FACTS = [Triple(f"person {i}", "place of birth", f"city {i % 7}") for i in range(40)]
 
 

@@ -153,15 +153,8 @@ def kb_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
     kwargs.pop(PREFIX + "kb", None)
     layer_ctx = kwargs.pop(PREFIX + "layer", None)
     if layer_ctx is None:  # no KB here: the stock implementation, bit for bit
-        import sys
-
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-        from transformers.models.llama.modeling_llama import eager_attention_forward
-
-        # eager is each family's own function (Gemma's applies its logit soft-capping), llama's otherwise
-        own = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
-        fn = (own or eager_attention_forward) if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
-        return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        return _base_attention(type(module), base)(module, query, key, value, attention_mask, scaling=scaling,
+                                                   dropout=dropout, **kwargs)
 
     adapter, layer, q_kb, kb = layer_ctx
     B, H, T, D = query.shape
@@ -248,6 +241,21 @@ def kb_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
             kb.attention[layer] = p_rec.view(B, G, H // G, T, -1).sum(2).permute(0, 2, 1, 3).reshape(B, T, -1)
             kb.selected[layer] = sel.positions.reshape(B, -1)
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+@functools.cache
+def _base_attention(module_type: type, base: str):
+    """The stock attention function a layer without KB runs (looked up once per class: every layer of every
+    decode step passes here). Eager is each family's own function (Gemma's applies its logit
+    soft-capping), llama's otherwise."""
+    import sys
+
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    if base != "eager":
+        return ALL_ATTENTION_FUNCTIONS[base]
+    return getattr(sys.modules.get(module_type.__module__), "eager_attention_forward", None) or eager_attention_forward
 
 
 def _softcap(module: nn.Module) -> float | None:

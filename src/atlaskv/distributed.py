@@ -193,8 +193,8 @@ def build(sources: str | Path | Sequence[str | Path], out: str | Path, *, encode
     from .encoder import DEFAULT_ENCODER
     from .kg import _check_file, detect_format
     from .kg2kv import DIRECTIONS, RelationNouns
-    from .store import (MANIFEST, KBError, KnowledgeBase, _describe, _recover_swap, _remove_stale_temps,
-                        _swap_into_place)
+    from .store import (KBError, KnowledgeBase, _check_build_target, _describe, _recover_swap,
+                        _remove_stale_temps, _swap_into_place)
 
     ray = require_ray()
     if not isinstance(sources, (str, Path)) and not (
@@ -205,12 +205,7 @@ def build(sources: str | Path | Sequence[str | Path], out: str | Path, *, encode
     if segment_rows < 1 or batch_size < 1:
         raise KBError("segment_rows and batch_size must be positive")
     paths = [str(p) for p in ([sources] if isinstance(sources, (str, Path)) else sources)]
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not overwrite:
-            raise KBError(f"{out}: exists and is not empty (use overwrite=True / --overwrite)")
-        if not (out / MANIFEST).is_file():
-            raise KBError(f"{out}: refusing to overwrite a directory that is not a KB")
+    out = _check_build_target(out, overwrite)
     fmts = []
     for p in paths:  # every file checked before any work is sent out, as the local reader does
         _check_file(p)

@@ -182,12 +182,7 @@ class KnowledgeBase:
             raise KBError(f"engine must be 'local' or 'ray', got {engine!r}")
         if address is not None or ray_options:
             raise KBError(f"address / {sorted(ray_options) or 'options'} apply to engine='ray' only")
-        out = Path(out)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            if not overwrite:
-                raise KBError(f"{out}: exists and is not empty (use overwrite=True / --overwrite)")
-            if not (out / MANIFEST).is_file():
-                raise KBError(f"{out}: refusing to overwrite a directory that is not a KB")
+        out = _check_build_target(out, overwrite)
         triples, report = _gather(sources, format, skip_bad)
         if not triples:
             raise KBError(f"no triples to build a KB from ({_describe(sources)})")
@@ -765,6 +760,17 @@ class EmbeddingTable:
                     r = int(p - lo - bounds[g])
                     out[int(p)] = Triple(cols[0][r], cols[1][r], cols[2][r])
         return [out[int(p)] for p in positions]
+
+
+def _check_build_target(out: str | Path, overwrite: bool) -> Path:
+    """A build may write to `out` only if it is absent, empty, or (with overwrite) an existing KB."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise KBError(f"{out}: exists and is not empty (use overwrite=True / --overwrite)")
+        if not (out / MANIFEST).is_file():
+            raise KBError(f"{out}: refusing to overwrite a directory that is not a KB")
+    return out
 
 
 def _id_range(records: Path) -> tuple[int, int]:
