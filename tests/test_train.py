@@ -112,3 +112,32 @@ def test_resume_continues_the_same_run(tmp_path, small_data, monkeypatch):
     assert (tmp_path / "full" / "loss_curve.png").stat().st_size > 0
     with pytest.raises(FileExistsError, match="--resume"):
         train(TrainConfig(out=str(tmp_path / "full"), steps=6, **kw), log=lambda m: None)
+
+
+def test_init_adapter_fine_tunes_from_its_weights_and_layout(tmp_path, small_data, monkeypatch):
+    monkeypatch.setenv("ATLASKV_CACHE", str(tmp_path / "cache"))
+    base = _tiny_model_dir(tmp_path)
+    kw = dict(data=[str(small_data)], base_model=base, batch_size=4, eval_every=0, threads=1)
+    first = train(TrainConfig(out=str(tmp_path / "first"), steps=2, kb_layer_frequency=2, question_input=True,
+                              kb_scale_factor=300.0, **kw), log=lambda m: None)
+    # the layout options given here are overridden by the starting adapter's
+    tuned = train(TrainConfig(out=str(tmp_path / "tuned"), steps=0, init_adapter=str(first), kb_layer_frequency=1,
+                              question_input=False, **kw), log=lambda m: None)
+    from safetensors.torch import load_file
+
+    a, b = load_file(first / "adapter.safetensors"), load_file(tuned / "adapter.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:  # zero steps: the fine-tune starts exactly at the given weights
+        assert torch.equal(a[k], b[k]), k
+    cfg = json.loads((tuned / "adapter_config.json").read_text())
+    assert cfg["kb_layer_frequency"] == 2 and cfg["question_input"] is True and cfg["kb_scale_factor"] == 300.0
+    assert cfg["training"]["init_from"]["path"] == str(first)
+    assert cfg["training"]["init_from"]["config"]["steps"] == 2
+    assert cfg["training"]["config"]["init_adapter"] == str(first)
+    # and it moves from there when trained
+    moved = train(TrainConfig(out=str(tmp_path / "moved"), steps=2, init_adapter=str(first), **kw), log=lambda m: None)
+    c = load_file(moved / "adapter.safetensors")
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    with pytest.raises(Exception, match="adapter_config.json"):
+        train(TrainConfig(out=str(tmp_path / "bad"), steps=1, init_adapter=str(tmp_path / "nowhere"), **kw),
+              log=lambda m: None)

@@ -230,6 +230,9 @@ def train_cmd(
     eval_every: int = typer.Option(50, help="Validation ACC@1 (KB of 100) every n steps; 0 = never."),
     distractors_every: int = typer.Option(100, help="Curriculum: 4 more random distractors every n steps."),
     max_minutes: Optional[float] = typer.Option(None, help="Stop cleanly after this long (then --resume)."),
+    init_adapter: Optional[str] = typer.Option(
+        None, help="Fine-tune: start from this adapter folder's weights ('default': the shipped adapter); its "
+                   "encoder, KB layers, KB heads and question input replace those options."),
 ):
     """Train a KB adapter on triples (frozen LLM and encoder); checkpoints, resumable."""
     from .train import TrainConfig, train
@@ -241,7 +244,8 @@ def train_cmd(
                       retrieval_loss_weight=retrieval_loss_weight, refusal_rate=refusal_rate,
                       distractors_max=distractors_max, shuffle_values=shuffle_values, device=device,
                       dtype=dtype, seed=seed, threads=threads, checkpoint_every=checkpoint_every,
-                      eval_every=eval_every, distractors_every=distractors_every, max_minutes=max_minutes)
+                      eval_every=eval_every, distractors_every=distractors_every, max_minutes=max_minutes,
+                      init_adapter=init_adapter)
     path = _run(lambda: train(cfg, resume=resume, log=lambda m: typer.echo(m, err=True)))
     typer.echo(f"adapter saved to {path}")
 

@@ -73,6 +73,7 @@ class TrainConfig:
     eval_every: int = 50
     threads: int | None = None
     max_minutes: float | None = None  # stop cleanly (checkpoint + adapter) after this long; --resume goes on
+    init_adapter: str | None = None  # fine-tune: start from this adapter's weights ("default": the shipped one)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -281,6 +282,14 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
             if (ckpt / "trainer_state.json").exists():
                 raise FileExistsError(f"{out} holds a training run: pass --resume to continue it, or another --out")
         start = 0
+    init = None
+    if cfg.init_adapter and not start:  # the starting adapter fixes the layout; these options follow it
+        from .model import default_adapter_dir
+
+        init = default_adapter_dir() if cfg.init_adapter == "default" else Path(cfg.init_adapter)
+        ic = KBAdapter.from_pretrained(init).config
+        cfg.encoder, cfg.kb_layer_frequency, cfg.kb_heads, cfg.question_input = (
+            ic.encoder, ic.kb_layer_frequency, ic.kb_heads, ic.question_input)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -295,6 +304,9 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         else canonical_name(cfg.base_model)
     if start:
         adapter = KBAdapter.from_pretrained(ckpt, model=model, device=cfg.device)
+    elif init is not None:
+        adapter = KBAdapter.from_pretrained(init, model=model, encoder=cfg.encoder, device=cfg.device)
+        cfg.kb_scale_factor = cfg.kb_scale_factor if cfg.kb_scale_factor is not None else adapter.config.kb_scale_factor
     else:
         adapter = KBAdapter.for_model(model, cfg.encoder, data.key_emb.shape[1],
                                       base_model=base_name,
@@ -302,8 +314,10 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
                                       question_input=cfg.question_input)
     if cfg.kb_scale_factor is not None:  # KBs larger than the training ones get KB logits += ln(s) - ln(N)
         adapter.config.kb_scale_factor, adapter.config.kb_scale_mode = cfg.kb_scale_factor, "cap"
-    adapter.config.training = {"config": asdict(cfg), "data_sha256_16": data.digest,
-                               "records": len(data.records)}
+    if init is not None:  # provenance: what the fine-tune started from
+        adapter.config.training = {"init_from": {"path": str(cfg.init_adapter), **adapter.config.training}}
+    adapter.config.training = {**{k: v for k, v in adapter.config.training.items() if k == "init_from"},
+                               "config": asdict(cfg), "data_sha256_16": data.digest, "records": len(data.records)}
     attach(model, adapter)
     adapter.train()
     params = [p for p in adapter.parameters() if p.requires_grad]
