@@ -134,3 +134,6 @@ def test_refusal_rule_scoring_bounds(tiny_set, trained_model, encoder):
     assert r["answer_em"] == r0["answer_em"]  # the rule never changes the generated text
     assert 0 <= r["answer_em_with_refusal"] <= r["answer_em"]
     assert 0 <= r["refused_without_gold"] <= 1
+    for row in rows.values():  # the model's own refusals are read from the text: the same under any rule
+        assert row["own_refusals_with_gold"] == r0["own_refusals_with_gold"]
+        assert 0 <= row["own_refusals_without_gold"] <= 1

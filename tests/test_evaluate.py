@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from atlaskv.evaluate import contains_answer, kb_chunks, load_pool
+from atlaskv.evaluate import contains_answer, kb_chunks, load_pool, says_refusal
 
 
 @pytest.mark.parametrize("answer, gold, ok", [
@@ -12,6 +12,12 @@ from atlaskv.evaluate import contains_answer, kb_chunks, load_pool
     ("Ottawan", "Ottawa", False), ("It is Washington, D.C..", "Washington, D.C.", True), ("", "x", False)])
 def test_contains_answer(answer, gold, ok):
     assert contains_answer(answer, gold) is ok
+
+
+@pytest.mark.parametrize("answer, ok", [("I don't know.", True), ("i DON'T know", True), ("I know.", False),
+                                        ("Ottawa", False), ("Sorry, I don't know. Maybe Ottawa?", True)])
+def test_says_refusal(answer, ok):
+    assert says_refusal(answer) is ok
 
 
 @pytest.fixture(scope="module")

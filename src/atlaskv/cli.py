@@ -344,6 +344,9 @@ def eval_grounding_cmd(
         status = f"  [{r['status']}]" if r.get("status", "ok") != "ok" else ""
         typer.echo(f"N={r['kb_size']:>6}  acc1 {fmt(r['acc1'])}  acc5 {fmt(r['acc5'])}{rec}  answer_em "
                    f"{fmt(r['answer_em'])}  without gold {fmt(r['answer_em_without_gold'])}  ({r['seconds']} s){status}")
+        if r.get("own_refusals_with_gold") is not None:
+            typer.echo(f"        the model's own \"I don't know.\": {fmt(r['own_refusals_with_gold'])} with gold / "
+                       f"{fmt(r['own_refusals_without_gold'])} without")
         if "answer_em_with_refusal" in r:
             typer.echo(f"        with refusal below {refuse_below}: answer_em {fmt(r['answer_em_with_refusal'])}  "
                        f"without gold {fmt(r['answer_em_without_gold_with_refusal'])}  refused "

@@ -36,6 +36,13 @@ def contains_answer(answer: str, gold: str) -> bool:
     return bool(g) and f" {g} " in f" {normalize(answer)} "
 
 
+def says_refusal(answer: str) -> bool:
+    """The model's own trained refusal ("I don't know.") in a greedy answer."""
+    from .train import REFUSAL
+
+    return contains_answer(answer, REFUSAL)
+
+
 @dataclass
 class EvalPool:
     triples: list[Triple]
@@ -194,6 +201,7 @@ def eval_grounding(set_dir: str | Path, sizes: list[int], akv, encoder, n_questi
         t0 = time.time()
         hits1 = hits5 = n = em = em_prior = n_em = kept = 0
         em_r = em_prior_r = refused = refused_prior = 0  # with the refusal rule (refuse_below)
+        idk = idk_prior = 0  # the model's own "I don't know."
         index_s = 0.0
         layer_hits = np.zeros(len(kb_layers))
         chunks = list(kb_chunks(pool, qidx, size, distractors, np.random.default_rng([seed, size])))
@@ -226,6 +234,7 @@ def eval_grounding(set_dir: str | Path, sizes: list[int], akv, encoder, n_questi
                     take = min(len(bq), n_ans - asked)
                     right = [contains_answer(t, q.tail) for t, q in zip(texts[:take], bq[:take])]
                     em += sum(right)
+                    idk += sum(map(says_refusal, texts[:take]))
                     if refuse_below is not None:
                         kept_ = [support_of(w) >= refuse_below for _, w in kb.summed_attention(mask)[:take]]
                         em_r += sum(r and k for r, k in zip(right, kept_))
@@ -247,6 +256,7 @@ def eval_grounding(set_dir: str | Path, sizes: list[int], akv, encoder, n_questi
                                                      rec, scale_factor, sub_q, scale_mode)
                     right = [contains_answer(t, q.tail) for t, q in zip(pt, bq[:take])]
                     em_prior += sum(right)
+                    idk_prior += sum(map(says_refusal, pt))
                     if rec:  # an empty KB backs nothing: refused
                         kept_ = [False] * take if kb_p is None else \
                             [support_of(w) >= refuse_below for _, w in kb_p.summed_attention(mask_p)]
@@ -262,6 +272,8 @@ def eval_grounding(set_dir: str | Path, sizes: list[int], akv, encoder, n_questi
             "answer_em": em / n_em if n_em else None,
             "answer_em_without_gold": em_prior / n_em if n_em else None,
             "n_answer_questions": n_em,
+            "own_refusals_with_gold": idk / n_em if n_em else None,
+            "own_refusals_without_gold": idk_prior / n_em if n_em else None,
             **({"answer_em_with_refusal": em_r / n_em, "answer_em_without_gold_with_refusal": em_prior_r / n_em,
                 "refused_with_gold": refused / n_em, "refused_without_gold": refused_prior / n_em}
                if refuse_below is not None and n_em else {}),
