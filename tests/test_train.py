@@ -130,7 +130,8 @@ def test_init_adapter_fine_tunes_from_its_weights_and_layout(tmp_path, small_dat
     for k in a:  # zero steps: the fine-tune starts exactly at the given weights
         assert torch.equal(a[k], b[k]), k
     cfg = json.loads((tuned / "adapter_config.json").read_text())
-    assert cfg["kb_layer_frequency"] == 2 and cfg["question_input"] is True and cfg["kb_scale_factor"] == 300.0
+    assert cfg["kb_layer_frequency"] == 2 and cfg["question_input"] is True
+    assert (cfg["kb_scale_factor"], cfg["kb_scale_mode"]) == (300.0, "cap")  # its length correction kept
     assert cfg["training"]["init_from"]["path"] == str(first)
     assert cfg["training"]["init_from"]["config"]["steps"] == 2
     assert cfg["training"]["config"]["init_adapter"] == str(first)

@@ -305,8 +305,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     if start:
         adapter = KBAdapter.from_pretrained(ckpt, model=model, device=cfg.device)
     elif init is not None:
+        # keeps its own length correction (factor and mode) unless --kb-scale-factor sets one
         adapter = KBAdapter.from_pretrained(init, model=model, encoder=cfg.encoder, device=cfg.device)
-        cfg.kb_scale_factor = cfg.kb_scale_factor if cfg.kb_scale_factor is not None else adapter.config.kb_scale_factor
     else:
         adapter = KBAdapter.for_model(model, cfg.encoder, data.key_emb.shape[1],
                                       base_model=base_name,
