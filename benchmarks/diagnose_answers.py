@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from atlaskv.encoder import load_encoder
-from atlaskv.evaluate import ask_batch, contains_answer, kb_chunks, load_pool
+from atlaskv.evaluate import adapter_pool, ask_batch, contains_answer, kb_chunks, load_pool
 from atlaskv.model import AtlasKV
 
 
@@ -27,11 +27,12 @@ def main():
     ap.add_argument("--questions", type=int, default=100)
     ap.add_argument("--distractors", default="random")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--adapter", default=None, help="adapter folder (default: the shipped one)")
     ap.add_argument("--out", default=None, help="JSONL (default benchmarks/results/answer_stage/<set>_<size>.jsonl)")
     args = ap.parse_args()
-    akv = AtlasKV.from_pretrained()
+    akv = AtlasKV.from_pretrained(args.adapter)
     enc = load_encoder(akv.adapter.config.encoder)
-    pool = load_pool(args.set, enc)
+    pool = adapter_pool(load_pool(args.set, enc), akv)
     qidx = np.random.default_rng(args.seed).permutation(len(pool.questions))[:args.questions]
     size = min(args.size, len(pool.triples))
     rows_out = []

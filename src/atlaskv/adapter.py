@@ -5,6 +5,17 @@ layer's attention, and a KB query head per KB layer (method.md §1.2-1.3, §2.2)
     value(e) = W_v e + b_v
     KB layer l uses slot l // freq; within a slot the vector is head-major [kb_heads, head_dim].
 
+Token values (`value_source` "encoder+llm_tokens", ours): a sentence embedding of "Maine" says "a US
+state", and the model then names a neighbour (New Hampshire). So e_v is [sentence embedding; t], t the
+mean of the base LLM's own input embeddings of the value's first tokens (values.py), and
+
+    value_l(e) = W_v e_s + b_v + g_l R_l A t       R_l: per head, pinv of its o_proj columns (fixed, bind())
+
+R_l makes the KB value land in the residual stream along g_l A t: with tied input/output embeddings
+(SmolLM2, Gemma) a direction that raises the answer token's logit. Trained: A (hidden x hidden, starts as the
+identity) and the gains g_l (start at 0: training starts exactly from the sentence-value adapter).
+It stays linear in e_v, so every exact trick below holds for it.
+
 The projected KB is never materialised: `KeyStats` gives the LayerNorm's per-entry mean and scale in
 closed form from the weights, so one layer's slice of a key is exact without projecting the others, and
 attention can score keys in base-embedding space (see attention.py).
@@ -53,6 +64,8 @@ class AdapterConfig:
     kb_scale_factor: float | None = None   # inference: KB logits += ln(s) - ln(N) (method.md §1.6)
     kb_scale_mode: str = "shift"       # "shift" always (reference); "cap" only when N > s (never boosts small KBs)
     question_input: bool = False       # KB queries also see the sentence encoder's embedding of the question
+    value_source: str = "encoder"      # or "encoder+llm_tokens": values also carry the LLM's token embeddings
+    value_tokens: int = 1              # token values: how many of the value's first tokens are averaged (1 measured best)
     layer_norm_eps: float = 1e-5
     training: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
@@ -63,6 +76,15 @@ class AdapterConfig:
 
     def slot(self, layer: int) -> int:
         return layer // self.kb_layer_frequency
+
+    @property
+    def token_values(self) -> bool:
+        return self.value_source == "encoder+llm_tokens"
+
+    @property
+    def value_dim(self) -> int:
+        """Width of a value's base embedding: [sentence embedding; token embedding] for token values."""
+        return self.encoder_dim + (self.hidden_size if self.token_values else 0)
 
     @property
     def n_kb_heads(self) -> int:
@@ -96,7 +118,11 @@ class AdapterConfig:
                                    f"this model has {k}={getattr(other, k)}")
 
 
-_INT_LIMITS = {"encoder_dim": 1 << 16, "num_layers": 1024, "hidden_size": 1 << 16, "num_heads": 1024,
+# Adam moves a parameter by about lr per step, and a write into a residual stream of norm 100-700 needs a gain
+# of tens: the gains are counted in units of 32, so a CPU run of a few hundred steps can reach them.
+TOKEN_GAIN_UNIT = 1.0
+VALUE_SOURCES = ("encoder", "encoder+llm_tokens")
+_INT_LIMITS = {"value_tokens": 1024, "encoder_dim": 1 << 16, "num_layers": 1024, "hidden_size": 1 << 16, "num_heads": 1024,
                "num_kv_heads": 1024, "head_dim": 4096, "kb_layer_frequency": 1024}
 
 
@@ -106,9 +132,11 @@ def _check_config_values(config: AdapterConfig, cfg_file: Path) -> None:
         v = getattr(config, k)
         if type(v) is not int or not 1 <= v <= hi:
             raise AdapterError(f"{cfg_file}: {k} is {v!r}, expected an integer from 1 to {hi}")
-    for k in ("base_model", "encoder", "model_type", "kb_heads", "kb_scale_mode"):
+    for k in ("base_model", "encoder", "model_type", "kb_heads", "kb_scale_mode", "value_source"):
         if not isinstance(getattr(config, k), str):
             raise AdapterError(f"{cfg_file}: {k} must be a string")
+    if config.value_source not in VALUE_SOURCES:
+        raise AdapterError(f"{cfg_file}: value_source is {config.value_source!r}, expected one of {VALUE_SOURCES}")
     for k in ("q_bias", "question_input"):
         if not isinstance(getattr(config, k), bool):
             raise AdapterError(f"{cfg_file}: {k} must be true or false")
@@ -144,6 +172,28 @@ class KBAdapter(nn.Module):
             self.question_proj = nn.Linear(c.encoder_dim, len(c.kb_layers) * c.num_heads * c.head_dim)
             nn.init.zeros_(self.question_proj.weight)
             nn.init.zeros_(self.question_proj.bias)
+        if c.token_values:
+            self.token_map = nn.Parameter(torch.eye(c.hidden_size))
+            self.token_gain = nn.Parameter(torch.zeros(len(c.kb_layers)))
+            # pinv(o_proj) per KB layer: derived from the frozen base model (bind), never saved
+            self.register_buffer("token_readout", torch.full((len(c.kb_layers), c.slot_width, c.hidden_size),
+                                                             float("nan")), persistent=False)
+
+    def bind(self, model) -> "KBAdapter":
+        """Token values: read R_l off `model`. Per KB head h, R_l,h = pinv(o_proj_l's columns of h), so head
+        h alone writes the projection of A t onto its output space, <P_h t, t> >= 0. Heads weigh KB entries
+        differently, so one pinv of the whole o_proj (exact only when all heads agree) sums to noise."""
+        if not self.config.token_values:
+            return self
+        c = self.config
+        attn = _attention_modules(model)
+        with torch.no_grad():
+            for i, l in enumerate(c.kb_layers):
+                w_o = attn[l].o_proj.weight.detach().to(self.token_readout.device, torch.float64)  # [hidden, H*D]
+                w_o = w_o.view(c.hidden_size, c.n_kb_heads, -1, c.head_dim).sum(2)  # kv layout: a group's heads share
+                r = torch.stack([torch.linalg.pinv(w_o[:, h]) for h in range(c.n_kb_heads)])  # [Hk, D, hidden]
+                self.token_readout[i] = r.reshape(c.slot_width, c.hidden_size).to(self.token_readout.dtype)
+        return self
 
     def question_query(self, question_emb: torch.Tensor, layer: int) -> torch.Tensor:
         """[B, heads, head_dim] added to every KB query of `layer`."""
@@ -172,8 +222,10 @@ class KBAdapter(nn.Module):
         """Memoise weight-only quantities at inference (no grad); recomputed whenever a weight changes."""
         if torch.is_grad_enabled():
             return fn()
-        stamp = tuple((p._version, p.data_ptr()) for p in (self.key_proj.weight, self.key_proj.bias,
-                                                          self.value_proj.weight, self.value_proj.bias))
+        watched = [self.key_proj.weight, self.key_proj.bias, self.value_proj.weight, self.value_proj.bias]
+        if self.config.token_values:
+            watched += [self.token_map, self.token_gain, self.token_readout]
+        stamp = tuple((p._version, p.data_ptr()) for p in watched)
         cache = self.__dict__.setdefault("_weight_cache", {})
         if cache.get("stamp") != stamp:
             cache.clear()
@@ -197,7 +249,12 @@ class KBAdapter(nn.Module):
         if which == "key":
             w = w - lin.weight.mean(0, keepdim=True)
             b = b - lin.bias.mean()
-        return w.reshape(c.n_kb_heads, c.head_dim, c.encoder_dim), b.reshape(c.n_kb_heads, c.head_dim)
+        elif c.token_values:  # [W_v | g_l R_l A]: the value is linear in [sentence emb; token emb]
+            i = c.kb_layers.index(layer)
+            if torch.isnan(self.token_readout[i]).any():
+                raise AdapterError("token-value adapter not bound to its base model (attach() or bind(model) first)")
+            w = torch.cat([w, TOKEN_GAIN_UNIT * self.token_gain[i] * (self.token_readout[i] @ self.token_map)], 1)
+        return w.reshape(c.n_kb_heads, c.head_dim, -1), b.reshape(c.n_kb_heads, c.head_dim)
 
     def key_inv_std(self, e: torch.Tensor) -> torch.Tensor:
         """1 / sqrt(var(W_k e + b_k) + eps) per entry, over the full out_dim, without projecting.
@@ -272,7 +329,8 @@ class KBAdapter(nn.Module):
             raise AdapterError(f"{cfg_file}: format_version {config.format_version}, this atlaskv reads {FORMAT_VERSION}")
         _check_config_values(config, cfg_file)
         expected_params = 2 * (config.encoder_dim + 1) * config.out_dim + len(config.kb_layers) * (
-            config.hidden_size + config.q_bias + config.encoder_dim + 1) * config.num_heads * config.head_dim
+            config.hidden_size + config.q_bias + config.encoder_dim + 1) * config.num_heads * config.head_dim \
+            + (config.hidden_size ** 2 + len(config.kb_layers)) * config.token_values
         if not 0 < expected_params < MAX_PARAMS or config.kb_heads not in ("query", "kv"):
             raise AdapterError(f"{cfg_file}: implausible adapter shape ({expected_params:,} parameters)")
         if model is not None:

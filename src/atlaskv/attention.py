@@ -69,9 +69,9 @@ class KBInputs:
             raise ValueError("KBInputs needs keys and values (flat) or pruned= (HiKVP)")
         if self.keys.dim() == 2:
             self.keys, self.values = self.keys[None], self.values[None]
-        if self.keys.shape != self.values.shape or self.keys.dim() != 3:
+        if self.keys.shape[:-1] != self.values.shape[:-1] or self.keys.dim() != 3 or self.values.dim() != 3:
             raise ValueError(f"KB keys {tuple(self.keys.shape)} and values {tuple(self.values.shape)} must both "
-                             "be [N, d_in] or [B, N, d_in]")
+                             "be [N, d] or [B, N, d] with the same N (values may be wider: token-value adapters)")
         if self.mask is not None and self.mask.shape != self.keys.shape[:2]:
             raise ValueError(f"KB mask {tuple(self.mask.shape)} must be [B, N] = {tuple(self.keys.shape[:2])}")
 
@@ -409,6 +409,7 @@ def attach(model, adapter: KBAdapter) -> None:
     if base not in ("eager", "sdpa"):
         base = "sdpa"
     adapter.config.check_fits(model)
+    adapter.bind(model)
     attn = _attention_modules(model)
     handles = [attn[l].register_forward_pre_hook(functools.partial(_kb_query_hook, adapter=adapter, layer=l),
                                                  with_kwargs=True) for l in adapter.config.kb_layers]

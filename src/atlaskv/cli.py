@@ -215,6 +215,10 @@ def train_cmd(
     kb_layer_frequency: int = typer.Option(3, help="Every n-th layer reads the KB."),
     kb_heads: str = typer.Option("query", help="KB key/value width: query (reference) or kv (GQA)."),
     question_input: bool = typer.Option(False, help="KB queries also see the question's sentence embedding."),
+    value_source: str = typer.Option("encoder", help="KB values: encoder (sentence embedding of the value, the "
+                                     "paper) or encoder+llm_tokens (also the base LLM's token embeddings of it)."),
+    token_gain_init: float = typer.Option(0.0, help="encoder+llm_tokens: starting absolute gain of the last KB layer's token write (e.g. 400)."),
+    trainable: str = typer.Option("all", help="all, or values (only the value path learns; with --init-adapter)."),
     kb_scale_factor: Optional[float] = typer.Option(
         None, help="Inference setting saved in the adapter: KBs of N > S entries get KB logits += ln S - ln N "
                    "(about the largest training KB; the shipped adapter uses 1000)."),
@@ -232,7 +236,8 @@ def train_cmd(
     max_minutes: Optional[float] = typer.Option(None, help="Stop cleanly after this long (then --resume)."),
     init_adapter: Optional[str] = typer.Option(
         None, help="Fine-tune: start from this adapter folder's weights ('default': the shipped adapter); its "
-                   "encoder, KB layers, KB heads and question input replace those options."),
+                   "encoder, KB layers, KB heads and question input replace those options (a different "
+                   "--value-source gets a new value head)."),
 ):
     """Train a KB adapter on triples (frozen LLM and encoder); checkpoints, resumable."""
     from .train import TrainConfig, train
@@ -240,6 +245,7 @@ def train_cmd(
     cfg = TrainConfig(data=[str(d) for d in data], out=str(out), steps=steps, batch_size=batch_size,
                       grad_accum=grad_accum, lr=lr, base_model=base_model, encoder=encoder,
                       kb_layer_frequency=kb_layer_frequency, kb_heads=kb_heads, question_input=question_input,
+                      value_source=value_source, token_gain_init=token_gain_init, trainable=trainable,
                       kb_scale_factor=kb_scale_factor,
                       retrieval_loss_weight=retrieval_loss_weight, refusal_rate=refusal_rate,
                       distractors_max=distractors_max, shuffle_values=shuffle_values, device=device,

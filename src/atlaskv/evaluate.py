@@ -61,6 +61,14 @@ def load_pool(set_dir: str | Path, encoder) -> EvalPool:
     return EvalPool(triples, questions, keys, values, {t: i for i, t in enumerate(triples)})
 
 
+def adapter_pool(pool: EvalPool, akv) -> EvalPool:
+    """The pool with the values the adapter reads (token-value adapters: with the tails' token embeddings)."""
+    from .values import value_embeddings
+
+    values = value_embeddings(akv.adapter, akv.model, akv.tokenizer, [t.tail for t in pool.triples], pool.values)
+    return EvalPool(pool.triples, pool.questions, pool.keys, values, pool.index)
+
+
 def with_synthetic_fill(pool: EvalPool, total: int, seed: int = 0) -> EvalPool:
     """The pool grown to `total` entries with synthetic distractors (real embeddings plus noise, as
     `bench scale` makes them): KB sizes past the real data, for search-quality sweeps. Questions stay real."""
@@ -187,7 +195,7 @@ def eval_grounding(set_dir: str | Path, sizes: list[int], akv, encoder, n_questi
     from .index import build_hierarchy
     from .model import support_of
 
-    pool = real = load_pool(set_dir, encoder)
+    pool = real = adapter_pool(load_pool(set_dir, encoder), akv)
     if synthetic_fill and max(sizes) > len(pool.triples):
         pool = with_synthetic_fill(pool, max(sizes), seed)
     rng = np.random.default_rng(seed)

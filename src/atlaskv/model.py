@@ -140,6 +140,11 @@ class AtlasKV:
         records = kb.records()  # live entries in id order, as the embeddings: row i cites triple i
         assert np.array_equal(records.column("id").to_numpy(), ids)
         triples = [Triple(*t) for t in zip(*(records.column(c).to_pylist() for c in ("head", "relation", "tail")))]
+        if self.adapter.config.token_values:  # the values' token embeddings, from their texts
+            from .values import value_embeddings
+
+            values = value_embeddings(self.adapter, self.model, self.tokenizer,
+                                      records.column("value_text").to_pylist(), values)
         return (triples, torch.from_numpy(np.asarray(keys, np.float32)).to(self.device),
                 torch.from_numpy(np.asarray(values, np.float32)).to(self.device))
 
@@ -151,7 +156,12 @@ class AtlasKV:
         table = kb.table()
         if not table.identity:  # on disk the tree names entry ids; the search works on row positions
             h = h.map_leaves(table.positions)
-        pkb = PrunedKB(h, table.keys, table.values, live=table.live, rows=len(table), size=len(kb), device=self.device)
+        values = table.values
+        if self.adapter.config.token_values:
+            from .values import TokenValueSource, token_values
+
+            values = TokenValueSource(values, table.value_texts, token_values(self.adapter, self.model, self.tokenizer))
+        pkb = PrunedKB(h, table.keys, values, live=table.live, rows=len(table), size=len(kb), device=self.device)
         pkb.triples = table.triples  # citations read only the cited rows
         return pkb
 

@@ -215,10 +215,13 @@ def gather(kb: PrunedKB, picks: list[list[torch.Tensor]], n_groups: int) -> Sele
     uniq, inverse = np.unique(flat, return_inverse=True)
     d = kb.roots.shape[-1]
     keys = torch.zeros(B, n_groups, n, d, device=kb.device)
-    values = torch.zeros_like(keys)
     if len(uniq):
         vmask = valid.to(kb.device)
         inverse = torch.from_numpy(inverse).to(kb.device)
         keys[vmask] = kb.fetch(uniq, "keys")[inverse]
-        values[vmask] = kb.fetch(uniq, "values")[inverse]
+        fetched = kb.fetch(uniq, "values")  # values may be wider than keys (token-value adapters)
+        values = torch.zeros(B, n_groups, n, fetched.shape[-1], device=kb.device)
+        values[vmask] = fetched[inverse]
+    else:
+        values = torch.zeros_like(keys)
     return Selection(pos.to(kb.device), keys, values, valid.to(kb.device))

@@ -744,7 +744,14 @@ class EmbeddingTable:
 
     def triples(self, positions: np.ndarray) -> list[Triple]:
         """The triples at these positions, reading only the row groups that hold them."""
-        out: dict[int, Triple] = {}
+        return [Triple(*row) for row in self.columns(positions, ("head", "relation", "tail"))]
+
+    def value_texts(self, positions: np.ndarray) -> list[str]:
+        return [row[0] for row in self.columns(positions, ("value_text",))]
+
+    def columns(self, positions: np.ndarray, names: tuple[str, ...]) -> list[tuple]:
+        """Record fields at these positions, reading only the row groups that hold them."""
+        out: dict[int, tuple] = {}
         positions = np.asarray(positions, np.int64)
         for si, seg in enumerate(self.kb.manifest["segments"]):
             lo, hi = self.starts[si], self.starts[si + 1]
@@ -754,11 +761,11 @@ class EmbeddingTable:
             f = pq.ParquetFile(self.kb.path / seg["records"])
             bounds = np.cumsum([0] + [f.metadata.row_group(g).num_rows for g in range(f.num_row_groups)])
             for g in np.unique(np.searchsorted(bounds, want - lo, side="right") - 1):
-                t = f.read_row_group(int(g), columns=["head", "relation", "tail"])
-                cols = [t.column(c).to_pylist() for c in ("head", "relation", "tail")]
+                t = f.read_row_group(int(g), columns=list(names))
+                cols = [t.column(c).to_pylist() for c in names]
                 for p in want[(want - lo >= bounds[g]) & (want - lo < bounds[g + 1])]:
                     r = int(p - lo - bounds[g])
-                    out[int(p)] = Triple(cols[0][r], cols[1][r], cols[2][r])
+                    out[int(p)] = tuple(c[r] for c in cols)
         return [out[int(p)] for p in positions]
 
 
