@@ -52,9 +52,9 @@ def test_value_weights_are_the_documented_sum(kb_heads):
     is the projection of A t onto that head's output space: never against it)."""
     model = tiny_model("llama")
     _, adapter = token_adapter(model, kb_heads)
-    attach(model, adapter)
+    adapter = adapter.double().bind(model)  # fp64: the token part is ~256x the sentence part (TOKEN_GAIN_UNIT)
     c = adapter.config
-    e = with_tokens(torch.randn(3, D_IN), c.hidden_size)
+    e = with_tokens(torch.randn(3, D_IN), c.hidden_size).double()
     attn = [m for n, m in model.named_modules() if n.endswith("self_attn")]
     for i, l in enumerate(c.kb_layers):
         got = adapter.project_values(e, l).reshape(3, -1)
@@ -62,7 +62,7 @@ def test_value_weights_are_the_documented_sum(kb_heads):
         t = e[:, D_IN:] @ adapter.token_map.T
         want = adapter.value_proj(e[:, :D_IN])[:, s] + TOKEN_GAIN_UNIT * adapter.token_gain[i] * t @ adapter.token_readout[i].T
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-        w_o = attn[l].o_proj.weight.view(c.hidden_size, c.n_kb_heads, -1, c.head_dim).sum(2)
+        w_o = attn[l].o_proj.weight.double().view(c.hidden_size, c.n_kb_heads, -1, c.head_dim).sum(2)
         r = adapter.token_readout[i].view(c.n_kb_heads, c.head_dim, c.hidden_size)
         for h in range(c.n_kb_heads):
             written = t @ (w_o[:, h] @ r[h]).T                                  # [3, hidden]

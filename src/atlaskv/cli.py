@@ -237,7 +237,7 @@ def train_cmd(
     init_adapter: Optional[str] = typer.Option(
         None, help="Fine-tune: start from this adapter folder's weights ('default': the shipped adapter); its "
                    "encoder, KB layers, KB heads and question input replace those options (a different "
-                   "--value-source gets a new value head)."),
+                   "--value-source adds or drops the token-value path, every other weight kept)."),
 ):
     """Train a KB adapter on triples (frozen LLM and encoder); checkpoints, resumable."""
     from .train import TrainConfig, train

@@ -305,11 +305,6 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     data = prepare_data(cfg, cache_dir() / "train")
     enc = load_encoder(cfg.encoder) if cfg.question_input else None
     model, tok = load_base_model(cfg.base_model, dtype=cfg.dtype, device=cfg.device)
-    if cfg.value_source == "encoder+llm_tokens":  # the values the model will read: [sentence emb; token emb]
-        from .values import TokenValues
-
-        tv = TokenValues(model, tok).encode([r.value_text for r in data.records])
-        data.value_emb = np.concatenate([data.value_emb.astype(np.float32), tv], 1)
     base_name = str(Path(cfg.base_model).resolve()) if cfg.base_model and Path(cfg.base_model).is_dir() \
         else canonical_name(cfg.base_model)
     if start:
@@ -317,7 +312,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     elif init is not None:
         # keeps its own length correction (factor and mode) unless --kb-scale-factor sets one
         adapter = KBAdapter.from_pretrained(init, model=model, encoder=cfg.encoder, device=cfg.device)
-        if adapter.config.value_source != cfg.value_source:  # keys and KB queries kept, a new value head
+        if adapter.config.value_source != cfg.value_source:  # every weight kept, the token path added or dropped
             adapter = _with_new_values(adapter, model, cfg)
     else:
         adapter = KBAdapter.for_model(model, cfg.encoder, data.key_emb.shape[1],
@@ -332,6 +327,10 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         adapter.config.training = {"init_from": {"path": str(cfg.init_adapter), **adapter.config.training}}
     adapter.config.training = {**{k: v for k, v in adapter.config.training.items() if k == "init_from"},
                                "config": asdict(cfg), "data_sha256_16": data.digest, "records": len(data.records)}
+    if adapter.config.token_values:  # the values the model will read: [sentence emb; token emb], as at inference
+        from .values import value_embeddings
+
+        data.value_emb = value_embeddings(adapter, model, tok, [r.value_text for r in data.records], data.value_emb)
     attach(model, adapter)
     adapter.train()
     if cfg.trainable == "values":
@@ -405,7 +404,7 @@ def _with_new_values(adapter: KBAdapter, model, cfg: TrainConfig) -> KBAdapter:
 
 def _init_token_gain(adapter: KBAdapter, gain: float) -> None:
     """Only the last KB layer writes the value's token: in a zero-shot sweep, writes at earlier KB layers
-    as well broke the answers' wording (EM 0.83 -> 0.40 with layers 24 and 27 at 300)."""
+    as well broke the answers' wording (fb15k EM 0.83 -> 0.37 with layers 24 and 27 at 300)."""
     from .adapter import TOKEN_GAIN_UNIT
 
     with torch.no_grad():

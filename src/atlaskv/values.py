@@ -18,7 +18,7 @@ import torch
 class TokenValues:
     """value texts -> float32 [n, hidden]."""
 
-    def __init__(self, model, tokenizer, n_tokens: int = 8):
+    def __init__(self, model, tokenizer, n_tokens: int = 1):
         self.table = model.get_input_embeddings().weight.detach()
         self.tokenizer, self.n_tokens = tokenizer, n_tokens
         self.dim = int(self.table.shape[1])
