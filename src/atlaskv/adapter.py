@@ -66,6 +66,7 @@ class AdapterConfig:
     question_input: bool = False       # KB queries also see the sentence encoder's embedding of the question
     value_source: str = "encoder"      # or "encoder+llm_tokens": values also carry the LLM's token embeddings
     value_tokens: int = 1              # token values: how many of the value's first tokens are averaged (1 measured best)
+    copy_tokens: int = 8               # "encoder+llm_copy": how many of the value's tokens are written one after another
     layer_norm_eps: float = 1e-5
     training: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
@@ -79,12 +80,18 @@ class AdapterConfig:
 
     @property
     def token_values(self) -> bool:
-        return self.value_source == "encoder+llm_tokens"
+        return self.value_source in ("encoder+llm_tokens", "encoder+llm_copy")
+
+    @property
+    def copy_values(self) -> bool:
+        return self.value_source == "encoder+llm_copy"
 
     @property
     def value_dim(self) -> int:
-        """Width of a value's base embedding: [sentence embedding; token embedding] for token values."""
-        return self.encoder_dim + (self.hidden_size if self.token_values else 0)
+        """Width of a value's base embedding: [sentence embedding; token embedding] for token values, and
+        for copy values also the value's token ids (values.py: `copy_tokens` + 1 columns, zero weight)."""
+        return (self.encoder_dim + (self.hidden_size if self.token_values else 0)
+                + (self.copy_tokens + 1 if self.copy_values else 0))
 
     @property
     def n_kb_heads(self) -> int:
@@ -121,8 +128,8 @@ class AdapterConfig:
 # Adam moves a parameter by about lr per step, and the last KB layer needs an absolute gain of a few hundred
 # (benchmarks/results/answer_stage/token_values_sweep.json): gains are counted in units of 256.
 TOKEN_GAIN_UNIT = 256.0
-VALUE_SOURCES = ("encoder", "encoder+llm_tokens")
-_INT_LIMITS = {"value_tokens": 1024, "encoder_dim": 1 << 16, "num_layers": 1024, "hidden_size": 1 << 16, "num_heads": 1024,
+VALUE_SOURCES = ("encoder", "encoder+llm_tokens", "encoder+llm_copy")
+_INT_LIMITS = {"value_tokens": 1024, "copy_tokens": 64, "encoder_dim": 1 << 16, "num_layers": 1024, "hidden_size": 1 << 16, "num_heads": 1024,
                "num_kv_heads": 1024, "head_dim": 4096, "kb_layer_frequency": 1024}
 
 
@@ -137,6 +144,8 @@ def _check_config_values(config: AdapterConfig, cfg_file: Path) -> None:
             raise AdapterError(f"{cfg_file}: {k} must be a string")
     if config.value_source not in VALUE_SOURCES:
         raise AdapterError(f"{cfg_file}: value_source is {config.value_source!r}, expected one of {VALUE_SOURCES}")
+    if config.copy_values and config.value_tokens != 1:
+        raise AdapterError(f"{cfg_file}: copy values write one token at a time, value_tokens must be 1")
     for k in ("q_bias", "question_input"):
         if not isinstance(getattr(config, k), bool):
             raise AdapterError(f"{cfg_file}: {k} must be true or false")
@@ -186,6 +195,8 @@ class KBAdapter(nn.Module):
         if not self.config.token_values:
             return self
         c = self.config
+        # copy values: the rows of the tokens to write next (attention.py); a reference, never saved
+        self.__dict__["token_table"] = model.get_input_embeddings().weight
         attn = _attention_modules(model)
         with torch.no_grad():
             for i, l in enumerate(c.kb_layers):
@@ -254,6 +265,8 @@ class KBAdapter(nn.Module):
             if torch.isnan(self.token_readout[i]).any():
                 raise AdapterError("token-value adapter not bound to its base model (attach() or bind(model) first)")
             w = torch.cat([w, TOKEN_GAIN_UNIT * self.token_gain[i] * (self.token_readout[i] @ self.token_map)], 1)
+            if c.copy_values:  # the token-id columns only ride along (attention.py reads them)
+                w = torch.cat([w, w.new_zeros(w.shape[0], c.copy_tokens + 1)], 1)
         return w.reshape(c.n_kb_heads, c.head_dim, -1), b.reshape(c.n_kb_heads, c.head_dim)
 
     def key_inv_std(self, e: torch.Tensor) -> torch.Tensor:

@@ -59,6 +59,8 @@ class KBInputs:
     _selections: dict = field(default_factory=dict, repr=False)
     _inv_std: torch.Tensor | None = field(default=None, repr=False)
     _question_q: dict = field(default_factory=dict, repr=False)  # per layer: the question's KB-query term
+    _call_ids: torch.Tensor | None = field(default=None, repr=False)  # copy values: this forward call's input ids
+    _copy_match: dict = field(default_factory=dict, repr=False)  # copy values, per layer: value prefixes matched so far
 
     def __post_init__(self):
         if self.pruned is not None:
@@ -232,6 +234,8 @@ def kb_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
         v_kb = torch.einsum("hdi,bni->bhnd", w_v.to(f), e_v[:, 0]) + b_v.to(f)[None, :, None, :]
         v_kb = _per_query_head(v_kb.transpose(0, 1), H).transpose(0, 1)
         out = out + p_kb @ v_kb.expand(B, -1, -1, -1)
+    if adapter.config.copy_values:
+        out = out + _copy_write(adapter, layer, p_kb, sel.values if mode == "selected" else kb.values[:, None], kb, f)
     if kb.record and layer not in kb.attention:  # the first call is the prefill; decode steps do not overwrite it
         p_rec = p_kb if kb.keep_grad else p_kb.detach()
         if kb.pruned is None:
@@ -297,7 +301,59 @@ def _decode_step(query, key, value, attention_mask, scaling, adapter, layer, q_k
     p = torch.softmax(torch.cat([s_kb, s_text], -1), -1)
     n = s_kb.shape[-1]
     out = p[..., :n] @ v_kb + (p[..., n:].reshape(B, Hk, g, -1) @ value.to(f)).view(B, H, 1, D)
+    if adapter.config.copy_values:
+        out = out + _copy_write(adapter, layer, p[..., :n], sel.values, kb, f)
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def _copy_write(adapter: KBAdapter, layer: int, p_kb: torch.Tensor, values: torch.Tensor, kb: KBInputs, f):
+    """Copy values: the token part of every value writes the value's *next* token, not always its first.
+
+    The static value already writes g R A E[first token] (layer_weights). Per entry, j = the longest prefix
+    of its token ids that the text ends with (the first token also matches without its leading space); where
+    j > 0 this adds g R A (E[token j] - E[first token]), or cancels the write (- E[first token]) once the
+    whole value is out. So after "Marvel" the entry pushes " Comics", and after "Marvel Comics" nothing:
+    the constant first-token write made the model repeat it ("Marvel Marvel Marvel"). The matching state
+    carries over decode steps (T = 1). p_kb: [B, H, T, n]; values: [Bk, G, n, d] with the id columns last."""
+    c = adapter.config
+    i = c.kb_layers.index(layer)
+    if kb._call_ids is None or not bool(adapter.token_gain[i].detach() != 0):
+        return 0.0
+    m = c.copy_tokens
+    ids = values[..., -(m + 1):].round().long()                                        # [Bk, G, n, m + 1]
+    bare, vid = ids[..., 0], ids[..., 1:]
+    length = (vid >= 0).sum(-1)                                                         # [Bk, G, n]
+    x = kb._call_ids.to(vid.device)                                                     # [B, T]
+    B, H, T, n = p_kb.shape
+    G = vid.shape[1]
+    state = kb._copy_match.get(layer) if T == 1 else None
+    if state is None or state.shape[-2] != n:
+        state = torch.zeros((B, G, n, m), dtype=torch.bool, device=vid.device)
+    steps = torch.arange(1, m + 1, device=vid.device)
+    js = []
+    for t in range(T):
+        tok = x[:, t, None, None]                                                       # [B, 1, 1]
+        first = (vid[..., 0] == tok) | (bare == tok)
+        state = torch.cat([first[..., None], state[..., :-1] & (vid[..., 1:] == tok[..., None])], -1)
+        js.append((state * steps).amax(-1))                                             # [B, G, n]
+    kb._copy_match[layer] = state
+    j = torch.stack(js, 2)                                                              # [B, G, T, n]
+    b, g, t, e = (j > 0).nonzero(as_tuple=True)
+    if len(b) == 0:
+        return 0.0
+    table = adapter.token_table.detach().to(f)
+    bk = b if vid.shape[0] > 1 else torch.zeros_like(b)
+    jj, done = j[b, g, t, e], j[b, g, t, e] >= length[bk, g, e]
+    nxt = vid[bk, g, e, jj.clamp(max=m - 1)]
+    delta = torch.where(done[:, None], 0.0, table[nxt.clamp_min(0)]) - table[vid[bk, g, e, 0]]   # [K, hidden]
+    corr = torch.zeros((B, T, H, table.shape[1]), dtype=f, device=p_kb.device)
+    if G == 1:  # every head read this entry
+        corr.index_put_((b, t), p_kb[b, :, t, e][..., None] * delta[:, None, :], accumulate=True)
+    else:       # head g read its own leaves
+        corr.index_put_((b, t, g), p_kb[b, g, t, e][:, None] * delta, accumulate=True)
+    w_v, _ = adapter.layer_weights(layer, "value")
+    w_tok = _per_query_head(w_v[..., c.encoder_dim:c.encoder_dim + c.hidden_size], H).to(f)  # [H, D, hidden]
+    return torch.einsum("bthc,hdc->bhtd", corr, w_tok)
 
 
 def _projected(sel, adapter: KBAdapter, layer: int, H: int, f: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -380,6 +436,20 @@ def _kb_query_hook(module, args, kwargs, *, adapter: KBAdapter, layer: int):
     return args, {**kwargs, PREFIX + "layer": (adapter, layer, q, kb)}
 
 
+def _record_ids_hook(module, args, kwargs):
+    """Copy values read the text so far: keep each forward call's input ids on its KB (a new prompt, i.e.
+    no cache position past 0, starts the matching afresh)."""
+    kb = kwargs.get(PREFIX + "kb") or _CURRENT_KB.get()
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if kb is None or ids is None:
+        return None
+    pos, past = kwargs.get("cache_position"), kwargs.get("past_key_values")
+    if int(pos[0]) == 0 if pos is not None else (past is None or past.get_seq_length() == 0):
+        kb._copy_match.clear()
+    kb._call_ids = ids
+    return None
+
+
 def register(base: str) -> str:
     """Register "atlaskv_<base>" (attention + mask function) once; returns the name."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
@@ -413,6 +483,8 @@ def attach(model, adapter: KBAdapter) -> None:
     attn = _attention_modules(model)
     handles = [attn[l].register_forward_pre_hook(functools.partial(_kb_query_hook, adapter=adapter, layer=l),
                                                  with_kwargs=True) for l in adapter.config.kb_layers]
+    if adapter.config.copy_values:
+        handles.append(model.register_forward_pre_hook(_record_ids_hook, with_kwargs=True))
     model._atlaskv = {"handles": handles, "base": base, "adapter": adapter}
     _set_attn(model, register(base))
 

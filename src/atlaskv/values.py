@@ -6,6 +6,11 @@ The text is tokenised as it follows "... is" in an answer (leading space), so it
 the model has to emit. Nothing new is stored in a KB: an embedding-table row is a lookup, so the token
 part of any KB's values (built with any version of atlaskv) is derived from its value texts when a
 model reads it, and the KB stays independent of the LLM.
+
+Copy values ("encoder+llm_copy") append the value's token ids as float columns (exact below 2^24):
+[id of the first token without the leading space; ids of the first `copy_tokens` tokens of " " + text],
+-1 past the end. They ride along every KB path (flat, per-sample slices, pruned gathers) with zero
+projection weight, and attention.py reads them to write the value's next token once its first is out.
 """
 from __future__ import annotations
 
@@ -18,10 +23,10 @@ import torch
 class TokenValues:
     """value texts -> float32 [n, hidden]."""
 
-    def __init__(self, model, tokenizer, n_tokens: int = 1):
+    def __init__(self, model, tokenizer, n_tokens: int = 1, copy_tokens: int = 0):
         self.table = model.get_input_embeddings().weight.detach()
-        self.tokenizer, self.n_tokens = tokenizer, n_tokens
-        self.dim = int(self.table.shape[1])
+        self.tokenizer, self.n_tokens, self.copy_tokens = tokenizer, n_tokens, copy_tokens
+        self.dim = int(self.table.shape[1]) + (copy_tokens + 1 if copy_tokens else 0)
         self._memo: dict[str, np.ndarray] = {}
 
     def encode(self, texts: Sequence[str], batch_size: int = 4096) -> np.ndarray:
@@ -33,10 +38,16 @@ class TokenValues:
         for s in range(0, len(uniq), batch_size):
             chunk = uniq[s:s + batch_size]
             ids = self.tokenizer([" " + t.strip() for t in chunk], add_special_tokens=False)["input_ids"]
+            bares = (self.tokenizer([t.strip() for t in chunk], add_special_tokens=False)["input_ids"]
+                     if self.copy_tokens else ids)
             with torch.no_grad():
-                for t, row in zip(chunk, ids):
-                    row = torch.tensor(row[:self.n_tokens] or [pad], device=self.table.device)
-                    self._memo[t] = self.table[row].float().mean(0).cpu().numpy()
+                for t, row, bare in zip(chunk, ids, bares):
+                    first = torch.tensor(row[:self.n_tokens] or [pad], device=self.table.device)
+                    v = self.table[first].float().mean(0).cpu().numpy()
+                    if self.copy_tokens:
+                        ids_m = (row[:self.copy_tokens] or [pad]) + [-1] * self.copy_tokens
+                        v = np.concatenate([v, np.array((bare[:1] or [-1]) + ids_m[:self.copy_tokens], np.float32)])
+                    self._memo[t] = v
         out = np.zeros((len(texts), self.dim), np.float32)
         for i, t in enumerate(texts):
             out[i] = self._memo[t]
@@ -46,8 +57,9 @@ class TokenValues:
 def token_values(adapter, model, tokenizer) -> TokenValues:
     """One TokenValues per model (its table and memo are shared by every KB the model reads)."""
     tv = getattr(model, "_atlaskv_token_values", None)
-    if tv is None or tv.n_tokens != adapter.config.value_tokens:
-        tv = TokenValues(model, tokenizer, adapter.config.value_tokens)
+    copy = adapter.config.copy_tokens if adapter.config.copy_values else 0
+    if tv is None or (tv.n_tokens, tv.copy_tokens) != (adapter.config.value_tokens, copy):
+        tv = TokenValues(model, tokenizer, adapter.config.value_tokens, copy)
         model._atlaskv_token_values = tv
     return tv
 

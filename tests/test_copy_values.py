@@ -1,0 +1,142 @@
+"""Copy values (value_source "encoder+llm_copy"): each value's token write follows the text, writing the
+value's next token once its first is out and nothing once all of it is. Tiny random models: the algebra and
+its state over decode steps. Quality lives in benchmarks/results (not here)."""
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from transformers import DynamicCache
+
+from atlaskv.adapter import AdapterError, KBAdapter
+from atlaskv.attention import KBInputs, attach
+from atlaskv.values import TokenValues
+from test_attention import D_IN, IDS, random_adapter, random_kb, tiny_model
+from test_pruning import pruned_kb
+from test_token_values import _Emb, _Tok
+
+M = 4  # copy_tokens
+
+
+def adapters(model, gain=0.6):
+    """(token adapter, copy adapter) with the same weights."""
+    base = random_adapter(model)
+    out = []
+    for source in ("encoder+llm_tokens", "encoder+llm_copy"):
+        a = KBAdapter(replace(base.config, value_source=source, copy_tokens=M))
+        a.load_state_dict(base.state_dict(), strict=False)
+        with torch.no_grad():
+            a.token_gain.fill_(gain)
+        out.append(a)
+    return out
+
+
+def copy_kb(n=12, seed=4):
+    """Sentence parts, and for each entry 1-3 token ids (first token without a space: id + 1)."""
+    g = torch.Generator().manual_seed(seed)
+    keys, values = random_kb(n)
+    ids = torch.full((n, M + 1), -1.0)
+    for e in range(n):
+        k = int(torch.randint(1, 4, (1,), generator=g))
+        toks = torch.randint(60, 90, (k,), generator=g).float()
+        ids[e, 0], ids[e, 1:1 + k] = toks[0] + 1, toks
+    return keys, values, ids
+
+
+def with_ids(model, values, ids, which=None):
+    """Values as the token adapter reads them, with token `which[e]` of entry e in the token part (0 = the
+    first, -1 = none), and as the copy adapter reads them ([... ; E[first]; ids])."""
+    table = model.get_input_embeddings().weight.detach()
+    first = table[ids[:, 1].long()]
+    copy = torch.cat([values, first, ids], -1)
+    if which is None:
+        return torch.cat([values, first], -1), copy
+    tok = torch.stack([table[ids[e, 1 + w].long()] if w >= 0 else torch.zeros(table.shape[1])
+                       for e, w in enumerate(which)])
+    return torch.cat([values, tok], -1), copy
+
+
+def test_without_matches_copy_values_are_the_token_values():
+    model = tiny_model("llama")
+    tok_ad, copy_ad = adapters(model)
+    keys, values, ids = copy_kb()
+    ids[:, 1:2] = 95  # no entry's first token occurs in IDS
+    ids[:, 0] = 96
+    v_tok, v_copy = with_ids(model, values, ids)
+    attach(model, tok_ad)
+    ref = model(IDS, atlaskv_kb=KBInputs(keys, v_tok)).logits
+    attach(model, copy_ad)
+    out = model(IDS, atlaskv_kb=KBInputs(keys, v_copy)).logits
+    assert (out - ref).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("bare", [False, True])
+def test_after_the_first_token_an_entry_writes_its_next_and_then_nothing(bare):
+    """One token at a time over the cache, the reference swapping the token adapter's KB each step."""
+    model = tiny_model("llama")
+    tok_ad, copy_ad = adapters(model)
+    keys, values, ids = copy_kb()
+    ids[1:][(ids[1:] >= 68) & (ids[1:] <= 72)] += 10  # only entry 0 holds tokens 69-71
+    ids[0, 1:] = torch.tensor([70.0, 71.0, -1, -1])  # entry 0: two tokens
+    ids[0, 0] = 69.0
+    steps = [[5], [69 if bare else 70], [71], [8]]
+    wants = [0, 1, -1, 0]  # token written by entry 0 at each step: first, next, none (done), first again
+    _, v_copy = with_ids(model, values, ids)
+    attach(model, copy_ad)
+    kb = KBInputs(keys, v_copy)
+    cache = DynamicCache()
+    got = [model(torch.tensor([s]), atlaskv_kb=kb, past_key_values=cache, use_cache=True).logits for s in steps]
+    attach(model, tok_ad)
+    cache = DynamicCache()
+    for s, w, g in zip(steps, wants, got):
+        which = [w] + [0] * (len(ids) - 1)
+        v_tok, _ = with_ids(model, values, ids, which)
+        ref = model(torch.tensor([s]), atlaskv_kb=KBInputs(keys, v_tok), past_key_values=cache, use_cache=True).logits
+        assert (g - ref).abs().max().item() < 1e-5
+
+
+def test_one_prefill_equals_decode_steps_and_a_new_prompt_starts_afresh():
+    model = tiny_model("llama")
+    _, copy_ad = adapters(model)
+    keys, values, ids = copy_kb()
+    seq = torch.tensor([[5, int(ids[2, 1]), int(ids[2, 2]) if ids[2, 2] >= 0 else 9, 17,
+                         int(ids[3, 0]), 8]])
+    _, v_copy = with_ids(model, values, ids)
+    attach(model, copy_ad)
+    full = model(seq, atlaskv_kb=KBInputs(keys, v_copy)).logits
+    kb, cache = KBInputs(keys, v_copy), DynamicCache()
+    for _ in range(2):  # the same KB object for a second prompt: no state left from the first
+        steps = torch.cat([model(seq[:, t:t + 1], atlaskv_kb=kb, past_key_values=cache, use_cache=True).logits
+                           for t in range(seq.shape[1])], 1)
+        assert (steps - full).abs().max().item() < 1e-4
+        cache = DynamicCache()
+
+
+def test_pruned_copy_values_equal_flat():
+    model = tiny_model("llama")
+    _, copy_ad = adapters(model)
+    keys, values, ids = copy_kb(60)
+    seq = torch.tensor([[5, int(ids[7, 1]), 17, int(ids[9, 0]), 8]])
+    _, v_copy = with_ids(model, values, ids)
+    attach(model, copy_ad)
+    ref = model(seq, atlaskv_kb=KBInputs(keys, v_copy, scale_factor=30.0)).logits
+    kb = KBInputs(pruned=pruned_kb(keys, v_copy, (10**6,) * 3), scale_factor=30.0)
+    assert (model(seq, atlaskv_kb=kb).logits - ref).abs().max().item() < 1e-5
+
+
+def test_copy_payload_and_config_checks(tmp_path):
+    m, tok = _Emb(), _Tok()
+    tv = TokenValues(m, tok, n_tokens=1, copy_tokens=3)
+    out = tv.encode(["ab", "abcdef"])
+    assert out.shape == (2, 8 + 4)
+    spaced = tok([" ab"])["input_ids"][0]
+    np.testing.assert_allclose(out[0, :8], m.emb.weight.detach()[spaced[0]].numpy(), rtol=1e-6)
+    assert out[0, 8:].tolist() == [tok(["ab"])["input_ids"][0][0], *spaced[:3]]
+    assert out[1, 9:].tolist() == tok([" abcdef"])["input_ids"][0][:3]
+    model = tiny_model("llama")
+    _, copy_ad = adapters(model)
+    assert copy_ad.config.value_dim == D_IN + 64 + M + 1
+    copy_ad.config.value_tokens = 2
+    copy_ad.save_pretrained(tmp_path / "a")
+    with pytest.raises(AdapterError, match="value_tokens must be 1"):
+        KBAdapter.from_pretrained(tmp_path / "a")
