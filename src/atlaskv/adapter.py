@@ -16,6 +16,11 @@ R_l makes the KB value land in the residual stream along g_l A t: with tied inpu
 identity) and the gains g_l (start at 0: training starts exactly from the sentence-value adapter).
 It stays linear in e_v, so every exact trick below holds for it.
 
+Copy values (`value_source` "encoder+llm_copy", ours): the same, but t follows the answer. A fixed t keeps
+pushing the first token after it is out ("Marvel Marvel Marvel"); here each entry writes its next token
+once the text ends with the start of its value, and nothing once the whole value is out (attention.py,
+_copy_write; the token ids ride in the values' last copy_tokens + 1 columns with zero weight).
+
 The projected KB is never materialised: `KeyStats` gives the LayerNorm's per-entry mean and scale in
 closed form from the weights, so one layer's slice of a key is exact without projecting the others, and
 attention can score keys in base-embedding space (see attention.py).

@@ -215,9 +215,10 @@ def train_cmd(
     kb_layer_frequency: int = typer.Option(3, help="Every n-th layer reads the KB."),
     kb_heads: str = typer.Option("query", help="KB key/value width: query (reference) or kv (GQA)."),
     question_input: bool = typer.Option(False, help="KB queries also see the question's sentence embedding."),
-    value_source: str = typer.Option("encoder", help="KB values: encoder (sentence embedding of the value, the "
-                                     "paper) or encoder+llm_tokens (also the base LLM's token embeddings of it)."),
-    token_gain_init: float = typer.Option(0.0, help="encoder+llm_tokens: starting absolute gain of the last KB layer's token write (e.g. 400)."),
+    value_source: Optional[str] = typer.Option(None, help="KB values (default: the --init-adapter's, else encoder): encoder (sentence embedding of the value, the "
+                                     "paper), encoder+llm_tokens (also the base LLM's token embedding of its first token) or "
+                                     "encoder+llm_copy (that token write follows the answer: next token, then none)."),
+    token_gain_init: float = typer.Option(0.0, help="encoder+llm_tokens/_copy: starting absolute gain of the last KB layer's token write (e.g. 400)."),
     trainable: str = typer.Option("all", help="all, or values (only the value path learns; with --init-adapter)."),
     kb_scale_factor: Optional[float] = typer.Option(
         None, help="Inference setting saved in the adapter: KBs of N > S entries get KB logits += ln S - ln N "

@@ -55,7 +55,7 @@ class TrainConfig:
     kb_layer_frequency: int = 3
     kb_heads: str = "query"
     question_input: bool = False
-    value_source: str = "encoder"   # "encoder+llm_tokens": values also carry the LLM's token embeddings (adapter.py)
+    value_source: str | None = None  # "encoder" (None: the init adapter's, else "encoder"), "encoder+llm_tokens", "encoder+llm_copy" (adapter.py)
     token_gain_init: float = 0.0    # token values: starting absolute gain of the last KB layer (others start at 0)
     trainable: str = "all"          # "values": only the value path learns (keys and KB queries stay as initialised)
     kb_scale_factor: float | None = None  # inference setting stored in the adapter (mode "cap"), not trained
@@ -293,6 +293,10 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         ic = KBAdapter.from_pretrained(init).config
         cfg.encoder, cfg.kb_layer_frequency, cfg.kb_heads, cfg.question_input = (
             ic.encoder, ic.kb_layer_frequency, ic.kb_heads, ic.question_input)
+        if cfg.value_source is None:  # a fine-tune keeps the starting adapter's values unless told otherwise
+            cfg.value_source = ic.value_source
+    if cfg.value_source is None:
+        cfg.value_source = "encoder"
     if cfg.trainable not in ("all", "values"):
         raise ValueError(f"trainable must be 'all' or 'values', got {cfg.trainable!r}")
     if cfg.threads:
