@@ -444,7 +444,11 @@ def _record_ids_hook(module, args, kwargs):
     if kb is None or ids is None:
         return None
     pos, past = kwargs.get("cache_position"), kwargs.get("past_key_values")
-    if int(pos[0]) == 0 if pos is not None else (past is None or past.get_seq_length() == 0):
+    if pos is not None:
+        new_prompt = int(pos[0]) == 0
+    else:
+        new_prompt = past is None or past.get_seq_length() == 0
+    if new_prompt:
         kb._copy_match.clear()
     kb._call_ids = ids
     return None
