@@ -40,4 +40,4 @@ for setname in sys.argv[1].split(","):
     row = dict(set=setname, value_source=VALUE_SOURCE, kb_size=SIZE, questions=N, value_tokens=int(vt), gains=g, acc1=x["acc1"], em=x["answer_em"], em_wo=x["answer_em_without_gold"])
     out.append(row)
     print(setname, spec, "acc1", x["acc1"], "em", x["answer_em"], "em_wo", x["answer_em_without_gold"], "gap", round(x["answer_em"]-x["answer_em_without_gold"],2), round(time.time()-t0), flush=True)
-json.dump(out, open(os.environ.get("OUT", "/tmp/exp/sweep.json"), "w"), indent=1)
+    json.dump(out, open(os.environ.get("OUT", "/tmp/exp/sweep.json"), "w"), indent=1)  # after every point: a stopped sweep keeps its rows

@@ -79,8 +79,10 @@ def test_after_the_first_token_an_entry_writes_its_next_and_then_nothing(bare):
     ids[1:][(ids[1:] >= 68) & (ids[1:] <= 72)] += 10  # only entry 0 holds tokens 69-71
     ids[0, 1:] = torch.tensor([70.0, 71.0, -1, -1])  # entry 0: two tokens
     ids[0, 0] = 69.0
-    steps = [[5], [69 if bare else 70], [71], [8]]
-    wants = [0, 1, -1, 0]  # token written by entry 0 at each step: first, next, none (done), first again
+    steps = [[5], [69 if bare else 70], [71], [8], [70]]
+    # token written by entry 0 at each step: first, next, none (all of it is out), and none from then on
+    # (writing its first again after a comma made answers loop: "Memphis, Memphis, Memphis")
+    wants = [0, 1, -1, -1, -1]
     _, v_copy = with_ids(model, values, ids)
     attach(model, copy_ad)
     kb = KBInputs(keys, v_copy)

@@ -36,6 +36,24 @@ def test_encode_exact_does_not_depend_on_batching(encoder):
         assert np.array_equal(parts, whole)
 
 
+def test_encode_exact_does_not_depend_on_threads(encoder):
+    """A Ray actor encodes with 1 thread, the local engine with all: same bits. One-token names
+    ("Male", "Drama") are the case that broke it (192 tokens per pass took a thread-dependent kernel)."""
+    import torch
+
+    vocab = sorted(w for w in encoder.model.tokenizer.get_vocab() if w.isalpha() and len(w) > 3)
+    texts = vocab[:150] + [" ".join(vocab[i:i + 3]) for i in range(150, 600, 3)]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = encoder.encode_exact(texts, 256, False)
+        torch.set_num_threads(1)
+        one = encoder.encode_exact(texts, 256, False)
+    finally:
+        torch.set_num_threads(before)
+    assert np.array_equal(one, two)
+
+
 def test_ray_engine_without_ray_says_how_to_install(monkeypatch, tmp_path, demo_facts):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError, as on a machine without it
     monkeypatch.setitem(sys.modules, "ray.data", None)

@@ -60,7 +60,7 @@ class KBInputs:
     _inv_std: torch.Tensor | None = field(default=None, repr=False)
     _question_q: dict = field(default_factory=dict, repr=False)  # per layer: the question's KB-query term
     _call_ids: torch.Tensor | None = field(default=None, repr=False)  # copy values: this forward call's input ids
-    _copy_match: dict = field(default_factory=dict, repr=False)  # copy values, per layer: value prefixes matched so far
+    _copy_match: dict = field(default_factory=dict, repr=False)  # copy values, per layer: (prefixes matched, values out)
 
     def __post_init__(self):
         if self.pruned is not None:
@@ -312,9 +312,10 @@ def _copy_write(adapter: KBAdapter, layer: int, p_kb: torch.Tensor, values: torc
     The static value already writes g R A E[first token] (layer_weights). Per entry, j = the longest prefix
     of its token ids that the text ends with (the first token also matches without its leading space); where
     j > 0 this adds g R A (E[token j] - E[first token]), or cancels the write (- E[first token]) once the
-    whole value is out. So after "Marvel" the entry pushes " Comics", and after "Marvel Comics" nothing:
-    the constant first-token write made the model repeat it ("Marvel Marvel Marvel"). The matching state
-    carries over decode steps (T = 1). p_kb: [B, H, T, n]; values: [Bk, G, n, d] with the id columns last."""
+    whole value is out, and from then on for the rest of the text. So after "Marvel" the entry pushes
+    " Comics", and after "Marvel Comics" nothing, also after the next comma: the constant first-token write
+    made the model repeat it ("Marvel Marvel Marvel", and with the prefix match alone "Memphis, Memphis,").
+    The matching state carries over decode steps (T = 1). p_kb: [B, H, T, n]; values: [Bk, G, n, d] with the id columns last."""
     c = adapter.config
     i = c.kb_layers.index(layer)
     if kb._call_ids is None or not bool(adapter.token_gain[i].detach() != 0):
@@ -326,26 +327,33 @@ def _copy_write(adapter: KBAdapter, layer: int, p_kb: torch.Tensor, values: torc
     x = kb._call_ids.to(vid.device)                                                     # [B, T]
     B, H, T, n = p_kb.shape
     G = vid.shape[1]
-    state = kb._copy_match.get(layer) if T == 1 else None
-    if state is None or state.shape[-2] != n:
-        state = torch.zeros((B, G, n, m), dtype=torch.bool, device=vid.device)
+    prev = kb._copy_match.get(layer) if T == 1 else None
+    if prev is None or prev[0].shape[-2] != n:
+        prev = (torch.zeros((B, G, n, m), dtype=torch.bool, device=vid.device),
+                torch.zeros((B, G, n), dtype=torch.bool, device=vid.device))
+    state, done = prev
     steps = torch.arange(1, m + 1, device=vid.device)
-    js = []
+    js, dones = [], []
     for t in range(T):
         tok = x[:, t, None, None]                                                       # [B, 1, 1]
         first = (vid[..., 0] == tok) | (bare == tok)
         state = torch.cat([first[..., None], state[..., :-1] & (vid[..., 1:] == tok[..., None])], -1)
-        js.append((state * steps).amax(-1))                                             # [B, G, n]
-    kb._copy_match[layer] = state
+        jt = (state * steps).amax(-1)                                                   # [B, G, n]
+        js.append(jt)
+        dones.append(done)
+        done = done | ((jt > 0) & (jt >= length))
+    kb._copy_match[layer] = (state, done)
     j = torch.stack(js, 2)                                                              # [B, G, T, n]
-    b, g, t, e = (j > 0).nonzero(as_tuple=True)
+    was_done = torch.stack(dones, 2)                # the whole value already appeared before this position
+    b, g, t, e = ((j > 0) | was_done).nonzero(as_tuple=True)
     if len(b) == 0:
         return 0.0
     table = adapter.token_table.detach().to(f)
     bk = b if vid.shape[0] > 1 else torch.zeros_like(b)
-    jj, done = j[b, g, t, e], j[b, g, t, e] >= length[bk, g, e]
+    jj = j[b, g, t, e]
+    finished = (jj >= length[bk, g, e]) | was_done[b, g, t, e]
     nxt = vid[bk, g, e, jj.clamp(max=m - 1)]
-    delta = torch.where(done[:, None], 0.0, table[nxt.clamp_min(0)]) - table[vid[bk, g, e, 0]]   # [K, hidden]
+    delta = torch.where(finished[:, None], 0.0, table[nxt.clamp_min(0)]) - table[vid[bk, g, e, 0]]   # [K, hidden]
     corr = torch.zeros((B, T, H, table.shape[1]), dtype=f, device=p_kb.device)
     if G == 1:  # every head read this entry
         corr.index_put_((b, t), p_kb[b, :, t, e][..., None] * delta[:, None, :], accumulate=True)

@@ -496,7 +496,10 @@ def chat_cmd(kb_dir: Path = typer.Option(..., "--kb", help="KB directory."),
             typer.secho(f"error: {e}", fg=typer.colors.RED)
             messages.pop()
             continue
-        messages.append({"role": "assistant", "content": ans.text})
+        if ans.refused:  # the rule's words, not the model's: kept as context, they make it refuse again
+            messages.pop()  # the same question once /add has given the KB its fact
+        else:
+            messages.append({"role": "assistant", "content": ans.text})
         _print_answer(ans, console)
     if sys.stdin.isatty():
         import readline

@@ -86,10 +86,18 @@ class SentenceTransformerEncoder:
 
         A plain batch pads every text to the longest one and changes the matrix shapes, which moves
         float32 results by ~1e-7 and flips ~0.15% of fp16 values (measured on FB15k texts). Here texts
-        are grouped by token count (no padding at all) and every batch has at least EXACT_MIN_ROWS rows
-        (short ones repeat their own texts), so any partition of the same texts, in any order, on one or
-        many processes, gives bit-identical vectors on the same kind of device: the local and the Ray
-        build engines write fp16-equal KBs. No padding also makes it faster on CPU (1.5-2x on FB15k texts)."""
+        are grouped by token count (no padding at all) and every forward pass of texts with n tokens has
+        exactly `_exact_rows(n)` rows (a short last batch repeats its own texts), so every matmul of a
+        given token count has one shape.
+        A row's bits then depend on its text alone: any partition of the same texts, in any order, on one
+        or many processes, gives bit-identical vectors on the same kind of device, and the local and the
+        Ray build engines write fp16-equal KBs. A fixed shape, not a minimum size: which kernel (and so
+        which summation order) the CPU backend picks changes with the matrix size and the thread count,
+        at thresholds that differ between CPU models. On an AVX-512 Xeon, 16 rows of a length gave other
+        bits than 32, and 192 tokens per pass other bits with 1 thread (a Ray actor) than with 2 (the
+        local engine); from 256 tokens on, 1 and 2 threads agreed, hence at least EXACT_TOKENS per pass.
+        `batch_size` is accepted for the `encode` signature and ignored. No padding also makes it faster
+        on CPU (1.5-2x on FB15k texts)."""
         from tqdm.auto import tqdm
 
         texts = list(texts)
@@ -106,11 +114,11 @@ class SentenceTransformerEncoder:
         bounds = np.flatnonzero(np.diff(lengths[order])) + 1
         with tqdm(total=len(texts), disable=not show_progress, desc="encoding", unit="text") as bar:
             for group in np.split(order, bounds):
-                for s in range(0, len(group), batch_size):
-                    idx = group[s:s + batch_size]
+                rows = _exact_rows(int(lengths[group[0]]))
+                for s in range(0, len(group), rows):
+                    idx = group[s:s + rows]
                     batch = [texts[i] for i in idx]
-                    if len(batch) < EXACT_MIN_ROWS:  # tiny matmuls take other kernels: pad with repeats
-                        batch = (batch * EXACT_MIN_ROWS)[:EXACT_MIN_ROWS]
+                    batch = (batch * -(-rows // len(batch)))[:rows]  # one shape per token count
                     emb = self.model.encode(batch, batch_size=len(batch), convert_to_numpy=True,
                                             show_progress_bar=False)
                     out[idx] = emb[:len(idx)]
@@ -118,7 +126,12 @@ class SentenceTransformerEncoder:
         return out
 
 
-EXACT_MIN_ROWS = 16
+EXACT_ROWS = 64        # rows per forward pass of `encode_exact`, at least ...
+EXACT_TOKENS = 1024    # ... and at least this many tokens per pass (see its docstring)
+
+
+def _exact_rows(n_tokens: int) -> int:
+    return max(EXACT_ROWS, -(-EXACT_TOKENS // n_tokens))
 
 
 class OpenAIEncoder:
