@@ -142,3 +142,110 @@ def test_copy_payload_and_config_checks(tmp_path):
     copy_ad.save_pretrained(tmp_path / "a")
     with pytest.raises(AdapterError, match="value_tokens must be 1"):
         KBAdapter.from_pretrained(tmp_path / "a")
+
+
+def _share_votes(kb, layer, ids, vocab):
+    """The copy-logit votes a fresh prompt expects: each entry's share of the last KB layer's KB attention at
+    the last position, on its first value token."""
+    a = kb.attention[layer][0, -1]
+    share = a / a.sum()
+    votes = torch.zeros(vocab)
+    votes.index_add_(0, ids[:, 1].long(), share)
+    return votes
+
+
+@pytest.mark.parametrize("norm", ["kb", "mass"])
+@torch.no_grad()  # the copy logits are inference-only
+def test_copy_logits_add_gain_times_each_entrys_share_on_its_next_token(norm):
+    model = tiny_model("llama")
+    _, copy_ad = adapters(model, gain=0.0)  # the pointer alone: no residual write
+    keys, values, ids = copy_kb()
+    ids[:, 1:] = torch.where(ids[:, 1:] >= 0, ids[:, 1:], -1.0)
+    _, v_copy = with_ids(model, values, ids)
+    attach(model, copy_ad)
+    kb = KBInputs(keys, v_copy, record=True)
+    ref = model(IDS, atlaskv_kb=kb).logits
+    copy_ad.config.copy_logit_gain, copy_ad.config.copy_logit_norm = 3.0, norm
+    out = model(IDS, atlaskv_kb=KBInputs(keys, v_copy)).logits
+    assert (out[:, :-1] - ref[:, :-1]).abs().max().item() == 0  # only the next token's logits move
+    last = copy_ad.config.kb_layers[-1]
+    votes = _share_votes(kb, last, ids, out.shape[-1])
+    if norm == "mass":  # the share of all attention (KB and text), averaged over heads
+        votes = votes * kb.attention[last][0, -1].sum() / copy_ad.config.num_heads
+    torch.testing.assert_close(out[0, -1] - ref[0, -1], 3.0 * votes, atol=1e-5, rtol=1e-4)
+
+
+@torch.no_grad()  # the copy logits are inference-only
+def test_copy_logits_follow_the_answer_and_stop_once_the_value_is_out():
+    model = tiny_model("llama")
+    _, copy_ad = adapters(model, gain=0.0)
+    keys, values, ids = copy_kb()
+    ids[1:][(ids[1:] >= 68) & (ids[1:] <= 72)] += 10  # only entry 0 holds tokens 69-71
+    ids[0, 1:] = torch.tensor([70.0, 71.0, -1, -1])
+    ids[0, 0] = 69.0
+    _, v_copy = with_ids(model, values, ids)
+    attach(model, copy_ad)
+
+    def moved(steps):
+        outs = []
+        for g in (0.0, 5.0):
+            copy_ad.config.copy_logit_gain = g
+            kb, cache = KBInputs(keys, v_copy), DynamicCache()
+            for s in steps:
+                o = model(torch.tensor([s]), atlaskv_kb=kb, past_key_values=cache, use_cache=True).logits
+            outs.append(o[0, -1])
+        return outs[1] - outs[0]
+
+    assert moved([[5]])[70] > 0 and moved([[5]])[71] == 0        # votes for its first token
+    d = moved([[5], [70]])
+    assert d[71] > 0 and d[70] == 0                                 # then for its next one
+    d = moved([[5], [70], [71], [8]])
+    assert d[70] == 0 and d[71] == 0                                # and for nothing once all of it is out
+
+
+@torch.no_grad()  # the copy logits are inference-only
+def test_copy_logits_steer_generate_and_pruned_equals_flat():
+    model = tiny_model("llama")
+    _, copy_ad = adapters(model, gain=0.0)
+    keys, values, ids = copy_kb(60)
+    _, v_copy = with_ids(model, values, ids)
+    attach(model, copy_ad)
+    kb = KBInputs(keys, v_copy, record=True, scale_factor=30.0)
+    model(IDS, atlaskv_kb=kb)
+    top = _share_votes(kb, copy_ad.config.kb_layers[-1], ids, 97).argmax()
+    copy_ad.config.copy_logit_gain = 1e4  # the votes decide
+    from atlaskv.attention import use_kb
+    with use_kb(KBInputs(keys, v_copy, scale_factor=30.0)):
+        out = model.generate(IDS, attention_mask=torch.ones_like(IDS), max_new_tokens=1, do_sample=False)
+    assert int(out[0, -1]) == int(top)
+    copy_ad.config.copy_logit_gain = 2.0
+    seq = torch.tensor([[5, int(ids[7, 1]), 17, int(ids[9, 0]), 8]])
+    ref = model(seq, atlaskv_kb=KBInputs(keys, v_copy, scale_factor=30.0)).logits
+    pruned = KBInputs(pruned=pruned_kb(keys, v_copy, (10**6,) * 3), scale_factor=30.0)
+    assert (model(seq, atlaskv_kb=pruned).logits - ref).abs().max().item() < 1e-5
+
+
+def test_copy_logit_settings_round_trip_and_are_checked(tmp_path):
+    model = tiny_model("llama")
+    _, copy_ad = adapters(model)
+    copy_ad.config.copy_logit_gain, copy_ad.config.copy_logit_norm = 6.0, "mass"
+    copy_ad.save_pretrained(tmp_path / "a")
+    back = KBAdapter.from_pretrained(tmp_path / "a")
+    assert (back.config.copy_logit_gain, back.config.copy_logit_norm) == (6.0, "mass")
+    for field_, bad, msg in (("copy_logit_norm", "sum", "copy_logit_norm"), ("copy_logit_gain", -1.0, "copy_logit_gain"),
+                             ("copy_logit_gain", float("nan"), "copy_logit_gain")):
+        a = KBAdapter(replace(copy_ad.config, **{field_: bad}))
+        a.save_pretrained(tmp_path / "b")
+        with pytest.raises(AdapterError, match=msg):
+            KBAdapter.from_pretrained(tmp_path / "b")
+
+
+def test_copy_logits_stay_out_of_training_forwards():
+    model = tiny_model("llama")
+    _, copy_ad = adapters(model, gain=0.0)
+    keys, values, ids = copy_kb()
+    _, v_copy = with_ids(model, values, ids)
+    attach(model, copy_ad)
+    ref = model(IDS, atlaskv_kb=KBInputs(keys, v_copy)).logits
+    copy_ad.config.copy_logit_gain = 5.0
+    assert (model(IDS, atlaskv_kb=KBInputs(keys, v_copy)).logits - ref).abs().max().item() == 0

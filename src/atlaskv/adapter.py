@@ -72,6 +72,9 @@ class AdapterConfig:
     value_source: str = "encoder"      # or "encoder+llm_tokens": values also carry the LLM's token embeddings
     value_tokens: int = 1              # token values: how many of the value's first tokens are averaged (1 measured best)
     copy_tokens: int = 8               # "encoder+llm_copy": how many of the value's tokens are written one after another
+    copy_logit_gain: float = 0.0       # copy values, inference: next-token logits += gain x each entry's share of the
+                                       # last KB layer's KB attention, on that entry's next value token (0: off)
+    copy_logit_norm: str = "kb"        # the share: of the KB attention ("kb") or of all attention ("mass")
     layer_norm_eps: float = 1e-5
     training: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
@@ -158,6 +161,11 @@ def _check_config_values(config: AdapterConfig, cfg_file: Path) -> None:
     if not (isinstance(eps, (int, float)) and 0 < eps < 1) or not (
             scale is None or (isinstance(scale, (int, float)) and 0 < scale < 1e12)):
         raise AdapterError(f"{cfg_file}: layer_norm_eps / kb_scale_factor out of range")
+    gain = config.copy_logit_gain
+    if not (isinstance(gain, (int, float)) and not isinstance(gain, bool) and 0 <= gain < 1e6):
+        raise AdapterError(f"{cfg_file}: copy_logit_gain is {gain!r}, expected a number from 0 to 10^6")
+    if config.copy_logit_norm not in ("kb", "mass"):
+        raise AdapterError(f"{cfg_file}: copy_logit_norm is {config.copy_logit_norm!r}, expected 'kb' or 'mass'")
     if not isinstance(config.training, dict):
         raise AdapterError(f"{cfg_file}: training must be an object")
 

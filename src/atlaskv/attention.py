@@ -61,6 +61,7 @@ class KBInputs:
     _question_q: dict = field(default_factory=dict, repr=False)  # per layer: the question's KB-query term
     _call_ids: torch.Tensor | None = field(default=None, repr=False)  # copy values: this forward call's input ids
     _copy_match: dict = field(default_factory=dict, repr=False)  # copy values, per layer: (prefixes matched, values out)
+    _copy_boost: torch.Tensor | None = field(default=None, repr=False)  # copy logits: [B, V] for the call's last position
 
     def __post_init__(self):
         if self.pruned is not None:
@@ -318,7 +319,9 @@ def _copy_write(adapter: KBAdapter, layer: int, p_kb: torch.Tensor, values: torc
     The matching state carries over decode steps (T = 1). p_kb: [B, H, T, n]; values: [Bk, G, n, d] with the id columns last."""
     c = adapter.config
     i = c.kb_layers.index(layer)
-    if kb._call_ids is None or not bool(adapter.token_gain[i].detach() != 0):
+    write = bool(adapter.token_gain[i].detach() != 0)
+    point = c.copy_logit_gain > 0 and layer == c.kb_layers[-1] and not torch.is_grad_enabled()  # inference only
+    if kb._call_ids is None or not (write or point):
         return 0.0
     m = c.copy_tokens
     ids = values[..., -(m + 1):].round().long()                                        # [Bk, G, n, m + 1]
@@ -343,6 +346,10 @@ def _copy_write(adapter: KBAdapter, layer: int, p_kb: torch.Tensor, values: torc
         dones.append(done)
         done = done | ((jt > 0) & (jt >= length))
     kb._copy_match[layer] = (state, done)
+    if point:
+        _copy_pointer(adapter, p_kb, vid, state, done, steps, kb)
+    if not write:
+        return 0.0
     j = torch.stack(js, 2)                                                              # [B, G, T, n]
     was_done = torch.stack(dones, 2)                # the whole value already appeared before this position
     b, g, t, e = ((j > 0) | was_done).nonzero(as_tuple=True)
@@ -362,6 +369,32 @@ def _copy_write(adapter: KBAdapter, layer: int, p_kb: torch.Tensor, values: torc
     w_v, _ = adapter.layer_weights(layer, "value")
     w_tok = _per_query_head(w_v[..., c.encoder_dim:c.encoder_dim + c.hidden_size], H).to(f)  # [H, D, hidden]
     return torch.einsum("bthc,hdc->bhtd", corr, w_tok)
+
+
+def _copy_pointer(adapter: KBAdapter, p_kb: torch.Tensor, vid: torch.Tensor, state: torch.Tensor, done: torch.Tensor,
+                  steps: torch.Tensor, kb: KBInputs) -> None:
+    """Copy logits: after the last KB layer, each entry votes for its next value token (its first until the
+    text ends with a prefix of it, nothing once all of it is out) with its share of that layer's KB attention
+    at the call's last position; _copy_logits_hook adds gain x the votes to the next-token logits. Unlike the
+    residual write this skips the last layers and the final norm, so the gain reads in nats."""
+    B, H, T, n = p_kb.shape
+    w = p_kb[:, :, -1, :]                                                               # [B, H, n]
+    G = vid.shape[1]
+    w = w.sum(1, keepdim=True) if G == 1 else w                                        # [B, G, n]
+    if adapter.config.copy_logit_norm == "kb":  # the entry's share of the KB part
+        w = w / w.sum((1, 2), keepdim=True).clamp_min(1e-30)
+    else:  # "mass": the entry's share of all attention (KB and text), averaged over heads
+        w = w / H
+    j = (state * steps).amax(-1)                                                        # [B, G, n]
+    bk = vid if vid.shape[0] == B else vid.expand(B, -1, -1, -1)
+    nxt = torch.gather(bk, -1, j.clamp(max=bk.shape[-1] - 1)[..., None])[..., 0]        # [B, G, n]
+    nxt = torch.where(j >= (bk >= 0).sum(-1), -1, nxt)
+    keep = (~done) & (nxt >= 0)
+    V = adapter.token_table.shape[0]
+    boost = torch.zeros((B, V), dtype=torch.float32, device=p_kb.device)
+    bb = torch.arange(B, device=p_kb.device)[:, None, None].expand_as(nxt)
+    boost.index_put_((bb[keep], nxt[keep]), w[keep].float(), accumulate=True)
+    kb._copy_boost = boost
 
 
 def _projected(sel, adapter: KBAdapter, layer: int, H: int, f: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -459,7 +492,25 @@ def _record_ids_hook(module, args, kwargs):
     if new_prompt:
         kb._copy_match.clear()
     kb._call_ids = ids
+    kb._copy_boost = None
+    _CALL_KB.set(kb)
     return None
+
+
+_CALL_KB: contextvars.ContextVar[KBInputs | None] = contextvars.ContextVar("atlaskv_call_kb", default=None)
+
+
+def _copy_logits_hook(module, args, output, *, adapter: KBAdapter):
+    """Copy logits: the last KB layer's votes (_copy_pointer) raise the last position's next-token logits."""
+    kb = _CALL_KB.get()
+    if kb is None or kb._copy_boost is None:
+        return None
+    boost, kb._copy_boost = kb._copy_boost, None
+    if output.shape[0] != boost.shape[0] or output.shape[-1] < boost.shape[1]:
+        return None
+    output = output.clone()
+    output[:, -1, :boost.shape[1]] += (adapter.config.copy_logit_gain * boost).to(output.dtype)
+    return output
 
 
 def register(base: str) -> str:
@@ -497,6 +548,8 @@ def attach(model, adapter: KBAdapter) -> None:
                                                  with_kwargs=True) for l in adapter.config.kb_layers]
     if adapter.config.copy_values:
         handles.append(model.register_forward_pre_hook(_record_ids_hook, with_kwargs=True))
+        handles.append(model.get_output_embeddings().register_forward_hook(
+            functools.partial(_copy_logits_hook, adapter=adapter)))
     model._atlaskv = {"handles": handles, "base": base, "adapter": adapter}
     _set_attn(model, register(base))
 
