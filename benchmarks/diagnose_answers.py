@@ -2,7 +2,9 @@
 
 For the questions `atlaskv eval grounding` answers (same seed, KBs and order; flat attention), writes one
 JSONL row per question: the greedy answer, the gold tail, and the tail of the triple the KB attention
-ranks first. A wrong answer whose top-attended triple is the gold one failed at the answer stage.
+ranks first, and the KB value the answer names first. A wrong answer whose top-attended triple is the gold
+one failed at the answer stage; `gold_named_first` counts answers whose first KB value named is the gold
+one (stricter than answer EM, which only asks that the gold tail appears).
 
     .venv/bin/python benchmarks/diagnose_answers.py --set ../shared/eval/fb15k --size 100 --questions 100
 """
@@ -16,8 +18,16 @@ import numpy as np
 import torch
 
 from atlaskv.encoder import load_encoder
-from atlaskv.evaluate import adapter_pool, ask_batch, contains_answer, kb_chunks, load_pool
+from atlaskv.evaluate import adapter_pool, ask_batch, contains_answer, kb_chunks, load_pool, normalize
 from atlaskv.model import AtlasKV
+
+
+def first_named(answer: str, tails: list[str]) -> str | None:
+    """The KB value the answer names first (the longest where several start at the same word): a stricter
+    reading than "the gold tail appears" ("The English language is French." names English first)."""
+    text = f" {normalize(answer)} "
+    hits = [(text.find(f" {normalize(t)} "), -len(t), t) for t in tails if normalize(t) and f" {normalize(t)} " in text]
+    return min(hits)[2] if hits else None
 
 
 def main():
@@ -39,6 +49,7 @@ def main():
     for qs, rows in kb_chunks(pool, qidx, size, args.distractors, np.random.default_rng([args.seed, size])):
         keys = torch.from_numpy(pool.keys[rows].astype(np.float32))
         values = torch.from_numpy(pool.values[rows].astype(np.float32))
+        tails = sorted({pool.triples[r].tail for r in rows})
         for s in range(0, len(qs), 16):
             bq = [pool.questions[q] for q in qs[s:s + 16]]
             texts = [q.question for q in bq]
@@ -48,13 +59,15 @@ def main():
                 top = pool.triples[rows[int(pos[0])]]
                 rows_out.append({"question": q.question, "gold": q.tail, "answer": a.strip(),
                                  "correct": contains_answer(a, q.tail), "top_attended_tail": top.tail,
-                                 "top_is_gold": top == q.triple, "top_share": round(float(w[0] / w.sum()), 4)})
+                                 "top_is_gold": top == q.triple, "top_share": round(float(w[0] / w.sum()), 4),
+                                 "first_named_tail": first_named(a, tails)})
     out = Path(args.out or f"benchmarks/results/answer_stage/{Path(args.set).name}_{size}.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(r) + "\n" for r in rows_out))
     wrong = [r for r in rows_out if not r["correct"]]
     summary = {"set": Path(args.set).name, "kb_size": size, "questions": len(rows_out),
                "correct": len(rows_out) - len(wrong), "wrong": len(wrong),
+               "gold_named_first": sum(r["first_named_tail"] == r["gold"] for r in rows_out),
                "wrong_with_gold_ranked_first": sum(r["top_is_gold"] for r in wrong),
                "wrong_tail_named_in_answer": sum(contains_answer(r["answer"], r["top_attended_tail"]) for r in wrong)}
     out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=1) + "\n")

@@ -75,6 +75,7 @@ class AdapterConfig:
     copy_logit_gain: float = 0.0       # copy values, inference: next-token logits += gain x each entry's share of the
                                        # last KB layer's KB attention, on that entry's next value token (0: off)
     copy_logit_norm: str = "kb"        # the share: of the KB attention ("kb") or of all attention ("mass")
+    copy_logit_mode: str = "add"       # "add": logits += gain x votes; "mix": p = (1 - gain) p_model + gain x votes
     layer_norm_eps: float = 1e-5
     training: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
@@ -164,6 +165,9 @@ def _check_config_values(config: AdapterConfig, cfg_file: Path) -> None:
     gain = config.copy_logit_gain
     if not (isinstance(gain, (int, float)) and not isinstance(gain, bool) and 0 <= gain < 1e6):
         raise AdapterError(f"{cfg_file}: copy_logit_gain is {gain!r}, expected a number from 0 to 10^6")
+    if config.copy_logit_mode not in ("add", "mix") or (config.copy_logit_mode == "mix" and not gain < 1):
+        raise AdapterError(f"{cfg_file}: copy_logit_mode is {config.copy_logit_mode!r} with gain {gain!r}, "
+                           "expected 'add', or 'mix' with a gain below 1")
     if config.copy_logit_norm not in ("kb", "mass"):
         raise AdapterError(f"{cfg_file}: copy_logit_norm is {config.copy_logit_norm!r}, expected 'kb' or 'mass'")
     if not isinstance(config.training, dict):
@@ -210,6 +214,14 @@ class KBAdapter(nn.Module):
         c = self.config
         # copy values: the rows of the tokens to write next (attention.py); a reference, never saved
         self.__dict__["token_table"] = model.get_input_embeddings().weight
+        # and the ids that open or close a chat turn: the copy match restarts there, so a value the question
+        # names does not count as already said in the answer
+        turn = set()
+        for cfg in (model.config, getattr(model, "generation_config", None)):
+            for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                v = getattr(cfg, k, None) if cfg is not None else None
+                turn.update(v if isinstance(v, (list, tuple)) else [] if v is None else [v])
+        self.__dict__["turn_ids"] = torch.tensor(sorted(int(t) for t in turn), dtype=torch.long)
         attn = _attention_modules(model)
         with torch.no_grad():
             for i, l in enumerate(c.kb_layers):

@@ -316,7 +316,8 @@ def _copy_write(adapter: KBAdapter, layer: int, p_kb: torch.Tensor, values: torc
     whole value is out, and from then on for the rest of the text. So after "Marvel" the entry pushes
     " Comics", and after "Marvel Comics" nothing, also after the next comma: the constant first-token write
     made the model repeat it ("Marvel Marvel Marvel", and with the prefix match alone "Memphis, Memphis,").
-    The matching state carries over decode steps (T = 1). p_kb: [B, H, T, n]; values: [Bk, G, n, d] with the id columns last."""
+    The matching state carries over decode steps (T = 1) and restarts where a chat turn opens or closes (the
+    model's bos / eos / pad ids), so a value the question names is not taken as said. p_kb: [B, H, T, n]; values: [Bk, G, n, d] with the id columns last."""
     c = adapter.config
     i = c.kb_layers.index(layer)
     write = bool(adapter.token_gain[i].detach() != 0)
@@ -337,8 +338,14 @@ def _copy_write(adapter: KBAdapter, layer: int, p_kb: torch.Tensor, values: torc
     state, done = prev
     steps = torch.arange(1, m + 1, device=vid.device)
     js, dones = [], []
+    turn = getattr(adapter, "turn_ids", None)
+    turn = turn.to(x.device) if turn is not None else x.new_empty(0)
+    new_turn = torch.isin(x, turn)                                                      # [B, T]
     for t in range(T):
         tok = x[:, t, None, None]                                                       # [B, 1, 1]
+        if bool(new_turn[:, t].any()):  # a chat turn opens or closes: nothing of any value is out yet
+            fresh = ~new_turn[:, t, None, None]
+            state, done = state & fresh[..., None], done & fresh
         first = (vid[..., 0] == tok) | (bare == tok)
         state = torch.cat([first[..., None], state[..., :-1] & (vid[..., 1:] == tok[..., None])], -1)
         jt = (state * steps).amax(-1)                                                   # [B, G, n]
@@ -390,6 +397,9 @@ def _copy_pointer(adapter: KBAdapter, p_kb: torch.Tensor, vid: torch.Tensor, sta
     nxt = torch.gather(bk, -1, j.clamp(max=bk.shape[-1] - 1)[..., None])[..., 0]        # [B, G, n]
     nxt = torch.where(j >= (bk >= 0).sum(-1), -1, nxt)
     keep = (~done) & (nxt >= 0)
+    # once one entry's whole value is out the answer has its fact: no more votes (they appended other
+    # values: "Chicago United States Dollar")
+    keep = keep & ~done.flatten(1).any(1)[:, None, None]
     V = adapter.token_table.shape[0]
     boost = torch.zeros((B, V), dtype=torch.float32, device=p_kb.device)
     bb = torch.arange(B, device=p_kb.device)[:, None, None].expand_as(nxt)
@@ -508,8 +518,15 @@ def _copy_logits_hook(module, args, output, *, adapter: KBAdapter):
     boost, kb._copy_boost = kb._copy_boost, None
     if output.shape[0] != boost.shape[0] or output.shape[-1] < boost.shape[1]:
         return None
+    c = adapter.config
     output = output.clone()
-    output[:, -1, :boost.shape[1]] += (adapter.config.copy_logit_gain * boost).to(output.dtype)
+    if c.copy_logit_mode == "add":
+        output[:, -1, :boost.shape[1]] += (c.copy_logit_gain * boost).to(output.dtype)
+    else:  # "mix": the next token comes from the model with 1 - g, from the votes with g (a pointer-generator)
+        z = output[:, -1].float().log_softmax(-1) + math.log1p(-c.copy_logit_gain)
+        votes = torch.zeros_like(z)
+        votes[:, :boost.shape[1]] = boost
+        output[:, -1] = torch.logaddexp(z, (c.copy_logit_gain * votes).log()).to(output.dtype)
     return output
 
 
