@@ -114,9 +114,12 @@ def test_one_prefill_equals_decode_steps_and_a_new_prompt_starts_afresh():
         cache = DynamicCache()
 
 
-def test_pruned_copy_values_equal_flat():
+@pytest.mark.parametrize("copy_logit_gain", [0.0, 2.0])
+@torch.no_grad()  # the copy logits are inference-only
+def test_pruned_copy_values_equal_flat(copy_logit_gain):
     model = tiny_model("llama")
     _, copy_ad = adapters(model)
+    copy_ad.config.copy_logit_gain = copy_logit_gain
     keys, values, ids = copy_kb(60)
     seq = torch.tensor([[5, int(ids[7, 1]), 17, int(ids[9, 0]), 8]])
     _, v_copy = with_ids(model, values, ids)
@@ -208,7 +211,7 @@ def test_copy_logits_follow_the_answer_and_stop_once_the_value_is_out():
 
 
 @torch.no_grad()  # the copy logits are inference-only
-def test_copy_logits_steer_generate_and_pruned_equals_flat():
+def test_copy_logits_steer_generate():
     model = tiny_model("llama")
     _, copy_ad = adapters(model, gain=0.0)
     keys, values, ids = copy_kb(60)
@@ -225,11 +228,6 @@ def test_copy_logits_steer_generate_and_pruned_equals_flat():
     with use_kb(KBInputs(keys, v_copy, scale_factor=30.0)):
         out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=1, do_sample=False)
     assert int(out[0, -1]) == int(top)
-    copy_ad.config.copy_logit_gain = 2.0
-    seq = torch.tensor([[5, int(ids[7, 1]), 17, int(ids[9, 0]), 8]])
-    ref = model(seq, atlaskv_kb=KBInputs(keys, v_copy, scale_factor=30.0)).logits
-    pruned = KBInputs(pruned=pruned_kb(keys, v_copy, (10**6,) * 3), scale_factor=30.0)
-    assert (model(seq, atlaskv_kb=pruned).logits - ref).abs().max().item() < 1e-5
 
 
 def test_copy_logit_settings_round_trip_and_are_checked(tmp_path):

@@ -338,12 +338,11 @@ def _copy_write(adapter: KBAdapter, layer: int, p_kb: torch.Tensor, values: torc
     state, done = prev
     steps = torch.arange(1, m + 1, device=vid.device)
     js, dones = [], []
-    turn = getattr(adapter, "turn_ids", None)
-    turn = turn.to(x.device) if turn is not None else x.new_empty(0)
-    new_turn = torch.isin(x, turn)                                                      # [B, T]
+    new_turn = torch.isin(x, adapter.turn_ids.to(x.device))                             # [B, T]
+    turn_at = new_turn.any(0).tolist()  # one host sync per call, not one per token
     for t in range(T):
         tok = x[:, t, None, None]                                                       # [B, 1, 1]
-        if bool(new_turn[:, t].any()):  # a chat turn opens or closes: nothing of any value is out yet
+        if turn_at[t]:  # a chat turn opens or closes: nothing of any value is out yet
             fresh = ~new_turn[:, t, None, None]
             state, done = state & fresh[..., None], done & fresh
         first = (vid[..., 0] == tok) | (bare == tok)
@@ -354,7 +353,7 @@ def _copy_write(adapter: KBAdapter, layer: int, p_kb: torch.Tensor, values: torc
         done = done | ((jt > 0) & (jt >= length))
     kb._copy_match[layer] = (state, done)
     if point:
-        _copy_pointer(adapter, p_kb, vid, state, done, steps, kb)
+        _copy_pointer(adapter, p_kb, vid, jt, length, done, kb)
     if not write:
         return 0.0
     j = torch.stack(js, 2)                                                              # [B, G, T, n]
@@ -378,12 +377,13 @@ def _copy_write(adapter: KBAdapter, layer: int, p_kb: torch.Tensor, values: torc
     return torch.einsum("bthc,hdc->bhtd", corr, w_tok)
 
 
-def _copy_pointer(adapter: KBAdapter, p_kb: torch.Tensor, vid: torch.Tensor, state: torch.Tensor, done: torch.Tensor,
-                  steps: torch.Tensor, kb: KBInputs) -> None:
+def _copy_pointer(adapter: KBAdapter, p_kb: torch.Tensor, vid: torch.Tensor, j: torch.Tensor, length: torch.Tensor,
+                  done: torch.Tensor, kb: KBInputs) -> None:
     """Copy logits: after the last KB layer, each entry votes for its next value token (its first until the
     text ends with a prefix of it, nothing once all of it is out) with its share of that layer's KB attention
     at the call's last position; _copy_logits_hook adds gain x the votes to the next-token logits. Unlike the
-    residual write this skips the last layers and the final norm, so the gain reads in nats."""
+    residual write this skips the last layers and the final norm, so the gain reads in nats. j: the prefix
+    each entry has matched after the call's last token, [B, G, n]; length: its token count, [Bk, G, n]."""
     B, H, T, n = p_kb.shape
     w = p_kb[:, :, -1, :]                                                               # [B, H, n]
     G = vid.shape[1]
@@ -392,10 +392,9 @@ def _copy_pointer(adapter: KBAdapter, p_kb: torch.Tensor, vid: torch.Tensor, sta
         w = w / w.sum((1, 2), keepdim=True).clamp_min(1e-30)
     else:  # "mass": the entry's share of all attention (KB and text), averaged over heads
         w = w / H
-    j = (state * steps).amax(-1)                                                        # [B, G, n]
     bk = vid if vid.shape[0] == B else vid.expand(B, -1, -1, -1)
     nxt = torch.gather(bk, -1, j.clamp(max=bk.shape[-1] - 1)[..., None])[..., 0]        # [B, G, n]
-    nxt = torch.where(j >= (bk >= 0).sum(-1), -1, nxt)
+    nxt = torch.where(j >= length, -1, nxt)
     keep = (~done) & (nxt >= 0)
     # once one entry's whole value is out the answer has its fact: no more votes (they appended other
     # values: "Chicago United States Dollar")
