@@ -3,8 +3,8 @@
 """
 import json, resource, sys, time
 import torch
-from atlaskv.model import AtlasKV
-from atlaskv.store import KnowledgeBase
+from atlaskv.model.atlaskv import AtlasKV
+from atlaskv.kb.store import KnowledgeBase
 
 adapter, kb_dir = (sys.argv[1] if sys.argv[1] != "default" else None), sys.argv[2]
 torch.set_num_threads(2)

@@ -30,9 +30,9 @@ def child(kb_dir: str, n: int, layout: str, prompt_tokens: int, repeats: int) ->
     import numpy as np
     import torch
 
-    from atlaskv.attention import KBInputs, use_kb
-    from atlaskv.model import AtlasKV
-    from atlaskv.store import KnowledgeBase
+    from atlaskv.model.attention import KBInputs, use_kb
+    from atlaskv.model.atlaskv import AtlasKV
+    from atlaskv.kb.store import KnowledgeBase
 
     torch.manual_seed(0)
     akv = AtlasKV.from_base_model(kb_heads=layout)
@@ -85,8 +85,8 @@ def main() -> None:
         print(json.dumps(child(kb_dir, int(n), layout, int(pt), int(rep))))
         return
 
-    from atlaskv.kg import read_triples
-    from atlaskv.store import KnowledgeBase
+    from atlaskv.kb.triples import read_triples
+    from atlaskv.kb.store import KnowledgeBase
 
     sizes = [int(float(s)) for s in args.sizes.split(",")]
     work = Path(tempfile.mkdtemp(prefix="atlaskv-bench-attn-"))

@@ -33,10 +33,10 @@ def main() -> None:
 
     import torch
 
-    from atlaskv.encoder import load_encoder
-    from atlaskv.kg import read_triples, write_triples
-    from atlaskv.kg2kv import triples_to_records
-    from atlaskv.store import KnowledgeBase
+    from atlaskv.kb.encoder import load_encoder
+    from atlaskv.kb.triples import read_triples, write_triples
+    from atlaskv.kb.records import triples_to_records
+    from atlaskv.kb.store import KnowledgeBase
 
     triples = read_triples(args.data).triples[: args.n]
     if len(triples) < args.n:

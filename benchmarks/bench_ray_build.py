@@ -41,9 +41,9 @@ def main() -> None:
     import ray
     import torch
 
-    from atlaskv.encoder import _CACHE
-    from atlaskv.kg import read_triples, write_triples
-    from atlaskv.store import KnowledgeBase
+    from atlaskv.kb.encoder import _CACHE
+    from atlaskv.kb.triples import read_triples, write_triples
+    from atlaskv.kb.store import KnowledgeBase
 
     triples = read_triples(args.data).triples[: args.n]
     if len(triples) < args.n:

@@ -16,10 +16,10 @@ import time
 
 import torch
 
-from atlaskv.adapter import TOKEN_GAIN_UNIT
-from atlaskv.encoder import load_encoder
-from atlaskv.evaluate import eval_grounding
-from atlaskv.model import AtlasKV
+from atlaskv.model.adapter import TOKEN_GAIN_UNIT
+from atlaskv.kb.encoder import load_encoder
+from atlaskv.evaluation.grounding import eval_grounding
+from atlaskv.model.atlaskv import AtlasKV
 
 torch.set_num_threads(2)
 SIZE, N = int(os.environ.get("SIZE", 100)), int(os.environ.get("N", 200))

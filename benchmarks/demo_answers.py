@@ -9,8 +9,8 @@ import json
 import sys
 
 from atlaskv import KnowledgeBase
-from atlaskv.evaluate import contains_answer
-from atlaskv.model import AtlasKV
+from atlaskv.evaluation.grounding import contains_answer
+from atlaskv.model.atlaskv import AtlasKV
 
 kb = KnowledgeBase.open("build/demo_kb")
 questions = [json.loads(line) for line in open("examples/demo/questions.jsonl")][:10]

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from atlaskv.encoder import load_encoder
-from atlaskv.evaluate import adapter_pool, ask_batch, contains_answer, kb_chunks, load_pool, normalize
-from atlaskv.model import AtlasKV
+from atlaskv.kb.encoder import load_encoder
+from atlaskv.evaluation.grounding import adapter_pool, ask_batch, contains_answer, kb_chunks, load_pool, normalize
+from atlaskv.model.atlaskv import AtlasKV
 
 
 def first_named(answer: str, tails: list[str]) -> str | None:

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from atlaskv.evaluate import contains_answer, normalize
-from atlaskv.kg import read_eval_set
-from atlaskv.model import AtlasKV
-from atlaskv.store import KnowledgeBase
+from atlaskv.evaluation.grounding import contains_answer, normalize
+from atlaskv.kb.triples import read_eval_set
+from atlaskv.model.atlaskv import AtlasKV
+from atlaskv.kb.store import KnowledgeBase
 from atlaskv.train import REFUSAL
 
 

@@ -30,8 +30,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from atlaskv.kg import Triple, read_triples, write_triples  # noqa: E402
-from atlaskv.store import KBError, KnowledgeBase  # noqa: E402
+from atlaskv.kb.triples import Triple, read_triples, write_triples  # noqa: E402
+from atlaskv.kb.store import KBError, KnowledgeBase  # noqa: E402
 
 OPS = ("build", "add", "remove", "compact")
 # write windows used without calibration (seconds after the first sign of writing)

@@ -36,8 +36,8 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from atlaskv.kg import Triple, read_triples, write_triples  # noqa: E402
-from atlaskv.store import KnowledgeBase  # noqa: E402
+from atlaskv.kb.triples import Triple, read_triples, write_triples  # noqa: E402
+from atlaskv.kb.store import KnowledgeBase  # noqa: E402
 
 MIX = {"ask": 0.35, "stream": 0.25, "add": 0.2, "delete": 0.15, "hostile": 0.05}
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from atlaskv.kg import read_triples
+from atlaskv.kb.triples import read_triples
 from atlaskv.train import QUESTION_TEMPLATES
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,12 +11,12 @@ Picking a gain on the evaluation sets is optimistic: pick it on the dev set of t
 (benchmarks/make_dev_set.py), as token_values_dev_sweep.json does.
 """
 import sys, os, time, torch, json
-from atlaskv.adapter import TOKEN_GAIN_UNIT
-from atlaskv.model import AtlasKV
-from atlaskv.attention import attach
+from atlaskv.model.adapter import TOKEN_GAIN_UNIT
+from atlaskv.model.atlaskv import AtlasKV
+from atlaskv.model.attention import attach
 from atlaskv.train import TrainConfig, _with_new_values
-from atlaskv.encoder import load_encoder
-from atlaskv.evaluate import eval_grounding
+from atlaskv.kb.encoder import load_encoder
+from atlaskv.evaluation.grounding import eval_grounding
 torch.set_num_threads(2)
 SIZE, N = int(os.environ.get("SIZE", 100)), int(os.environ.get("N", 100))
 akv = AtlasKV.from_pretrained()

@@ -5,8 +5,8 @@ import time
 from pathlib import Path
 
 from atlaskv import KnowledgeBase
-from atlaskv.evaluate import contains_answer
-from atlaskv.model import AtlasKV
+from atlaskv.evaluation.grounding import contains_answer
+from atlaskv.model.atlaskv import AtlasKV
 
 HERE = Path(__file__).resolve().parent / "demo"
 KB_DIR = Path("build/demo_kb")

@@ -32,7 +32,7 @@ def demo_facts() -> Path:
 
 @pytest.fixture(scope="session")
 def encoder():
-    from atlaskv.encoder import load_encoder
+    from atlaskv.kb.encoder import load_encoder
 
     return load_encoder()
 
@@ -41,6 +41,6 @@ def encoder():
 def trained_model():
     """SmolLM2 + the shipped adapter, loaded once for every test file that reads it (no test changes it)."""
     pytest.importorskip("gguf")
-    from atlaskv.model import AtlasKV
+    from atlaskv.model.atlaskv import AtlasKV
 
     return AtlasKV.from_pretrained()

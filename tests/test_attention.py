@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from atlaskv.adapter import AdapterConfig, AdapterError, KBAdapter
-from atlaskv.attention import KBInputs, attach, detach, kb_attention, use_kb
+from atlaskv.model.adapter import AdapterConfig, AdapterError, KBAdapter
+from atlaskv.model.attention import KBInputs, attach, detach, kb_attention, use_kb
 
 D_IN = 24
 torch.manual_seed(0)
@@ -343,7 +343,7 @@ def test_kb_query_heads_start_as_q_proj_copies():
 @pytest.mark.slow
 def test_real_smollm2_no_kb_exact_and_kb_generation():
     pytest.importorskip("gguf")
-    from atlaskv.llm import load_base_model
+    from atlaskv.model.llm import load_base_model
 
     model, tok = load_base_model()
     ids = tok("The capital of France is", return_tensors="pt").input_ids

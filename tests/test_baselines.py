@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from atlaskv.attention import KBInputs
-from atlaskv.baselines import DenseRetriever, facts_prompt
-from atlaskv.evaluate import grounding_hits, rank_hits
+from atlaskv.model.attention import KBInputs
+from atlaskv.evaluation.baselines import DenseRetriever, facts_prompt
+from atlaskv.evaluation.grounding import grounding_hits, rank_hits
 
 
 def test_rank_hits_counts_third_place_for_acc5_only():
@@ -59,8 +59,8 @@ def tiny_set(shared, tmp_path_factory):
 
 @pytest.mark.parametrize("method", ["atlaskv", "kblam", "rag", "icl", "zeroshot"])
 def test_each_method_runs_end_to_end(method, tiny_set, trained_model, encoder):
-    from atlaskv.evaluate import eval_grounding, eval_text_method
-    from atlaskv.pruning import PruneConfig
+    from atlaskv.evaluation.grounding import eval_grounding, eval_text_method
+    from atlaskv.model.pruning import PruneConfig
 
     kw = dict(n_questions=6, answer_questions=3, max_new_tokens=12, progress=False)
     if method in ("atlaskv", "kblam"):
@@ -84,7 +84,7 @@ def test_each_method_runs_end_to_end(method, tiny_set, trained_model, encoder):
 
 def test_icl_beyond_the_context_window_is_reported(tiny_set, trained_model, encoder, monkeypatch):
     from atlaskv import baselines
-    from atlaskv.evaluate import eval_text_method
+    from atlaskv.evaluation.grounding import eval_text_method
 
     monkeypatch.setattr(baselines, "context_window", lambda akv: 120)  # 20 facts need ~250 tokens
     res = eval_text_method(tiny_set, [2, 20], trained_model, encoder, "icl", n_questions=2, answer_questions=1,
@@ -120,7 +120,7 @@ def test_bench_scale_interleaved_rounds_report_medians(tiny_set, tmp_path):
 def test_refusal_rule_scoring_bounds(tiny_set, trained_model, encoder):
     """--refuse-below: threshold 0 refuses nothing (scores equal the raw ones), an infinite one refuses
     every answer (nothing counts as right), and a real one lies in between."""
-    from atlaskv.evaluate import eval_grounding
+    from atlaskv.evaluation.grounding import eval_grounding
 
     kw = dict(n_questions=6, answer_questions=4, max_new_tokens=12, progress=False)
     rows = {t: eval_grounding(tiny_set, [20], trained_model, encoder, refuse_below=t, **kw)["results"][0]

@@ -61,7 +61,7 @@ def test_ask_json_contract(tmp_path, demo_facts):
     assert "Ottawa" in out["answer"]  # the shipped adapter answers from the KB
     assert out["citations"][0] == {"head": "Canada", "relation": "capital", "tail": "Ottawa",
                                    "weight": out["citations"][0]["weight"]}
-    from atlaskv.store import KnowledgeBase
+    from atlaskv.kb.store import KnowledgeBase
 
     indexed = KnowledgeBase.open(tmp_path / "kb").manifest.get("index") is not None
     assert out["kb_size"] > 3000 and out["pruned"] is indexed  # an indexed KB is read through HiKVP
@@ -73,7 +73,7 @@ FACTS = [("Canada", "capital", "Ottawa"), ("Elvis Presley", "place of death", "M
 
 @pytest.fixture(scope="module")
 def small_kb(tmp_path_factory, encoder):
-    from atlaskv.store import KnowledgeBase
+    from atlaskv.kb.store import KnowledgeBase
 
     return KnowledgeBase.build(FACTS, tmp_path_factory.mktemp("cli") / "kb", encoder=encoder).path
 
@@ -87,7 +87,7 @@ def test_cli_refusal_default_is_the_models():
 def test_kb_from_another_encoder_is_refused_before_loading_the_model(tmp_path):
     import numpy as np
 
-    from atlaskv.store import KnowledgeBase
+    from atlaskv.kb.store import KnowledgeBase
 
     class Other:
         name, dim = "other-encoder", 384

@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from atlaskv.adapter import AdapterError, KBAdapter
-from atlaskv.attention import KBInputs, attach
-from atlaskv.values import TokenValues
+from atlaskv.model.adapter import AdapterError, KBAdapter
+from atlaskv.model.attention import KBInputs, attach
+from atlaskv.model.values import TokenValues
 from test_attention import D_IN, IDS, random_adapter, random_kb, tiny_model
 from test_pruning import pruned_kb
 from test_token_values import _Emb, _Tok
@@ -224,7 +224,7 @@ def test_copy_logits_steer_generate():
     model(prompt, atlaskv_kb=kb)
     top = _share_votes(kb, copy_ad.config.kb_layers[-1], ids, 97).argmax()
     copy_ad.config.copy_logit_gain = 1e4  # the votes decide
-    from atlaskv.attention import use_kb
+    from atlaskv.model.attention import use_kb
     with use_kb(KBInputs(keys, v_copy, scale_factor=30.0)):
         out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=1, do_sample=False)
     assert int(out[0, -1]) == int(top)

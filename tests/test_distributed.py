@@ -11,16 +11,16 @@ import pytest
 from typer.testing import CliRunner
 
 from atlaskv.cli import app
-from atlaskv.distributed import INSTALL_HINT
-from atlaskv.kg import KGFormatError, read_triples, write_triples
-from atlaskv.store import KBError, KnowledgeBase
+from atlaskv.kb.ray_build import INSTALL_HINT
+from atlaskv.kb.triples import KGFormatError, read_triples, write_triples
+from atlaskv.kb.store import KBError, KnowledgeBase
 
 N = 2000
 
 
 def test_encode_exact_does_not_depend_on_batching(encoder):
     """An embedding depends on its text only: any partition, batch size and order gives the same bits."""
-    from atlaskv.kg2kv import triples_to_records
+    from atlaskv.kb.records import triples_to_records
 
     texts = sorted({r.key_text for r in triples_to_records(
         [("Ada Lovelace", "place of birth", "London"), ("Paris", "country", "France"),

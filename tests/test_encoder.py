@@ -6,7 +6,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import numpy as np
 import pytest
 
-from atlaskv.encoder import EncoderError, OpenAIEncoder, load_encoder
+from atlaskv.kb.encoder import EncoderError, OpenAIEncoder, load_encoder
 
 
 def test_default_encoder_offline_and_meaningful(encoder):
@@ -93,7 +93,7 @@ def test_openai_encoder_retries_server_errors(embedding_server):
 
 
 def test_openai_encoder_builds_a_kb(embedding_server, tmp_path):
-    from atlaskv.store import KBError, KnowledgeBase
+    from atlaskv.kb.store import KBError, KnowledgeBase
 
     kb = KnowledgeBase.build([("Ada Lovelace", "place of birth", "London")], tmp_path / "kb",
                              encoder="openai:m")

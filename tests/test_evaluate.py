@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from atlaskv.evaluate import contains_answer, kb_chunks, load_pool, says_refusal
+from atlaskv.evaluation.grounding import contains_answer, kb_chunks, load_pool, says_refusal
 
 
 @pytest.mark.parametrize("answer, gold, ok", [
@@ -43,8 +43,8 @@ def test_kb_chunks_hold_golds_and_have_size(pool, size, distractors):
 @pytest.mark.slow
 def test_shipped_adapter_grounds_real_questions(shared, encoder):
     pytest.importorskip("gguf")
-    from atlaskv.evaluate import eval_grounding
-    from atlaskv.model import AtlasKV
+    from atlaskv.evaluation.grounding import eval_grounding
+    from atlaskv.model.atlaskv import AtlasKV
 
     akv = AtlasKV.from_pretrained()
     res = eval_grounding(shared / "eval" / "fb15k", [100], akv, encoder, n_questions=32, answer_questions=8,

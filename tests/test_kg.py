@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from atlaskv.kg import (FORMATS, MAX_FIELD_CHARS, EvalQuestion, KGFormatError, ReadReport, Triple, detect_format,
+from atlaskv.kb.triples import (FORMATS, MAX_FIELD_CHARS, EvalQuestion, KGFormatError, ReadReport, Triple, detect_format,
                         iter_triples, read_eval_set, read_triples, write_triples)
 
 FIXTURES = Path(__file__).parent / "fixtures"

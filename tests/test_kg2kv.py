@@ -5,8 +5,8 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from atlaskv.kg import Triple, read_eval_set, read_triples
-from atlaskv.kg2kv import (FB15K_RELATIONS, RelationNouns, clean_noun, noun_messages, openai_chat,
+from atlaskv.kb.triples import Triple, read_eval_set, read_triples
+from atlaskv.kb.records import (FB15K_RELATIONS, RelationNouns, clean_noun, noun_messages, openai_chat,
                            rule_template, triples_to_records)
 
 
@@ -142,7 +142,7 @@ def test_openai_compatible_chat_endpoint():
 def test_local_llm_converter_gives_a_noun():
     """The real default LLM (SmolLM2-135M) through the method.md §4.2 prompt."""
     pytest.importorskip("gguf")
-    from atlaskv.kg2kv import local_chat
+    from atlaskv.kb.records import local_chat
 
     chat = local_chat()
     reply = chat(noun_messages("manufactures", "head"))

@@ -4,12 +4,12 @@ import torch
 
 pytest.importorskip("gguf")
 
-from atlaskv.adapter import AdapterError, KBAdapter
-from atlaskv.attention import KBInputs
-from atlaskv.kg import Triple
-from atlaskv.llm import resolve_model
-from atlaskv.model import AtlasKV
-from atlaskv.store import KnowledgeBase
+from atlaskv.model.adapter import AdapterError, KBAdapter
+from atlaskv.model.attention import KBInputs
+from atlaskv.kb.triples import Triple
+from atlaskv.model.llm import resolve_model
+from atlaskv.model.atlaskv import AtlasKV
+from atlaskv.kb.store import KnowledgeBase
 
 FACTS = [("Elvis Presley", "place of death", "Memphis"), ("Memphis", "time zone", "Central Time Zone"),
          ("Michael Jackson", "place of birth", "Gary"), ("Canada", "capital", "Ottawa")]
@@ -41,7 +41,7 @@ def test_generate_stream_and_ask(akv, kb):
 
 def test_kb_changes_nothing_when_absent(akv):
     ids = akv.chat_ids("What is the capital of Canada?")
-    from atlaskv.attention import detach, attach
+    from atlaskv.model.attention import detach, attach
 
     with torch.no_grad():
         with_hooks = akv.model(ids).logits
@@ -61,7 +61,7 @@ def test_bf16_model_merges_in_fp32():
     m16 = tf.LlamaForCausalLM(cfg).eval()
     m16.load_state_dict(m32.state_dict())
     m16 = m16.to(torch.bfloat16)
-    from atlaskv.attention import attach
+    from atlaskv.model.attention import attach
 
     ad = KBAdapter.for_model(m32, "e", 8)
     attach(m32, ad)
@@ -75,7 +75,7 @@ def test_bf16_model_merges_in_fp32():
 
 
 def test_encoder_mismatch_is_refused(akv, tmp_path, monkeypatch):
-    import atlaskv.encoder as enc_mod
+    import atlaskv.kb.encoder as enc_mod
 
     class Fake:
         name, dim = "other-encoder", 384

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from atlaskv.attention import KBInputs, attach, kb_attention
-from atlaskv.index import build_hierarchy, gather_children, nearest_centroid
-from atlaskv.pruning import ArraySource, LayerScorer, PruneConfig, PrunedKB, gather, search
+from atlaskv.model.attention import KBInputs, attach, kb_attention
+from atlaskv.kb.index import build_hierarchy, gather_children, nearest_centroid
+from atlaskv.model.pruning import ArraySource, LayerScorer, PruneConfig, PrunedKB, gather, search
 from test_attention import D_IN, IDS, _Module, random_adapter, random_kb, tiny_model
 
 
@@ -149,7 +149,7 @@ def test_question_routing_finds_the_nearest_leaf_and_batches_match_single():
 @pytest.mark.parametrize("route", ["kbq", "both"])
 @pytest.mark.parametrize("reuse", [True, False])
 def test_generate_with_pruned_kb_runs_all_routes(route, reuse):
-    from atlaskv.attention import use_kb
+    from atlaskv.model.attention import use_kb
 
     model = tiny_model("llama")
     attach(model, random_adapter(model))

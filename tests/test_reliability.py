@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from atlaskv.kg import Triple
-from atlaskv.store import KBError, KnowledgeBase
+from atlaskv.kb.triples import Triple
+from atlaskv.kb.store import KBError, KnowledgeBase
 from hash_encoder import HashEncoder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -245,14 +245,14 @@ def _variant(base: Path, tmp: Path, **changes) -> Path:
     ({"pickle": "cos\nsystem\n"}, "not a valid adapter config"),
 ])
 def test_adapter_with_absurd_config_is_refused(adapter_copy, tmp_path, changes, message):
-    from atlaskv.adapter import AdapterError, KBAdapter
+    from atlaskv.model.adapter import AdapterError, KBAdapter
 
     with pytest.raises(AdapterError, match=re.escape(message)):
         KBAdapter.from_pretrained(_variant(adapter_copy, tmp_path, **changes))
 
 
 def test_adapter_files_outside_or_oversized_or_foreign_are_refused(adapter_copy, tmp_path):
-    from atlaskv.adapter import AdapterError, KBAdapter
+    from atlaskv.model.adapter import AdapterError, KBAdapter
 
     assert KBAdapter.from_pretrained(adapter_copy).num_parameters() > 0  # the real one loads
     outside = tmp_path / "elsewhere"
@@ -303,7 +303,7 @@ class StubModel:
 def served(kb_path, monkeypatch):
     from starlette.testclient import TestClient
 
-    import atlaskv.server as server
+    import atlaskv.serve.server as server
 
     calls = []
     real = server.hmac.compare_digest

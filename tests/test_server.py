@@ -13,9 +13,9 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 import httpx
 
-from atlaskv.model import REFUSAL, REFUSE_BELOW, AtlasKV
-from atlaskv.server import create_app
-from atlaskv.store import KnowledgeBase
+from atlaskv.model.atlaskv import REFUSAL, REFUSE_BELOW, AtlasKV
+from atlaskv.serve.server import create_app
+from atlaskv.kb.store import KnowledgeBase
 
 pytestmark = pytest.mark.slow
 KEY = "sk-test-" + "x" * 24

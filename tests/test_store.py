@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from atlaskv.kg import KGFormatError, Triple, read_triples
-from atlaskv.store import KBError, KnowledgeBase
+from atlaskv.kb.triples import KGFormatError, Triple, read_triples
+from atlaskv.kb.store import KBError, KnowledgeBase
 
 FACTS = [("Barack Obama", "place of birth", "Honolulu"), ("Honolulu", "time zone", "Hawaii-Aleutian Time Zone"),
          ("Ada Lovelace", "place of birth", "London"), ("London", "country", "United Kingdom")]
@@ -149,7 +149,7 @@ def test_killed_add_leaves_previous_version(small_kb, tmp_path):
     """SIGKILL a writer mid-add: the KB still opens at its last committed version, orphans are ignored."""
     big = tmp_path / "more.tsv"
     big.write_text("".join(f"person {i}\tplace of birth\tcity {i % 50}\n" for i in range(20000)))
-    code = ("import sys; from atlaskv.store import KnowledgeBase; "
+    code = ("import sys; from atlaskv.kb.store import KnowledgeBase; "
             "KnowledgeBase.open(sys.argv[1]).add(sys.argv[2])")
     p = subprocess.Popen([sys.executable, "-c", code, str(small_kb.path), str(big)])
     deadline = time.time() + 120

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from atlaskv.adapter import TOKEN_GAIN_UNIT, AdapterError, KBAdapter
-from atlaskv.attention import KBInputs, attach
-from atlaskv.values import TokenValueSource, TokenValues
+from atlaskv.model.adapter import TOKEN_GAIN_UNIT, AdapterError, KBAdapter
+from atlaskv.model.attention import KBInputs, attach
+from atlaskv.model.values import TokenValueSource, TokenValues
 from test_attention import D_IN, IDS, random_adapter, random_kb, tiny_model
 from test_pruning import pruned_kb
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from atlaskv.kg import read_triples, write_triples
+from atlaskv.kb.triples import read_triples, write_triples
 from atlaskv.train import (REFUSAL, TrainConfig, build_records, encode_batch, lr_factor, make_batch,
                            n_distractors, prepare_data, train)
 
@@ -24,7 +24,7 @@ def data(small_data, tmp_path_factory):
 
 
 def test_records_drop_ambiguous_keys():
-    from atlaskv.kg import Triple
+    from atlaskv.kb.triples import Triple
 
     recs = build_records([Triple("A", "place of birth", "X"), Triple("B", "place of birth", "X")])
     # tail-masked keys are unique; "the entity whose place of birth is X" names two heads: dropped
@@ -61,7 +61,7 @@ def test_cosine_schedule():
 
 
 def test_labels_cover_answers_only():
-    from atlaskv.llm import load_base_model
+    from atlaskv.model.llm import load_base_model
 
     pytest.importorskip("gguf")
     _, tok = load_base_model()
@@ -78,7 +78,7 @@ def test_labels_cover_answers_only():
 def _tiny_model_dir(tmp_path):
     import transformers as tf
 
-    from atlaskv.llm import resolve_model
+    from atlaskv.model.llm import resolve_model
 
     pytest.importorskip("gguf")
     tok = tf.AutoTokenizer.from_pretrained(resolve_model())
@@ -154,7 +154,7 @@ def test_token_value_fine_tune_keeps_keys_and_trains_the_value_path(tmp_path, sm
                   log=lambda m: None)
     from safetensors.torch import load_file
 
-    from atlaskv.adapter import TOKEN_GAIN_UNIT
+    from atlaskv.model.adapter import TOKEN_GAIN_UNIT
 
     a, b = load_file(first / "adapter.safetensors"), load_file(tuned / "adapter.safetensors")
     assert set(b) - set(a) == {"token_map", "token_gain"}

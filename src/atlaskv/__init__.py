@@ -1,7 +1,11 @@
 """atlaskv: plug a knowledge graph into a frozen LLM's attention (AtlasKV / KBLaM).
 
-Data flow, one module per step:
-    kg (triples) -> kg2kv (key/value records) -> encoder (embeddings) -> store (KB directory)
+The data flow is the folder layout (docs/architecture.md):
+    kb/          triples -> KV records -> embeddings -> KB directory (store) + HiKVP index -> KBView
+    model/       base LLM + trained adapter + KB attention (flat or pruned) + value path -> answer with citations
+    train.py     the adapter's training loop
+    evaluation/  grounding, answer quality, baselines (rag, icl, zeroshot), scale benchmarks
+    serve/       the OpenAI-compatible HTTP server;   cli.py: the typer CLI over all of it
 """
 from __future__ import annotations
 
@@ -9,11 +13,13 @@ __version__ = "0.1.0"
 
 # Lazy attributes keep `import atlaskv` (and `atlaskv --help`) free of torch/transformers imports.
 _EXPORTS = {
-    "Triple": "kg", "read_triples": "kg", "write_triples": "kg", "read_eval_set": "kg",
-    "KGFormatError": "kg",
-    "KVRecord": "kg2kv", "RelationNouns": "kg2kv", "triples_to_records": "kg2kv",
-    "load_encoder": "encoder",
-    "KnowledgeBase": "store", "KBError": "store",
+    "Triple": "kb.triples", "read_triples": "kb.triples", "write_triples": "kb.triples",
+    "read_eval_set": "kb.triples", "KGFormatError": "kb.triples",
+    "KVRecord": "kb.records", "RelationNouns": "kb.records", "triples_to_records": "kb.records",
+    "load_encoder": "kb.encoder",
+    "KnowledgeBase": "kb.store", "KBError": "kb.store", "UpdateResult": "kb.store",
+    "AtlasKV": "model.atlaskv", "Answer": "model.atlaskv",
+    "KBAdapter": "model.adapter", "AdapterError": "model.adapter",
 }
 
 

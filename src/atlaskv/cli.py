@@ -27,10 +27,10 @@ def _fail(msg: str, code: int = 1):
 
 def _run(fn):
     """Turn the library's own errors into one clear line and exit code 1 (no traceback)."""
-    from .adapter import AdapterError
-    from .encoder import EncoderError
-    from .kg import KGFormatError
-    from .store import KBError
+    from atlaskv.model.adapter import AdapterError
+    from atlaskv.kb.encoder import EncoderError
+    from atlaskv.kb.triples import KGFormatError
+    from atlaskv.kb.store import KBError
 
     try:
         return fn()
@@ -79,12 +79,12 @@ def kb_build(
     index: bool = typer.Option(True, "--index/--no-index", help="Also build the HiKVP tree (pruned attention)."),
 ):
     """Read triples, convert them to key/value records, encode them and write a new KB directory."""
-    from .kg2kv import local_chat, openai_chat
-    from .store import KnowledgeBase
+    from atlaskv.kb.records import local_chat, openai_chat
+    from atlaskv.kb.store import KnowledgeBase
 
     opts = {}
     if engine == "ray":
-        from .distributed import require_ray
+        from atlaskv.kb.ray_build import require_ray
 
         _run(require_ray)  # before any work: without Ray, one line that says how to install it
         opts = dict(address=address, actors=actors, num_gpus_per_actor=num_gpus_per_actor,
@@ -111,13 +111,13 @@ def kb_build(
 def kb_info(kb_dir: Path = typer.Argument(..., help="KB directory."),
             json_out: bool = typer.Option(False, "--json", help="Machine-readable output.")):
     """Counts, encoder, version and size on disk of a KB."""
-    from .store import KnowledgeBase
+    from atlaskv.kb.store import KnowledgeBase
 
     _print_info(_run(lambda: KnowledgeBase.open(kb_dir)).info(), json_out)
 
 
 def _update(kb_dir: Path, triples: List[Path], format, skip_bad, op: str, json_out: bool):
-    from .store import KnowledgeBase
+    from atlaskv.kb.store import KnowledgeBase
 
     def go():
         kb = KnowledgeBase.open(kb_dir)
@@ -155,7 +155,7 @@ def kb_remove(kb_dir: Path = typer.Argument(..., help="KB directory."),
 @kb_app.command("compact")
 def kb_compact(kb_dir: Path = typer.Argument(..., help="KB directory.")):
     """Rewrite live entries into one segment and drop tombstoned ones."""
-    from .store import KnowledgeBase
+    from atlaskv.kb.store import KnowledgeBase
 
     res = _run(lambda: KnowledgeBase.open(kb_dir).compact())
     typer.echo(f"compacted to version {res.version}")
@@ -165,7 +165,7 @@ def kb_compact(kb_dir: Path = typer.Argument(..., help="KB directory.")):
 def kb_index(kb_dir: Path = typer.Argument(..., help="KB directory."),
              json_out: bool = typer.Option(False, "--json")):
     """(Re)build the HiKVP tree over the live entries (kb build makes one; adds join it live)."""
-    from .store import KnowledgeBase
+    from atlaskv.kb.store import KnowledgeBase
 
     kb = _run(lambda: KnowledgeBase.open(kb_dir))
     res = _run(lambda: kb.build_index(show_progress=not json_out))
@@ -179,7 +179,7 @@ def kb_index(kb_dir: Path = typer.Argument(..., help="KB directory."),
 def kb_verify(kb_dir: Path = typer.Argument(..., help="KB directory."),
               json_out: bool = typer.Option(False, "--json")):
     """Check every file's size and sha256 against the manifest; exit 1 naming the first bad file."""
-    from .store import KnowledgeBase
+    from atlaskv.kb.store import KnowledgeBase
 
     report = _run(lambda: KnowledgeBase.open(kb_dir, verify=True).verify())
     typer.echo(json.dumps(report) if json_out else f"ok: version {report['version']}, "
@@ -192,8 +192,8 @@ def kg2kv_cmd(triples: List[Path] = typer.Argument(..., help="Triple files."),
               format: Optional[str] = typer.Option(None, "--format", help=FORMAT_HELP),
               limit: int = typer.Option(0, help="Print at most this many records (0: all).")):
     """Print the key/value records (JSONL) that a KB would hold for these triples."""
-    from .kg import read_triples
-    from .kg2kv import to_jsonl, triples_to_records
+    from atlaskv.kb.triples import read_triples
+    from atlaskv.kb.records import to_jsonl, triples_to_records
 
     rep = _run(lambda: read_triples(triples, format))
     recs = _run(lambda: triples_to_records(rep.triples[: limit or None], directions))
@@ -241,7 +241,7 @@ def train_cmd(
                    "--value-source adds or drops the token-value path, every other weight kept)."),
 ):
     """Train a KB adapter on triples (frozen LLM and encoder); checkpoints, resumable."""
-    from .train import TrainConfig, train
+    from atlaskv.train import TrainConfig, train
 
     cfg = TrainConfig(data=[str(d) for d in data], out=str(out), steps=steps, batch_size=batch_size,
                       grad_accum=grad_accum, lr=lr, base_model=base_model, encoder=encoder,
@@ -263,7 +263,7 @@ app.add_typer(eval_app, name="eval")
 
 def prune_options(top_k: str, route: str, per_head: bool, reuse: bool, scale_n: str):
     """PruneConfig from the CLI's spelling (shared by ask, eval and bench)."""
-    from .pruning import PruneConfig
+    from atlaskv.model.pruning import PruneConfig
 
     try:
         return PruneConfig(top_k=tuple(int(x) for x in top_k.split(",")), route=route, per_head=per_head,
@@ -310,9 +310,9 @@ def eval_grounding_cmd(
     json_out: Path = typer.Option(..., "--json", help="Where to write the results JSON."),
 ):
     """ACC@1/ACC@5 (KB attention, or the retriever for rag), pruning recall, answer exact-match with and without the gold fact."""
-    from .encoder import load_encoder
-    from .evaluate import eval_grounding
-    from .model import AtlasKV
+    from atlaskv.kb.encoder import load_encoder
+    from atlaskv.evaluation.grounding import eval_grounding
+    from atlaskv.model.atlaskv import AtlasKV
 
     if method not in ("atlaskv", "kblam", "rag", "icl", "zeroshot"):
         _fail(f"--method {method!r}: choose atlaskv, kblam, rag, icl or zeroshot")
@@ -325,7 +325,7 @@ def eval_grounding_cmd(
     enc = load_encoder(akv.adapter.config.encoder)
     size_list = [int(float(x)) for x in sizes.split(",")]
     if method in ("rag", "icl", "zeroshot"):
-        from .evaluate import eval_text_method, openai_judge
+        from atlaskv.evaluation.grounding import eval_text_method, openai_judge
 
         if no_answers and method != "rag":
             _fail(f"--method {method} measures answers only; drop --no-answers")
@@ -394,8 +394,8 @@ def ask_cmd(question: str = typer.Argument(..., help="The question."),
 def _load(kb_dir: Path, adapter: Optional[Path]):
     """The KB, then the model: the errors people hit first (no KB there, a KB encoded with another
     encoder than the adapter reads) come in one line, before the slow model load."""
-    from .model import AtlasKV, default_adapter_dir
-    from .store import KnowledgeBase
+    from atlaskv.model.atlaskv import AtlasKV, default_adapter_dir
+    from atlaskv.kb.store import KnowledgeBase
 
     kb = _run(lambda: KnowledgeBase.open(kb_dir))
     cfg = Path(adapter or default_adapter_dir()) / "adapter_config.json"
@@ -524,7 +524,7 @@ def serve_cmd(kb_dir: Path = typer.Option(..., "--kb", help="KB directory."),
 
     import uvicorn
 
-    from .server import create_app
+    from atlaskv.serve.server import create_app
 
     if host not in ("127.0.0.1", "localhost", "::1") and not os.environ.get("ATLASKV_API_KEY"):
         typer.secho(f"warning: serving on {host} without ATLASKV_API_KEY: anyone who can reach it can read and "
@@ -562,7 +562,7 @@ def bench_scale_cmd(
 ):
     """Peak RSS, prefill seconds and seconds per generated token vs KB size, one process per point."""
 
-    from .bench import METHODS, bench_scale, plot as plot_fn
+    from atlaskv.evaluation.scale import METHODS, bench_scale, plot as plot_fn
 
     ms = [m.strip() for m in methods.split(",") if m.strip()]
     if not ms or set(ms) - set(METHODS):
@@ -585,7 +585,7 @@ def bench_scale_cmd(
 @app.command("version")
 def version():
     """Print the atlaskv version."""
-    from . import __version__
+    from atlaskv import __version__
 
     typer.echo(__version__)
 

@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .adapter import KBAdapter
-from .attention import KBInputs, attach
-from .encoder import DEFAULT_ENCODER, encode_records, load_encoder
-from .kg import Triple, read_triples
-from .kg2kv import RelationNouns, answer_for, make_record
+from atlaskv.model.adapter import KBAdapter
+from atlaskv.model.attention import KBInputs, attach
+from atlaskv.kb.encoder import DEFAULT_ENCODER, encode_records, load_encoder
+from atlaskv.kb.triples import Triple, read_triples
+from atlaskv.kb.records import RelationNouns, answer_for, make_record
 
 REFUSAL = "I don't know."
 QUESTION_TEMPLATES = [
@@ -183,7 +183,7 @@ def chat_text(tokenizer, question: str) -> str:
 
 def answer_suffix(tokenizer) -> str:
     """What closes a trained answer: the chat format's end-of-turn token (<|im_end|>, Gemma's <end_of_turn>)."""
-    from .llm import end_of_turn
+    from atlaskv.model.llm import end_of_turn
 
     return end_of_turn(tokenizer)
 
@@ -268,7 +268,7 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
 
 # ------------------------------------------------------------------------------------------------ loop
 def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
-    from .llm import canonical_name, load_base_model
+    from atlaskv.model.llm import canonical_name, load_base_model
 
     out = Path(cfg.out)
     ckpt = out / "checkpoint"
@@ -287,7 +287,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         start = 0
     init = None
     if cfg.init_adapter and not start:  # the starting adapter fixes the layout; these options follow it
-        from .model import default_adapter_dir
+        from atlaskv.model.atlaskv import default_adapter_dir
 
         init = default_adapter_dir() if cfg.init_adapter == "default" else Path(cfg.init_adapter)
         ic = KBAdapter.from_pretrained(init).config
@@ -304,7 +304,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
-    from .llm import cache_dir
+    from atlaskv.model.llm import cache_dir
 
     data = prepare_data(cfg, cache_dir() / "train")
     enc = load_encoder(cfg.encoder) if cfg.question_input else None
@@ -332,7 +332,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     adapter.config.training = {**{k: v for k, v in adapter.config.training.items() if k == "init_from"},
                                "config": asdict(cfg), "data_sha256_16": data.digest, "records": len(data.records)}
     if adapter.config.token_values:  # the values the model will read: [sentence emb; token emb], as at inference
-        from .values import value_embeddings
+        from atlaskv.model.values import value_embeddings
 
         data.value_emb = value_embeddings(adapter, model, tok, [r.value_text for r in data.records], data.value_emb)
     attach(model, adapter)
@@ -409,7 +409,7 @@ def _with_new_values(adapter: KBAdapter, model, cfg: TrainConfig) -> KBAdapter:
 def _init_token_gain(adapter: KBAdapter, gain: float) -> None:
     """Only the last KB layer writes the value's token: in a zero-shot sweep, writes at earlier KB layers
     as well broke the answers' wording (fb15k EM 0.83 -> 0.37 with layers 24 and 27 at 300)."""
-    from .adapter import TOKEN_GAIN_UNIT
+    from atlaskv.model.adapter import TOKEN_GAIN_UNIT
 
     with torch.no_grad():
         adapter.token_gain.zero_()

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .adapter import KBAdapter, _attention_modules
-from .pruning import LayerScorer, PrunedKB, gather, search
+from atlaskv.model.adapter import KBAdapter, _attention_modules
+from atlaskv.model.pruning import LayerScorer, PrunedKB, gather, search
 
 PREFIX = "atlaskv_"
 

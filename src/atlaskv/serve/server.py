@@ -33,10 +33,10 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from .model import REFUSE_BELOW
-from .store import KBError, KnowledgeBase
+from atlaskv.model.atlaskv import REFUSE_BELOW
+from atlaskv.kb.store import KBError, KnowledgeBase
 
-log = logging.getLogger("atlaskv.server")
+log = logging.getLogger("atlaskv.serve.server")
 
 
 class ApiError(Exception):

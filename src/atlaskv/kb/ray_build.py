@@ -41,7 +41,7 @@ RETRIES = 3
 
 def require_ray():
     """The `ray` module, or a KBError (one clean line in the CLI) that says how to install it."""
-    from .store import KBError
+    from atlaskv.kb.store import KBError
 
     try:
         import ray
@@ -54,8 +54,8 @@ def require_ray():
 # ---------------------------------------------------------------------------------------------- tasks
 def _read_shard(shard: int, path: str, fmt: str | None, skip_bad: bool):
     """One input file -> (Arrow table of its distinct triples with shard/row columns, small report)."""
-    from .kg import KGFormatError, read_triples
-    from .store import triple_hash
+    from atlaskv.kb.triples import KGFormatError, read_triples
+    from atlaskv.kb.store import triple_hash
 
     try:
         rep = read_triples(path, fmt, skip_bad=skip_bad)
@@ -79,7 +79,7 @@ def _write_file(path: Path, write: Callable) -> dict:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    from .store import _sha256
+    from atlaskv.kb.store import _sha256
 
     return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
 
@@ -91,8 +91,8 @@ class _EncodeSegments:
                  offsets: np.ndarray, drops: dict, root: str, version: int, batch_size: int):
         import torch
 
-        from .encoder import load_encoder
-        from .kg2kv import RelationNouns
+        from atlaskv.kb.encoder import load_encoder
+        from atlaskv.kb.records import RelationNouns
 
         torch.set_num_threads(max(1, int(cpus)))
         self.enc = load_encoder(encoder, device=device)
@@ -101,10 +101,10 @@ class _EncodeSegments:
         self.root, self.version, self.batch_size = Path(root), version, batch_size
 
     def __call__(self, batch: pa.Table) -> dict:
-        from .encoder import encode_records
-        from .kg import Triple
-        from .kg2kv import make_record
-        from .store import RECORD_SCHEMA, triple_hash
+        from atlaskv.kb.encoder import encode_records
+        from atlaskv.kb.triples import Triple
+        from atlaskv.kb.records import make_record
+        from atlaskv.kb.store import RECORD_SCHEMA, triple_hash
 
         shard = batch.column("shard").to_numpy()
         row = batch.column("row").to_numpy()
@@ -156,7 +156,7 @@ def _assign_segment(keys_path: str, roots: np.ndarray, inters: np.ndarray, root_
                     root_children: np.ndarray):
     """Every leaf of one segment -> nearest root, then the nearest inter cluster under that root; with
     per-cluster member counts and float64 sums (the new centroids are means of what was assigned)."""
-    from .index import _assign, _group_means
+    from atlaskv.kb.index import _assign, _group_means
 
     x = np.load(keys_path, mmap_mode="r", allow_pickle=False)
     labels = np.empty(len(x), np.int64)
@@ -190,10 +190,10 @@ def build(sources: str | Path | Sequence[str | Path], out: str | Path, *, encode
     actors: encoder actors (default: CPUs / num_cpus_per_actor, or GPUs / num_gpus_per_actor).
     segment_rows: triples per map_batches batch = per segment. index_sample: rows the HiKVP k-means
     sees (all of them when the KB is smaller; assignment always covers every leaf)."""
-    from .encoder import DEFAULT_ENCODER
-    from .kg import _check_file, detect_format
-    from .kg2kv import DIRECTIONS, RelationNouns
-    from .store import (KBError, KnowledgeBase, _check_build_target, _describe, _recover_swap,
+    from atlaskv.kb.encoder import DEFAULT_ENCODER
+    from atlaskv.kb.triples import _check_file, detect_format
+    from atlaskv.kb.records import DIRECTIONS, RelationNouns
+    from atlaskv.kb.store import (KBError, KnowledgeBase, _check_build_target, _describe, _recover_swap,
                         _remove_stale_temps, _swap_into_place)
 
     ray = require_ray()
@@ -336,9 +336,9 @@ def _connect(ray, address: str | None, num_cpus: int | None) -> bool:
 
 def _unwrap(ray, e: BaseException) -> BaseException:
     """A task's own error (bad row, encoder, KB) instead of Ray's wrapper with a remote traceback."""
-    from .encoder import EncoderError
-    from .kg import KGFormatError
-    from .store import KBError
+    from atlaskv.kb.encoder import EncoderError
+    from atlaskv.kb.triples import KGFormatError
+    from atlaskv.kb.store import KBError
 
     ours = (KGFormatError, EncoderError, KBError)
     seen, todo = set(), [e]
@@ -364,8 +364,8 @@ def _get(ray, refs):
 
 def _write_index(ray, root: Path, m: dict, sample_size: int, seed: int, show_progress) -> None:
     """HiKVP levels from index.build_hierarchy on a sample; leaves assigned by one Ray task per segment."""
-    from .index import Hierarchy, build_hierarchy, default_sizes
-    from .store import _sha256
+    from atlaskv.kb.index import Hierarchy, build_hierarchy, default_sizes
+    from atlaskv.kb.store import _sha256
 
     t0 = time.time()
     segs = m["segments"]

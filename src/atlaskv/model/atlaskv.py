@@ -10,13 +10,13 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .adapter import AdapterError, KBAdapter
-from .attention import KBInputs, attach, use_kb
-from .pruning import PruneConfig, PrunedKB
-from .encoder import DEFAULT_ENCODER
-from .kg import Triple
-from .llm import DEFAULT_LLM, canonical_name, load_base_model, stop_token_ids
-from .store import KnowledgeBase
+from atlaskv.model.adapter import AdapterError, KBAdapter
+from atlaskv.model.attention import KBInputs, attach, use_kb
+from atlaskv.model.pruning import PruneConfig, PrunedKB
+from atlaskv.kb.encoder import DEFAULT_ENCODER
+from atlaskv.kb.triples import Triple
+from atlaskv.model.llm import DEFAULT_LLM, canonical_name, load_base_model, stop_token_ids
+from atlaskv.kb.store import KnowledgeBase
 
 
 def default_adapter_dir() -> Path:
@@ -141,7 +141,7 @@ class AtlasKV:
         assert np.array_equal(records.column("id").to_numpy(), ids)
         triples = [Triple(*t) for t in zip(*(records.column(c).to_pylist() for c in ("head", "relation", "tail")))]
         if self.adapter.config.token_values:  # the values' token embeddings, from their texts
-            from .values import value_embeddings
+            from atlaskv.model.values import value_embeddings
 
             values = value_embeddings(self.adapter, self.model, self.tokenizer,
                                       records.column("value_text").to_pylist(), values)
@@ -158,7 +158,7 @@ class AtlasKV:
             h = h.map_leaves(table.positions)
         values = table.values
         if self.adapter.config.token_values:
-            from .values import TokenValueSource, token_values
+            from atlaskv.model.values import TokenValueSource, token_values
 
             values = TokenValueSource(values, table.value_texts, token_values(self.adapter, self.model, self.tokenizer))
         pkb = PrunedKB(h, table.keys, values, live=table.live, rows=len(table), size=len(kb), device=self.device)
@@ -174,7 +174,7 @@ class AtlasKV:
     # ------------------------------------------------------------------ generation
     def question_embedding(self, question: str | Sequence[dict]) -> torch.Tensor:
         """[1, d_in]: the sentence encoder's view of the (last user) question, for question_input adapters."""
-        from .encoder import load_encoder
+        from atlaskv.kb.encoder import load_encoder
 
         text = question if isinstance(question, str) else [m["content"] for m in question if m["role"] == "user"][-1]
         return torch.from_numpy(load_encoder(self.adapter.config.encoder).encode([text])).to(self.device)
@@ -182,7 +182,7 @@ class AtlasKV:
     def chat_ids(self, question: str | Sequence[dict]) -> torch.Tensor:
         """Prompt ids as in training: ChatML without SmolLM2's default system prompt; other families in
         their tokenizer's chat format (Gemma 3: <bos><start_of_turn>user ... <start_of_turn>model)."""
-        from .train import chat_text
+        from atlaskv.train import chat_text
 
         if isinstance(question, str):
             text = chat_text(self.tokenizer, question)

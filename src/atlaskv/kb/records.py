@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Callable, Iterable, Literal, Sequence
 
-from .kg import Triple
+from atlaskv.kb.triples import Triple
 
 Side = Literal["tail", "head"]
 DIRECTIONS = ("tail", "head", "both")
@@ -265,7 +265,7 @@ def openai_chat(base_url: str | None = None, model: str = "gpt-4o-mini", api_key
 
 def local_chat(model_name: str | None = None) -> Callable[[list[dict]], str]:
     """A chat function over the local default LLM (greedy, a few tokens)."""
-    from .llm import load_base_model
+    from atlaskv.model.llm import load_base_model
 
     model, tok = load_base_model(model_name)
 

@@ -31,8 +31,8 @@ METHODS = ("zeroshot", "icl", "rag", "kblam", "atlaskv")
 
 
 def _records(start: int, n: int):
-    from .kg import Triple
-    from .kg2kv import KVRecord
+    from atlaskv.kb.triples import Triple
+    from atlaskv.kb.records import KVRecord
 
     return [KVRecord(Triple(f"synthetic entity {i}", "synthetic relation", f"synthetic value {i}"), "tail",
                      f"the synthetic relation of synthetic entity {i}", f"synthetic value {i}", "", "")
@@ -42,8 +42,8 @@ def _records(start: int, n: int):
 def make_kb(out: Path, n: int, pool_triples: list, pool_keys: np.ndarray, pool_values: np.ndarray,
             encoder_name: str, seed: int = 0, chunk: int = 1_000_000, noise: float = 0.35) -> dict:
     """A KB of n entries at `out` (reused if it exists): real pool entries first, then synthetic ones."""
-    from .kg2kv import triples_to_records
-    from .store import KnowledgeBase
+    from atlaskv.kb.records import triples_to_records
+    from atlaskv.kb.store import KnowledgeBase
 
     if (out / "manifest.json").is_file():
         kb = KnowledgeBase.open(out)
@@ -82,9 +82,9 @@ def measure(method: str, kb_dir: str | None, new_tokens: int = 8, prune_args: di
     """In this process: load the model (and KB), time one prefill and `new_tokens` decode steps."""
     import torch
 
-    from .model import AtlasKV
-    from .pruning import PruneConfig
-    from .store import KnowledgeBase
+    from atlaskv.model.atlaskv import AtlasKV
+    from atlaskv.model.pruning import PruneConfig
+    from atlaskv.kb.store import KnowledgeBase
 
     torch.set_num_threads(os.cpu_count() or 1)
     akv = AtlasKV.from_pretrained()
@@ -102,7 +102,7 @@ def measure(method: str, kb_dir: str | None, new_tokens: int = 8, prune_args: di
 
     extra: dict = {}
     if method == "icl":
-        from .baselines import context_window, fact_sentences, facts_prompt, prompt_tokens
+        from atlaskv.evaluation.baselines import context_window, fact_sentences, facts_prompt, prompt_tokens
 
         table = kb.table()
         positions = np.arange(len(table)) if table.live is None else np.flatnonzero(table.live)
@@ -115,8 +115,8 @@ def measure(method: str, kb_dir: str | None, new_tokens: int = 8, prune_args: di
         if extra["prompt_tokens"] + 1 + new_tokens > window:
             return {"status": "too_long", **extra, "peak_rss_mb": _peak_rss_mb()}
     elif method == "rag":
-        from .baselines import RAG_TOP_K, DenseRetriever, facts_prompt, fact_sentences
-        from .encoder import load_encoder
+        from atlaskv.evaluation.baselines import RAG_TOP_K, DenseRetriever, facts_prompt, fact_sentences
+        from atlaskv.kb.encoder import load_encoder
 
         t0 = time.perf_counter()
         table = kb.table()
@@ -170,7 +170,7 @@ def measure_in_child(method: str, kb_dir: str | None, mem_limit_mb: float, time_
                      prune_args: dict | None = None, new_tokens: int = 8) -> dict:
     import psutil
 
-    cmd = [sys.executable, "-m", "atlaskv.bench", method, kb_dir or "", json.dumps(prune_args or {}), str(new_tokens)]
+    cmd = [sys.executable, "-m", "atlaskv.evaluation.scale", method, kb_dir or "", json.dumps(prune_args or {}), str(new_tokens)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ps, peak, t0 = psutil.Process(proc.pid), 0.0, time.time()
     while proc.poll() is None:
@@ -203,8 +203,8 @@ def measure_in_child(method: str, kb_dir: str | None, mem_limit_mb: float, time_
 def bench_scale(sizes: list[int], methods: list[str], work_dir: Path, pool_set: Path, mem_limit_mb: float = 16000,
                 time_limit_s: float = 600, prune_args: dict | None = None, log=print, new_tokens: int = 8,
                 rounds: int = 1) -> dict:
-    from .encoder import load_encoder
-    from .evaluate import load_pool
+    from atlaskv.kb.encoder import load_encoder
+    from atlaskv.evaluation.grounding import load_pool
 
     enc = load_encoder()
     pool = load_pool(pool_set, enc)

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .attention import KBInputs, use_kb
-from .pruning import ArraySource, PruneConfig, PrunedKB
-from .encoder import encode_records
-from .kg import EvalQuestion, Triple, read_eval_set
-from .kg2kv import triples_to_records
+from atlaskv.model.attention import KBInputs, use_kb
+from atlaskv.model.pruning import ArraySource, PruneConfig, PrunedKB
+from atlaskv.kb.encoder import encode_records
+from atlaskv.kb.triples import EvalQuestion, Triple, read_eval_set
+from atlaskv.kb.records import triples_to_records
 
 
 def normalize(text: str) -> str:
@@ -38,7 +38,7 @@ def contains_answer(answer: str, gold: str) -> bool:
 
 def says_refusal(answer: str) -> bool:
     """The model's own trained refusal ("I don't know.") in a greedy answer."""
-    from .train import REFUSAL
+    from atlaskv.train import REFUSAL
 
     return contains_answer(answer, REFUSAL)
 
@@ -53,7 +53,7 @@ class EvalPool:
 
 
 def load_pool(set_dir: str | Path, encoder) -> EvalPool:
-    from .llm import cache_dir
+    from atlaskv.model.llm import cache_dir
 
     triples, questions = read_eval_set(set_dir)
     keys, values = encode_records(encoder, triples_to_records(triples, "tail"), show_progress=True,
@@ -63,7 +63,7 @@ def load_pool(set_dir: str | Path, encoder) -> EvalPool:
 
 def adapter_pool(pool: EvalPool, akv) -> EvalPool:
     """The pool with the values the adapter reads (token-value adapters: with the tails' token embeddings)."""
-    from .values import value_embeddings
+    from atlaskv.model.values import value_embeddings
 
     values = value_embeddings(akv.adapter, akv.model, akv.tokenizer, [t.tail for t in pool.triples], pool.values)
     return EvalPool(pool.triples, pool.questions, pool.keys, values, pool.index)
@@ -72,7 +72,7 @@ def adapter_pool(pool: EvalPool, akv) -> EvalPool:
 def with_synthetic_fill(pool: EvalPool, total: int, seed: int = 0) -> EvalPool:
     """The pool grown to `total` entries with synthetic distractors (real embeddings plus noise, as
     `bench scale` makes them): KB sizes past the real data, for search-quality sweeps. Questions stay real."""
-    from .bench import _jitter
+    from atlaskv.evaluation.scale import _jitter
 
     extra = total - len(pool.triples)
     if extra <= 0:
@@ -135,7 +135,7 @@ def ask_batch(akv, questions: list[str], kb_source, max_new_tokens: int, record:
     """Greedy answers for a batch against one KB: `kb_source` is (keys, values) (flat) or a PrunedKB.
     scale_factor / scale_mode default to the adapter's; scale_mode "none" turns the length correction off.
     Returns (texts, the KBInputs with the prefill attention recorded, the prompt mask)."""
-    from .train import chat_text
+    from atlaskv.train import chat_text
 
     tok = akv.tokenizer
     ids, mask = _left_pad(tok, [chat_text(tok, q) for q in questions], akv.device)
@@ -145,7 +145,7 @@ def ask_batch(akv, questions: list[str], kb_source, max_new_tokens: int, record:
     src = dict(pruned=kb_source) if isinstance(kb_source, PrunedKB) else dict(keys=kb_source[0], values=kb_source[1])
     kb = KBInputs(**src, record=record, question_emb=qemb, scale_factor=scale, token_mask=mask,
                   scale_mode="shift" if mode == "none" else mode)
-    from .llm import stop_token_ids
+    from atlaskv.model.llm import stop_token_ids
 
     stop = stop_token_ids(tok, akv.model)  # EOS and the chat format's end of turn (<|im_end|>, <end_of_turn>)
     with use_kb(kb):
@@ -192,8 +192,8 @@ def eval_grounding(set_dir: str | Path, sizes: list[int], akv, encoder, n_questi
     "I don't know." and counts as wrong (extra fields `*_with_refusal`, `refused*`)."""
     from tqdm.auto import tqdm
 
-    from .index import build_hierarchy
-    from .model import support_of
+    from atlaskv.kb.index import build_hierarchy
+    from atlaskv.model.atlaskv import support_of
 
     pool = real = adapter_pool(load_pool(set_dir, encoder), akv)
     if synthetic_fill and max(sizes) > len(pool.triples):
@@ -313,7 +313,7 @@ def eval_text_method(set_dir: str | Path, sizes: list[int], akv, encoder, method
     reported `too_long`; zeroshot: answers only (the KB plays no part, so every size reads the same)."""
     from tqdm.auto import tqdm
 
-    from .baselines import (TEXT_METHODS, DenseRetriever, answer_with_shared_facts, context_window, fact_sentences,
+    from atlaskv.evaluation.baselines import (TEXT_METHODS, DenseRetriever, answer_with_shared_facts, context_window, fact_sentences,
                             facts_prompt, prompt_tokens)
 
     if method not in TEXT_METHODS:
@@ -404,7 +404,7 @@ def eval_text_method(set_dir: str | Path, sizes: list[int], akv, encoder, method
 
 
 def _answer(akv, prompts: list[str], max_new_tokens: int) -> list[str]:
-    from .baselines import answer_with_prompts
+    from atlaskv.evaluation.baselines import answer_with_prompts
 
     return answer_with_prompts(akv, prompts, max_new_tokens)
 

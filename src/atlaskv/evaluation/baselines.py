@@ -16,8 +16,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .kg import Triple
-from .kg2kv import triples_to_records
+from atlaskv.kb.triples import Triple
+from atlaskv.kb.records import triples_to_records
 
 TEXT_METHODS = ("zeroshot", "icl", "rag")
 RAG_TOP_K = 5
@@ -64,7 +64,7 @@ def context_window(akv) -> int:
 
 
 def prompt_tokens(akv, text: str) -> int:
-    from .train import chat_text
+    from atlaskv.train import chat_text
 
     return len(akv.tokenizer(chat_text(akv.tokenizer, text), add_special_tokens=False)["input_ids"])
 
@@ -72,9 +72,9 @@ def prompt_tokens(akv, text: str) -> int:
 @torch.no_grad()
 def answer_with_prompts(akv, prompts: list[str], max_new_tokens: int) -> list[str]:
     """Greedy answers, no KB attention: the stock model on the written prompts (batched, left-padded)."""
-    from .evaluate import _left_pad
-    from .llm import stop_token_ids
-    from .train import chat_text
+    from atlaskv.evaluation.grounding import _left_pad
+    from atlaskv.model.llm import stop_token_ids
+    from atlaskv.train import chat_text
 
     tok = akv.tokenizer
     ids, mask = _left_pad(tok, [chat_text(tok, p) for p in prompts], akv.device)
@@ -91,8 +91,8 @@ def answer_with_shared_facts(akv, questions: list[str], facts: Sequence[str], ma
     without it 100 facts cost 9 s per question here."""
     import copy
 
-    from .llm import stop_token_ids
-    from .train import chat_text
+    from atlaskv.model.llm import stop_token_ids
+    from atlaskv.train import chat_text
 
     tok = akv.tokenizer
     marker = "\x00QUESTION\x00"

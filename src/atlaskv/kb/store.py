@@ -32,9 +32,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .encoder import DEFAULT_ENCODER, Encoder, encode_records, load_encoder
-from .kg import Triple, read_triples
-from .kg2kv import DIRECTIONS, KVRecord, RelationNouns, triples_to_records
+from atlaskv.kb.encoder import DEFAULT_ENCODER, Encoder, encode_records, load_encoder
+from atlaskv.kb.triples import Triple, read_triples
+from atlaskv.kb.records import DIRECTIONS, KVRecord, RelationNouns, triples_to_records
 
 FORMAT = "atlaskv-kb"
 FORMAT_VERSION = 1
@@ -168,12 +168,12 @@ class KnowledgeBase:
         Every input row is read and validated before anything is written: a bad row stops the build
         with its file and line (unless skip_bad), and `out` is left as it was.
 
-        engine="ray" runs the same pipeline on Ray (atlaskv.distributed; `pip install 'atlaskv[ray]'`):
+        engine="ray" runs the same pipeline on Ray (atlaskv.kb.ray_build; `pip install 'atlaskv[ray]'`):
         `address` None/"local" (a local Ray instance), "auto" or "ray://host:port"; `ray_options` are
         distributed.build's (actors, num_gpus_per_actor, num_cpus_per_actor, segment_rows, ...).
         """
         if engine == "ray":
-            from .distributed import build as ray_build
+            from atlaskv.kb.ray_build import build as ray_build
 
             return ray_build(sources, out, encoder=encoder, directions=directions, format=format,
                              skip_bad=skip_bad, overwrite=overwrite, chat=chat, batch_size=batch_size,
@@ -323,7 +323,7 @@ class KnowledgeBase:
 
     def hierarchy(self):
         """The HiKVP tree over this version's entries (leaves = entry ids), live adds merged; None if unindexed."""
-        from .index import Hierarchy
+        from atlaskv.kb.index import Hierarchy
 
         ix = self.manifest.get("index")
         if not ix:
@@ -348,7 +348,7 @@ class KnowledgeBase:
 
     def _write_index(self, m: dict, ids: np.ndarray, keys: np.ndarray, show_progress: bool | None = None,
                      **params) -> None:
-        from .index import build_hierarchy
+        from atlaskv.kb.index import build_hierarchy
 
         t0 = time.time()
         h = build_hierarchy(keys, progress=bool(show_progress), **params)
@@ -362,7 +362,7 @@ class KnowledgeBase:
                       "params": params, "stats": h.stats(), "seconds": round(time.time() - t0, 2)}
 
     def _place_in_index(self, m: dict, new_ids: np.ndarray, keys: np.ndarray) -> None:
-        from .index import nearest_centroid
+        from atlaskv.kb.index import nearest_centroid
 
         inters = np.load(self.path / "index" / f"{m['index']['stem']}.inters.npy", allow_pickle=False)
         where = nearest_centroid(keys, inters)
@@ -605,7 +605,7 @@ class KnowledgeBase:
                 fail(f"counts do not add up: {c['triples']} triples in {c['entries']} entries, next id {m['next_id']}")
             ix = m.get("index")
             if ix:
-                from .index import ARRAYS
+                from atlaskv.kb.index import ARRAYS
 
                 for name in ARRAYS:
                     listed(f"index/{ix['stem']}.{name}.npy", "index file")

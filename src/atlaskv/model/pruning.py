@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .index import Hierarchy, gather_children
+from atlaskv.kb.index import Hierarchy, gather_children
 
 ROUTES = ("kbq", "question", "both")
 

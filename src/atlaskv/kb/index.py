@@ -64,7 +64,7 @@ class Hierarchy:
 
     def save(self, folder: Path, stem: str) -> list[str]:
         """One .npy per array (memory-mappable, no pickle); returns the file names written."""
-        from .store import _write_npy
+        from atlaskv.kb.store import _write_npy
 
         names = []
         for name in ARRAYS:

@@ -1,0 +1,1 @@
+"""Serving: the OpenAI-compatible HTTP server over one KB and one model."""
