@@ -29,7 +29,7 @@ from atlaskv.evaluation.grounding import contains_answer, normalize
 from atlaskv.kb.triples import read_eval_set
 from atlaskv.model.atlaskv import AtlasKV
 from atlaskv.kb.store import KnowledgeBase
-from atlaskv.train import REFUSAL
+from atlaskv.defaults import REFUSAL
 
 
 def is_refusal_text(text: str) -> bool:

@@ -78,10 +78,17 @@ def small_kb(tmp_path_factory, encoder):
     return KnowledgeBase.build(FACTS, tmp_path_factory.mktemp("cli") / "kb", encoder=encoder).path
 
 
-def test_cli_refusal_default_is_the_models():
-    from atlaskv import cli, model
+def test_cli_reads_the_shared_defaults_without_torch():
+    """Every entry point reads atlaskv.defaults; the CLI shows them in --help without importing torch."""
+    import subprocess
+    import sys
 
-    assert cli.REFUSE_BELOW == model.REFUSE_BELOW
+    code = ("import sys; from typer.testing import CliRunner; from atlaskv.cli import app; "
+            "out = CliRunner().invoke(app, ['ask', '--help']).output; "
+            "from atlaskv.defaults import REFUSE_BELOW, PRUNE_TOP_K_TEXT; "
+            "assert str(REFUSE_BELOW) in out and PRUNE_TOP_K_TEXT in out, out; "
+            "assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**__import__("os").environ, "COLUMNS": "200"})
 
 
 def test_kb_from_another_encoder_is_refused_before_loading_the_model(tmp_path):

@@ -13,7 +13,8 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 import httpx
 
-from atlaskv.model.atlaskv import REFUSAL, REFUSE_BELOW, AtlasKV
+from atlaskv.defaults import REFUSAL, REFUSE_BELOW
+from atlaskv.model.atlaskv import AtlasKV
 from atlaskv.serve.server import create_app
 from atlaskv.kb.store import KnowledgeBase
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from atlaskv.kb.triples import read_triples, write_triples
-from atlaskv.train import (REFUSAL, TrainConfig, build_records, encode_batch, lr_factor, make_batch,
+from atlaskv.defaults import REFUSAL
+from atlaskv.train import (TrainConfig, build_records, encode_batch, lr_factor, make_batch,
                            n_distractors, prepare_data, train)
 
 

@@ -9,13 +9,14 @@ from typing import List, Optional
 
 import typer
 
+from atlaskv.defaults import EVAL_MAX_NEW_TOKENS, MAX_NEW_TOKENS, PRUNE_ROUTE, PRUNE_TOP_K_TEXT, REFUSE_BELOW
+
 app = typer.Typer(help="atlaskv: a knowledge graph inside a frozen LLM's attention.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 kb_app = typer.Typer(help="Build, inspect and update knowledge-base directories.", no_args_is_help=True)
 app.add_typer(kb_app, name="kb")
 
 FORMAT_HELP = "Force the input format (tsv, csv, jsonl, nt, ttl, parquet); default: from the extension."
-REFUSE_BELOW = 3.23  # model.REFUSE_BELOW, repeated so that --help imports no torch (a test keeps them equal)
 REFUSE_HELP = ("Answer \"I don't know.\" when the most-cited fact has under this many times the weight of the "
                "second (0: never; calibrated in benchmarks/results/refusal_fb15k.json).")
 
@@ -289,8 +290,8 @@ def eval_grounding_cmd(
                                                    "(base URL, e.g. http://host/v1; key from $ATLASKV_JUDGE_KEY)."),
     judge_model: str = typer.Option("gpt-4o", help="Model name sent to the --judge endpoint."),
     no_prune: bool = typer.Option(False, "--no-prune/--prune", help="Flat KB attention over every entry."),
-    top_k: str = typer.Option("128,64,64", "--top-k", help=TOP_K_HELP),
-    route: str = typer.Option("both", help=ROUTE_HELP),
+    top_k: str = typer.Option(PRUNE_TOP_K_TEXT, "--top-k", help=TOP_K_HELP),
+    route: str = typer.Option(PRUNE_ROUTE, help=ROUTE_HELP),
     per_head: bool = typer.Option(False, "--per-head", help="Each head keeps its own leaves (default: summed)."),
     reuse: bool = typer.Option(True, "--reuse/--research", help="Decode steps reuse the prefill's selection."),
     scale_n: str = typer.Option("selected", help="N of the length correction when pruned: selected or kb."),
@@ -364,12 +365,12 @@ def eval_grounding_cmd(
 def ask_cmd(question: str = typer.Argument(..., help="The question."),
             kb_dir: Path = typer.Option(..., "--kb", help="KB directory."),
             adapter: Optional[Path] = typer.Option(None, help="Adapter folder (default: the shipped one)."),
-            max_new_tokens: int = typer.Option(48),
+            max_new_tokens: int = typer.Option(MAX_NEW_TOKENS),
             refuse_below: float = typer.Option(REFUSE_BELOW, help=REFUSE_HELP),
             no_prune: bool = typer.Option(False, "--no-prune", help="Flat KB attention over every entry "
                                                                   "(default: HiKVP when the KB has an index)."),
-            top_k: str = typer.Option("128,64,64", "--top-k", help=TOP_K_HELP),
-            route: str = typer.Option("both", help=ROUTE_HELP),
+            top_k: str = typer.Option(PRUNE_TOP_K_TEXT, "--top-k", help=TOP_K_HELP),
+            route: str = typer.Option(PRUNE_ROUTE, help=ROUTE_HELP),
             json_out: bool = typer.Option(False, "--json")):
     """Answer a question from the KB and show the facts it attended to most."""
     import time
@@ -437,7 +438,7 @@ CHAT_HELP = """commands:
 @app.command("chat")
 def chat_cmd(kb_dir: Path = typer.Option(..., "--kb", help="KB directory."),
              adapter: Optional[Path] = typer.Option(None, help="Adapter folder (default: the shipped one)."),
-             max_new_tokens: int = typer.Option(48),
+             max_new_tokens: int = typer.Option(MAX_NEW_TOKENS),
              turns: int = typer.Option(3, help="Earlier question/answer turns kept as context."),
              refuse_below: float = typer.Option(REFUSE_BELOW, help=REFUSE_HELP)):
     """Multi-turn chat over a KB, with /add, /remove and /kb commands that change the KB live."""
@@ -553,8 +554,8 @@ def bench_scale_cmd(
     work_dir: Path = typer.Option(Path("build/bench"), help="Where the benchmark KBs are built (and reused)."),
     mem_limit_mb: float = typer.Option(16000, help="A run whose RSS passes this is killed and reported oom."),
     time_limit_s: float = typer.Option(900, help="A run with no result after this long is reported too_slow."),
-    top_k: str = typer.Option("128,64,64", "--top-k", help=TOP_K_HELP),
-    route: str = typer.Option("both", help=ROUTE_HELP),
+    top_k: str = typer.Option(PRUNE_TOP_K_TEXT, "--top-k", help=TOP_K_HELP),
+    route: str = typer.Option(PRUNE_ROUTE, help=ROUTE_HELP),
     reuse: bool = typer.Option(True, "--reuse/--research", help="Decode steps reuse the prefill's selection."),
     new_tokens: int = typer.Option(8, min=1, help="Tokens generated per timed run (two timed runs per process)."),
     rounds: int = typer.Option(1, min=1, help="Measure every method this many times, interleaved; rows report "

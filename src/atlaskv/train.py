@@ -30,8 +30,9 @@ from atlaskv.model.attention import KBInputs, attach
 from atlaskv.kb.encoder import DEFAULT_ENCODER, encode_records, load_encoder
 from atlaskv.kb.triples import Triple, read_triples
 from atlaskv.kb.records import RelationNouns, answer_for, make_record
+from atlaskv.model.chat import chat_text
 
-REFUSAL = "I don't know."
+from atlaskv.defaults import REFUSAL
 QUESTION_TEMPLATES = [
     "What is {k}?", "Tell me {k}.", "Do you know {k}?", "Can you tell me {k}?", "What's {k}?",
     "Which is {k}?", "Identify {k}.", "I would like to know {k}.", "Please tell me {k}.", "Name {k}.",
@@ -171,19 +172,9 @@ def make_batch(cfg: TrainConfig, data: TrainData, step: int, rng: np.random.Gene
 
 
 # ------------------------------------------------------------------------------------------------ model io
-def chat_text(tokenizer, question: str) -> str:
-    """The user turn and the assistant header. ChatML without SmolLM2's default system prompt (a third of
-    the tokens, and noise in the attention sums); other templates as their tokenizer writes them."""
-    tpl = tokenizer.chat_template or ""
-    if "<|im_start|>" in tpl:
-        return f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
-    return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                         add_generation_prompt=True)
-
-
 def answer_suffix(tokenizer) -> str:
     """What closes a trained answer: the chat format's end-of-turn token (<|im_end|>, Gemma's <end_of_turn>)."""
-    from atlaskv.model.llm import end_of_turn
+    from atlaskv.model.chat import end_of_turn
 
     return end_of_turn(tokenizer)
 

@@ -18,6 +18,7 @@ import torch
 
 from atlaskv.kb.triples import Triple
 from atlaskv.kb.records import triples_to_records
+from atlaskv.model.chat import chat_text, left_pad, stop_token_ids
 
 TEXT_METHODS = ("zeroshot", "icl", "rag")
 RAG_TOP_K = 5
@@ -64,20 +65,15 @@ def context_window(akv) -> int:
 
 
 def prompt_tokens(akv, text: str) -> int:
-    from atlaskv.train import chat_text
-
     return len(akv.tokenizer(chat_text(akv.tokenizer, text), add_special_tokens=False)["input_ids"])
 
 
 @torch.no_grad()
 def answer_with_prompts(akv, prompts: list[str], max_new_tokens: int) -> list[str]:
     """Greedy answers, no KB attention: the stock model on the written prompts (batched, left-padded)."""
-    from atlaskv.evaluation.grounding import _left_pad
-    from atlaskv.model.llm import stop_token_ids
-    from atlaskv.train import chat_text
 
     tok = akv.tokenizer
-    ids, mask = _left_pad(tok, [chat_text(tok, p) for p in prompts], akv.device)
+    ids, mask = left_pad(tok, [chat_text(tok, p) for p in prompts], akv.device)
     out = akv.model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tok.pad_token_id or tok.eos_token_id,
                              eos_token_id=stop_token_ids(tok, akv.model))
@@ -91,8 +87,6 @@ def answer_with_shared_facts(akv, questions: list[str], facts: Sequence[str], ma
     without it 100 facts cost 9 s per question here."""
     import copy
 
-    from atlaskv.model.llm import stop_token_ids
-    from atlaskv.train import chat_text
 
     tok = akv.tokenizer
     marker = "\x00QUESTION\x00"

@@ -23,7 +23,9 @@ from atlaskv.model.attention import KBInputs, use_kb
 from atlaskv.model.pruning import ArraySource, PruneConfig, PrunedKB
 from atlaskv.kb.encoder import encode_records
 from atlaskv.kb.triples import EvalQuestion, Triple, read_eval_set
+from atlaskv.defaults import REFUSAL
 from atlaskv.kb.records import triples_to_records
+from atlaskv.model.chat import chat_text, left_pad, stop_token_ids
 
 
 def normalize(text: str) -> str:
@@ -38,8 +40,6 @@ def contains_answer(answer: str, gold: str) -> bool:
 
 def says_refusal(answer: str) -> bool:
     """The model's own trained refusal ("I don't know.") in a greedy answer."""
-    from atlaskv.train import REFUSAL
-
     return contains_answer(answer, REFUSAL)
 
 
@@ -120,33 +120,20 @@ def kb_chunks(pool: EvalPool, qidx: np.ndarray, size: int, distractors: str, rng
         yield qs, rows
 
 
-def _left_pad(tok, prompts: list[str], device):
-    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    n = max(map(len, ids))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    input_ids = torch.tensor([[pad] * (n - len(x)) + x for x in ids], device=device)
-    mask = torch.tensor([[0] * (n - len(x)) + [1] * len(x) for x in ids], device=device)
-    return input_ids, mask
-
-
 @torch.no_grad()
 def ask_batch(akv, questions: list[str], kb_source, max_new_tokens: int, record: bool, scale_factor: float | None,
               qemb: torch.Tensor | None, scale_mode: str | None = None):
     """Greedy answers for a batch against one KB: `kb_source` is (keys, values) (flat) or a PrunedKB.
     scale_factor / scale_mode default to the adapter's; scale_mode "none" turns the length correction off.
     Returns (texts, the KBInputs with the prefill attention recorded, the prompt mask)."""
-    from atlaskv.train import chat_text
-
     tok = akv.tokenizer
-    ids, mask = _left_pad(tok, [chat_text(tok, q) for q in questions], akv.device)
+    ids, mask = left_pad(tok, [chat_text(tok, q) for q in questions], akv.device)
     cfg = akv.adapter.config
     mode = scale_mode or cfg.kb_scale_mode
     scale = None if mode == "none" else (scale_factor if scale_factor is not None else cfg.kb_scale_factor)
     src = dict(pruned=kb_source) if isinstance(kb_source, PrunedKB) else dict(keys=kb_source[0], values=kb_source[1])
     kb = KBInputs(**src, record=record, question_emb=qemb, scale_factor=scale, token_mask=mask,
                   scale_mode="shift" if mode == "none" else mode)
-    from atlaskv.model.llm import stop_token_ids
-
     stop = stop_token_ids(tok, akv.model)  # EOS and the chat format's end of turn (<|im_end|>, <end_of_turn>)
     with use_kb(kb):
         out = akv.model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,

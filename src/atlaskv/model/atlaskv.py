@@ -15,7 +15,9 @@ from atlaskv.model.attention import KBInputs, attach, use_kb
 from atlaskv.model.pruning import PruneConfig, PrunedKB
 from atlaskv.kb.encoder import DEFAULT_ENCODER
 from atlaskv.kb.triples import Triple
-from atlaskv.model.llm import DEFAULT_LLM, canonical_name, load_base_model, stop_token_ids
+from atlaskv.defaults import MAX_NEW_TOKENS, REFUSAL, REFUSE_BELOW, TOP_CITATIONS
+from atlaskv.model.chat import chat_text, messages_text, stop_token_ids
+from atlaskv.model.llm import DEFAULT_LLM, canonical_name, load_base_model
 from atlaskv.kb.store import KnowledgeBase
 
 
@@ -32,10 +34,6 @@ def adapter_base_model(path: str | Path) -> str:
     except (OSError, ValueError, AttributeError):
         name = None  # KBAdapter.from_pretrained reports a broken config properly
     return name or DEFAULT_LLM
-
-
-REFUSAL = "I don't know."  # what the adapter's refusal samples answer (train.REFUSAL)
-REFUSE_BELOW = 3.23         # top_ratio threshold calibrated on fb15k with a KB of 5,887 facts (flat)
 
 
 def support_of(weights) -> float:
@@ -182,23 +180,14 @@ class AtlasKV:
     def chat_ids(self, question: str | Sequence[dict]) -> torch.Tensor:
         """Prompt ids as in training: ChatML without SmolLM2's default system prompt; other families in
         their tokenizer's chat format (Gemma 3: <bos><start_of_turn>user ... <start_of_turn>model)."""
-        from atlaskv.train import chat_text
-
-        if isinstance(question, str):
-            text = chat_text(self.tokenizer, question)
-        else:
-            messages = list(question)
-            if "<|im_start|>" in (self.tokenizer.chat_template or ""):
-                text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-                text += "<|im_start|>assistant\n"
-            else:
-                text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = chat_text(self.tokenizer, question) if isinstance(question, str) \
+            else messages_text(self.tokenizer, question)
         ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
         return ids.to(self.device)
 
     @torch.no_grad()
     def generate(self, question: str | Sequence[dict], kb: KnowledgeBase | KBInputs | None = None,
-                 max_new_tokens: int = 48, do_sample: bool = False, streamer=None, **gen_kw) -> str:
+                 max_new_tokens: int = MAX_NEW_TOKENS, do_sample: bool = False, streamer=None, **gen_kw) -> str:
         kb_in = self.kb_inputs(kb) if isinstance(kb, KnowledgeBase) else kb
         ids = self.chat_ids(question)
         needs_q = kb_in is not None and (self.adapter.config.question_input or (
@@ -237,7 +226,7 @@ class AtlasKV:
             raise errors[0]
 
     @torch.no_grad()
-    def ask(self, question: str, kb: KnowledgeBase, max_new_tokens: int = 48, top_citations: int = 5,
+    def ask(self, question: str, kb: KnowledgeBase, max_new_tokens: int = MAX_NEW_TOKENS, top_citations: int = TOP_CITATIONS,
             prune: bool | None = None, prune_config: PruneConfig | None = None, **gen_kw) -> Answer:
         """Answer from the KB, citing the triples with the most KB attention (summed over KB layers,
         heads and prompt tokens) during the prefill. `prune`: HiKVP (default when the KB has an index)."""

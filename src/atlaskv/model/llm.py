@@ -111,6 +111,8 @@ def resolve_model(name: str | None = None) -> Path:
     hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype="float32")
     tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
+    from atlaskv.model.chat import ensure_chat_template
+
     ensure_chat_template(tok, model.config)  # saved with the copy (Gemma's GGUF carries none)
     target.parent.mkdir(parents=True, exist_ok=True)
     # write to a temp dir and rename, so a killed conversion never leaves a half model that looks complete
@@ -140,48 +142,7 @@ def load_base_model(name: str | None = None, dtype: str = "float32", device: str
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), use_safetensors=True).to(device)
     model.eval().requires_grad_(False)
     tok = AutoTokenizer.from_pretrained(path)
+    from atlaskv.model.chat import ensure_chat_template
+
     ensure_chat_template(tok, model.config)
     return model, tok
-
-
-# ------------------------------------------------------------------------------------------------ chat format
-# Gemma 3's own turn format (the GGUF of the pretrained 270M carries no template): no system role (a system
-# message is prepended to the first user turn, as Google's template does), "model" for the assistant.
-GEMMA_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set prefix = messages[0]['content'] + '\n\n' %}"
-    "{% set msgs = messages[1:] %}{% else %}{% set prefix = '' %}{% set msgs = messages %}{% endif %}"
-    "{% for m in msgs %}{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\n' }}"
-    "{{ (prefix if loop.first else '') + (m['content'] | trim) }}{{ '<end_of_turn>\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
-# the token that closes an assistant turn, per chat format (checked against the template and the vocabulary)
-END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>")
-
-
-def ensure_chat_template(tokenizer, config=None) -> None:
-    """Give a tokenizer without a chat template its family's one (Gemma: from the model type)."""
-    if tokenizer.chat_template:
-        return
-    model_type = getattr(config, "model_type", "") or ""
-    if model_type.startswith("gemma") or "<start_of_turn>" in tokenizer.get_vocab():
-        tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
-
-
-def end_of_turn(tokenizer) -> str:
-    """The text that ends an assistant answer: the chat format's end-of-turn token, else EOS."""
-    tpl = tokenizer.chat_template or ""
-    vocab = tokenizer.get_vocab()
-    for t in END_OF_TURN:
-        if t in tpl and t in vocab:
-            return t
-    return tokenizer.eos_token or ""
-
-
-def stop_token_ids(tokenizer, model=None) -> list[int]:
-    """Generation stops at EOS (the model's generation config and the tokenizer's) or the end of a turn."""
-    ids: list[int] = []
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for i in ([gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])) + [
-            tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer) or "")]:
-        if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id and i not in ids:
-            ids.append(i)
-    return ids

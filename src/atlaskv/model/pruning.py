@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from atlaskv.defaults import PRUNE_ROUTE, PRUNE_TOP_K
 from atlaskv.kb.index import Hierarchy, gather_children
 
 ROUTES = ("kbq", "question", "both")
@@ -30,9 +31,8 @@ ROUTES = ("kbq", "question", "both")
 
 @dataclass
 class PruneConfig:
-    # the paper keeps 16 leaves; 64 cost next to nothing here and answer better (benchmarks/results/pruning_answers_*)
-    top_k: tuple[int, int, int] = (128, 64, 64)
-    route: str = "both"   # measured best: benchmarks/results/pruning_options.json
+    top_k: tuple[int, int, int] = PRUNE_TOP_K   # defaults.py says why these
+    route: str = PRUNE_ROUTE
     per_head: bool = False
     reuse: bool = True
     scale_n: str = "selected"   # N of the length correction: "selected" leaves (reference) or the whole "kb"

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from atlaskv.model.atlaskv import REFUSE_BELOW
+from atlaskv.defaults import REFUSE_BELOW
 from atlaskv.kb.store import KBError, KnowledgeBase
 
 log = logging.getLogger("atlaskv.serve.server")

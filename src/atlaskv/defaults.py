@@ -1,0 +1,23 @@
+"""Inference defaults: the one home every entry point reads (Python API, CLI, server, evaluation).
+
+Plain constants, no imports: `atlaskv --help` shows them without loading torch.
+"""
+from __future__ import annotations
+
+# What an answer says when no fact in the KB stands out, and when it says it. The adapter was trained to
+# answer REFUSAL to questions whose fact is missing (train.py); the rule below refuses an answer whose most
+# cited fact weighs under REFUSE_BELOW times the second one (calibrated on fb15k, KB of 5,887 facts, flat:
+# benchmarks/results/refusal_fb15k.json).
+REFUSAL = "I don't know."
+REFUSE_BELOW = 3.23
+
+# HiKVP: leaves kept per level (roots, inter, leaves) and how the tree is searched. The paper keeps 16
+# leaves; 64 cost next to nothing and answer better (benchmarks/results/pruning_answers_*); routing by the
+# KB query heads and the question embedding together measured best (benchmarks/results/pruning_options.json).
+PRUNE_TOP_K = (128, 64, 64)
+PRUNE_ROUTE = "both"
+PRUNE_TOP_K_TEXT = ",".join(map(str, PRUNE_TOP_K))   # as the CLI's --top-k takes it
+
+MAX_NEW_TOKENS = 48        # ask / chat / serve: answer length budget
+EVAL_MAX_NEW_TOKENS = 32   # eval grounding and baselines: the measured answers
+TOP_CITATIONS = 5          # cited facts returned with an answer
