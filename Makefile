@@ -9,9 +9,11 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.atlaskv-installed
 DEMO_KB := build/demo_kb
 export HF_HUB_OFFLINE := 1
-# Real data for the tests and benchmarks: ../shared beside the checkout, else this machine's /work/shared
+# Real data for the tests and benchmarks: $ATLASKV_SHARED, else a `shared` folder beside the checkout or
+# beside the folder above it (the tests look further up the same way)
 ifeq ($(ATLASKV_SHARED),)
-ATLASKV_SHARED := $(firstword $(wildcard $(CURDIR)/../shared /work/shared))
+ATLASKV_SHARED := $(firstword $(wildcard $(CURDIR)/../shared/data $(CURDIR)/../../shared/data))
+ATLASKV_SHARED := $(patsubst %/data,%,$(ATLASKV_SHARED))
 endif
 ifneq ($(ATLASKV_SHARED),)
 export ATLASKV_SHARED

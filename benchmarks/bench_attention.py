@@ -4,8 +4,8 @@
 
 Batch 1, a 64-token prompt, KBs of N real FB15k-237 entries (first N lines of
 ../shared/eval/fb15k-dense/triples.tsv, encoded with all-MiniLM-L6-v2), flat mode (every entry scored at
-every KB layer). Two adapter layouts: "query" (the reference: KB keys/values at query-head width) and
-"kv" (GQA width). The adapter is untrained (KB query heads copied from q_proj): cost does not depend on
+every KB layer), KB keys/values at query-head width (the committed results also have the GQA-width "kv"
+layout, removed since: it saved memory but no shipped adapter used it). The adapter is untrained (KB query heads copied from q_proj): cost does not depend on
 training. Each (layout, N) runs in its own process so peak RSS is its own; times are medians.
 """
 from __future__ import annotations
@@ -30,12 +30,13 @@ def child(kb_dir: str, n: int, layout: str, prompt_tokens: int, repeats: int) ->
     import numpy as np
     import torch
 
-    from atlaskv.model.attention import KBInputs, use_kb
+    from atlaskv.model.kb_inputs import KBInputs, use_kb
     from atlaskv.model.atlaskv import AtlasKV
     from atlaskv.kb.store import KnowledgeBase
 
     torch.manual_seed(0)
-    akv = AtlasKV.from_base_model(kb_heads=layout)
+    assert layout == "query", "the kv layout was removed"
+    akv = AtlasKV.from_base_model()
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     _, keys, values = KnowledgeBase.open(kb_dir).embeddings()
     keys = torch.from_numpy(np.asarray(keys[:n], np.float32))
@@ -72,7 +73,7 @@ def child(kb_dir: str, n: int, layout: str, prompt_tokens: int, repeats: int) ->
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="0,100,1000,10000")
-    ap.add_argument("--layouts", default="query,kv")
+    ap.add_argument("--layouts", default="query")
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--data", type=Path, default=Path(os.environ.get("ATLASKV_SHARED", REPO.parent / "shared"))

@@ -18,7 +18,10 @@ import numpy as np
 import torch
 
 from atlaskv.kb.encoder import load_encoder
-from atlaskv.evaluation.grounding import adapter_pool, ask_batch, contains_answer, kb_chunks, load_pool, normalize
+from atlaskv.evaluation.grounding import ask_batch
+from atlaskv.evaluation.metrics import contains_answer, normalize
+from atlaskv.evaluation.pool import kb_chunks, load_pool
+from atlaskv.kb.view import KBView
 from atlaskv.model.atlaskv import AtlasKV
 
 
@@ -42,19 +45,19 @@ def main():
     args = ap.parse_args()
     akv = AtlasKV.from_pretrained(args.adapter)
     enc = load_encoder(akv.adapter.config.encoder)
-    pool = adapter_pool(load_pool(args.set, enc), akv)
+    pool = load_pool(args.set, enc)
     qidx = np.random.default_rng(args.seed).permutation(len(pool.questions))[:args.questions]
     size = min(args.size, len(pool.triples))
     rows_out = []
     for qs, rows in kb_chunks(pool, qidx, size, args.distractors, np.random.default_rng([args.seed, size])):
-        keys = torch.from_numpy(pool.keys[rows].astype(np.float32))
-        values = torch.from_numpy(pool.values[rows].astype(np.float32))
+        view = KBView.from_arrays(pool.keys[rows].astype(np.float32), pool.values[rows].astype(np.float32),
+                                  [pool.triples[r] for r in rows])
         tails = sorted({pool.triples[r].tail for r in rows})
         for s in range(0, len(qs), 16):
             bq = [pool.questions[q] for q in qs[s:s + 16]]
             texts = [q.question for q in bq]
             qemb = torch.from_numpy(enc.encode(texts))
-            answers, kb, mask = ask_batch(akv, texts, (keys, values), 32, True, None, qemb)
+            answers, kb, mask = ask_batch(akv, texts, view, 32, True, None, qemb)
             for q, a, (pos, w) in zip(bq, answers, kb.summed_attention(mask)):
                 top = pool.triples[rows[int(pos[0])]]
                 rows_out.append({"question": q.question, "gold": q.tail, "answer": a.strip(),

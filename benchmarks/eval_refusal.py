@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from atlaskv.evaluation.grounding import contains_answer, normalize
+from atlaskv.evaluation.metrics import contains_answer, normalize
 from atlaskv.kb.triples import read_eval_set
 from atlaskv.model.atlaskv import AtlasKV
 from atlaskv.kb.store import KnowledgeBase

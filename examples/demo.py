@@ -4,9 +4,8 @@ import json
 import time
 from pathlib import Path
 
-from atlaskv import KnowledgeBase
-from atlaskv.evaluation.grounding import contains_answer
-from atlaskv.model.atlaskv import AtlasKV
+from atlaskv import AtlasKV, KnowledgeBase
+from atlaskv.evaluation.metrics import contains_answer
 
 HERE = Path(__file__).resolve().parent / "demo"
 KB_DIR = Path("build/demo_kb")

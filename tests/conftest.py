@@ -10,8 +10,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def shared_dir() -> Path | None:
-    """The project's shared data (../shared beside the checkout, or $ATLASKV_SHARED)."""
-    for p in (os.environ.get("ATLASKV_SHARED"), REPO.parent / "shared", Path("/work/shared")):
+    """The project's shared data: $ATLASKV_SHARED, else a `shared` folder beside the checkout or beside one of
+    its parent folders (a CI clone may sit one level deeper than the working checkout)."""
+    for p in (os.environ.get("ATLASKV_SHARED"), *(d / "shared" for d in REPO.parents)):
         if p and Path(p, "data").is_dir():
             return Path(p)
     return None

@@ -4,7 +4,7 @@ import hashlib
 
 import numpy as np
 
-from atlaskv import encoder as encoder_mod
+from atlaskv.kb import encoder as encoder_mod
 
 
 class HashEncoder:

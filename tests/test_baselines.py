@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from atlaskv.model.attention import KBInputs
+from atlaskv.model.kb_inputs import KBInputs
 from atlaskv.evaluation.baselines import DenseRetriever, facts_prompt
-from atlaskv.evaluation.grounding import grounding_hits, rank_hits
+from atlaskv.evaluation.grounding import grounding_hits
+from atlaskv.evaluation.metrics import rank_hits
 
 
 def test_rank_hits_counts_third_place_for_acc5_only():
@@ -59,7 +60,8 @@ def tiny_set(shared, tmp_path_factory):
 
 @pytest.mark.parametrize("method", ["atlaskv", "kblam", "rag", "icl", "zeroshot"])
 def test_each_method_runs_end_to_end(method, tiny_set, trained_model, encoder):
-    from atlaskv.evaluation.grounding import eval_grounding, eval_text_method
+    from atlaskv.evaluation.baselines import eval_text_method
+    from atlaskv.evaluation.grounding import eval_grounding
     from atlaskv.model.pruning import PruneConfig
 
     kw = dict(n_questions=6, answer_questions=3, max_new_tokens=12, progress=False)
@@ -84,7 +86,7 @@ def test_each_method_runs_end_to_end(method, tiny_set, trained_model, encoder):
 
 def test_icl_beyond_the_context_window_is_reported(tiny_set, trained_model, encoder, monkeypatch):
     from atlaskv import baselines
-    from atlaskv.evaluation.grounding import eval_text_method
+    from atlaskv.evaluation.baselines import eval_text_method
 
     monkeypatch.setattr(baselines, "context_window", lambda akv: 120)  # 20 facts need ~250 tokens
     res = eval_text_method(tiny_set, [2, 20], trained_model, encoder, "icl", n_questions=2, answer_questions=1,

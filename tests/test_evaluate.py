@@ -4,7 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from atlaskv.evaluation.grounding import contains_answer, kb_chunks, load_pool, says_refusal
+from atlaskv.evaluation.metrics import contains_answer, says_refusal
+from atlaskv.evaluation.pool import kb_chunks, load_pool
 
 
 @pytest.mark.parametrize("answer, gold, ok", [

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from atlaskv.model.adapter import KBAdapter
-from atlaskv.model.attention import KBInputs, attach, detach, kb_attention, use_kb
+from atlaskv.model.attention import attach, detach, kb_attention
+from atlaskv.model.kb_inputs import KBInputs, use_kb
 
 D_IN = 24
 WINDOW = 4

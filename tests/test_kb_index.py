@@ -83,8 +83,8 @@ def test_pruned_keeping_everything_equals_flat_on_a_kb_directory(akv, tmp_path, 
     assert (out_flat - out_pruned).abs().max().item() < 1e-4
     (p_pos, p_w), = pruned.summed_attention()
     (f_pos, f_w), = flat.summed_attention()
-    cite_p = akv._cite(pruned, kb, p_pos)
-    cite_f = akv._cite(flat, kb, f_pos)
+    cite_p = akv.cite(kb, pruned, p_pos)
+    cite_f = akv.cite(kb, flat, f_pos)
     assert cite_p == cite_f and len(cite_p) == 5 and Triple(*facts[1]) not in cite_p
     torch.testing.assert_close(p_w, f_w, atol=1e-4, rtol=1e-4)
 

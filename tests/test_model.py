@@ -5,7 +5,7 @@ import torch
 pytest.importorskip("gguf")
 
 from atlaskv.model.adapter import AdapterError, KBAdapter
-from atlaskv.model.attention import KBInputs
+from atlaskv.model.kb_inputs import KBInputs
 from atlaskv.kb.triples import Triple
 from atlaskv.model.llm import resolve_model
 from atlaskv.model.atlaskv import AtlasKV

@@ -6,9 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from atlaskv.model.attention import KBInputs, attach, kb_attention
+from atlaskv.model.attention import attach, kb_attention
+
+from atlaskv.model.kb_inputs import KBInputs
 from atlaskv.kb.index import build_hierarchy, gather_children, nearest_centroid
-from atlaskv.model.pruning import ArraySource, LayerScorer, PruneConfig, PrunedKB, gather, search
+from atlaskv.kb.view import ArraySource
+from atlaskv.model.pruning import LayerScorer, PruneConfig, PrunedKB, gather, search
 from test_attention import D_IN, IDS, _Module, random_adapter, random_kb, tiny_model
 
 
@@ -111,7 +114,7 @@ def test_pulled_back_scores_equal_full_projection():
     got = scorer.logits(e, adapter.key_inv_std(e))
     c = adapter.config
     s = slice(c.slot(layer) * c.slot_width, (c.slot(layer) + 1) * c.slot_width)
-    k = adapter.full_keys(e)[:, s].reshape(7, c.n_kb_heads, D).repeat_interleave(rep, 1)   # [n, H, D]
+    k = adapter.full_keys(e)[:, s].reshape(7, c.num_heads, D).repeat_interleave(rep, 1)   # [n, H, D]
     ref = torch.einsum("htd,nhd->htn", q, k) * 0.25
     torch.testing.assert_close(got, ref, atol=1e-9, rtol=1e-9)
 
@@ -149,7 +152,7 @@ def test_question_routing_finds_the_nearest_leaf_and_batches_match_single():
 @pytest.mark.parametrize("route", ["kbq", "both"])
 @pytest.mark.parametrize("reuse", [True, False])
 def test_generate_with_pruned_kb_runs_all_routes(route, reuse):
-    from atlaskv.model.attention import use_kb
+    from atlaskv.model.kb_inputs import use_kb
 
     model = tiny_model("llama")
     attach(model, random_adapter(model))
@@ -167,12 +170,12 @@ def test_generate_with_pruned_kb_runs_all_routes(route, reuse):
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen3", "gemma3"])
-@pytest.mark.parametrize("per_head,kb_heads", [(False, "query"), (True, "query"), (True, "kv")])
-def test_decode_step_equals_the_two_softmax_merge(kind, per_head, kb_heads):
+@pytest.mark.parametrize("per_head", [False, True])
+def test_decode_step_equals_the_two_softmax_merge(kind, per_head):
     """Decode steps over a kept selection take the one-softmax path (no grad); with grad on, the same step
     runs the two-softmax merge. Left padding, a length shift and unequal leaf counts per sample included."""
     model = tiny_model(kind)
-    attach(model, random_adapter(model, kb_heads=kb_heads))
+    attach(model, random_adapter(model))
     keys, values = random_kb(300)
     ids = torch.tensor([[0, 0, 0, 5, 17, 3, 44, 8], [9, 91, 23, 12, 7, 66, 4, 2]])
     mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1], [1] * 8])
@@ -191,6 +194,6 @@ def test_decode_step_equals_the_two_softmax_merge(kind, per_head, kb_heads):
             cache = out.past_key_values
             rows.append(out.logits[:, -1].detach())
         if fused:
-            assert any(k[0] == "decode" for s in kb._selections.values() for k in s.cache), "fused path not taken"
+            assert any(k[0] == "decode" for s in kb.call.selections.values() for k in s.cache), "fused path not taken"
         logits[fused] = torch.stack(rows)
     torch.testing.assert_close(logits[True], logits[False], atol=1e-5, rtol=1e-5)

@@ -13,9 +13,9 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 import httpx
 
-from atlaskv.defaults import REFUSAL, REFUSE_BELOW
+from atlaskv.defaults import MAX_NEW_TOKENS, REFUSAL, REFUSE_BELOW
 from atlaskv.model.atlaskv import AtlasKV
-from atlaskv.serve.server import create_app
+from atlaskv.serve.routes import create_app
 from atlaskv.kb.store import KnowledgeBase
 
 pytestmark = pytest.mark.slow
@@ -159,7 +159,7 @@ def test_malformed_and_invalid_requests_get_json_errors(url, client):
 def test_eight_concurrent_clients(url, model, kb):
     qs = [json.loads(line) for line in open(kb_questions()).readlines()[:8]]
     # the reference: the same greedy answers asked one by one (the server is idle while this runs)
-    expected = [model.ask(q["question"], kb, max_new_tokens=64).or_refusal().text for q in qs]
+    expected = [model.ask(q["question"], kb, max_new_tokens=MAX_NEW_TOKENS).or_refusal().text for q in qs]
 
     def one(q):
         c = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=300)

@@ -1,21 +1,26 @@
-"""Token values (value_source "encoder+llm_tokens"): the algebra on tiny random models, save/load, and the
+"""The token part of copy values (value_source "encoder+llm_copy"), with no text matched (id columns -1, so
+each entry writes the token embedding it carries): the algebra on tiny random models, save/load, and the
 value sources of flat, pruned and stored KBs. Quality lives in benchmarks/results (not here)."""
 import numpy as np
 import pytest
 import torch
 
-from atlaskv.model.adapter import TOKEN_GAIN_UNIT, AdapterError, KBAdapter
-from atlaskv.model.attention import KBInputs, attach
-from atlaskv.model.values import TokenValueSource, TokenValues
+from atlaskv.model.adapter import AdapterError, KBAdapter
+from atlaskv.model.attention import attach
+from atlaskv.model.kb_inputs import KBInputs
+from atlaskv.model.values import TOKEN_GAIN_UNIT, TokenValueSource, TokenValues
 from test_attention import D_IN, IDS, random_adapter, random_kb, tiny_model
 from test_pruning import pruned_kb
 
 
-def token_adapter(model, kb_heads="query", gain=0.7, seed=2):
-    base = random_adapter(model, kb_heads=kb_heads, seed=seed)
+M = 4  # copy_tokens
+
+
+def token_adapter(model, gain=0.7, seed=2):
+    base = random_adapter(model, seed=seed)
     from dataclasses import replace
 
-    adapter = KBAdapter(replace(base.config, value_source="encoder+llm_tokens"))
+    adapter = KBAdapter(replace(base.config, value_source="encoder+llm_copy", copy_tokens=M))
     adapter.load_state_dict(base.state_dict(), strict=False)
     with torch.no_grad():
         adapter.token_gain.copy_(torch.linspace(-gain, gain, len(adapter.config.kb_layers)))
@@ -24,14 +29,15 @@ def token_adapter(model, kb_heads="query", gain=0.7, seed=2):
 
 
 def with_tokens(values, hidden, seed=5):
+    """[sentence part; a random token part; id columns of -1 (no value ever matches the text)]."""
     g = torch.Generator().manual_seed(seed)
-    return torch.cat([values, torch.randn(*values.shape[:-1], hidden, generator=g)], -1)
+    return torch.cat([values, torch.randn(*values.shape[:-1], hidden, generator=g),
+                      torch.full((*values.shape[:-1], M + 1), -1.0)], -1)
 
 
-@pytest.mark.parametrize("kb_heads", ["query", "kv"])
-def test_zero_gain_equals_the_sentence_value_adapter(kb_heads):
+def test_zero_gain_equals_the_sentence_value_adapter():
     model = tiny_model("llama")
-    base, adapter = token_adapter(model, kb_heads)
+    base, adapter = token_adapter(model)
     with torch.no_grad():
         adapter.token_gain.zero_()
     keys, values = random_kb(20)
@@ -46,12 +52,11 @@ def test_zero_gain_equals_the_sentence_value_adapter(kb_heads):
     assert (moved - ref).abs().max().item() > 1e-3  # and the token part does reach the output
 
 
-@pytest.mark.parametrize("kb_heads", ["query", "kv"])
-def test_value_weights_are_the_documented_sum(kb_heads):
+def test_value_weights_are_the_documented_sum():
     """value_l(e) = W_v e_s + b_v + unit * g_l R_l A t, and each head's share lands along t (o_proj R_l,h A t
     is the projection of A t onto that head's output space: never against it)."""
     model = tiny_model("llama")
-    _, adapter = token_adapter(model, kb_heads)
+    _, adapter = token_adapter(model)
     adapter = adapter.double().bind(model)  # fp64: the token part is ~256x the sentence part (TOKEN_GAIN_UNIT)
     c = adapter.config
     e = with_tokens(torch.randn(3, D_IN), c.hidden_size).double()
@@ -59,12 +64,12 @@ def test_value_weights_are_the_documented_sum(kb_heads):
     for i, l in enumerate(c.kb_layers):
         got = adapter.project_values(e, l).reshape(3, -1)
         s = slice(c.slot(l) * c.slot_width, (c.slot(l) + 1) * c.slot_width)
-        t = e[:, D_IN:] @ adapter.token_map.T
+        t = e[:, D_IN:D_IN + c.hidden_size] @ adapter.token_map.T
         want = adapter.value_proj(e[:, :D_IN])[:, s] + TOKEN_GAIN_UNIT * adapter.token_gain[i] * t @ adapter.token_readout[i].T
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-        w_o = attn[l].o_proj.weight.double().view(c.hidden_size, c.n_kb_heads, -1, c.head_dim).sum(2)
-        r = adapter.token_readout[i].view(c.n_kb_heads, c.head_dim, c.hidden_size)
-        for h in range(c.n_kb_heads):
+        w_o = attn[l].o_proj.weight.double().view(c.hidden_size, c.num_heads, c.head_dim)
+        r = adapter.token_readout[i].view(c.num_heads, c.head_dim, c.hidden_size)
+        for h in range(c.num_heads):
             written = t @ (w_o[:, h] @ r[h]).T                                  # [3, hidden]
             assert ((written * t).sum(-1) >= -1e-4).all()
             # a projection: applying it twice changes nothing
@@ -108,9 +113,13 @@ def test_save_load_keeps_token_weights_and_rebinds(tmp_path):
     (tmp_path / "b" / "adapter_config.json").write_text((tmp_path / "a" / "adapter_config.json").read_text())
     with pytest.raises(AdapterError, match="missing"):
         KBAdapter.from_pretrained(tmp_path / "b")
-    bad = (tmp_path / "a" / "adapter_config.json").read_text().replace('"encoder+llm_tokens"', '"tokens"')
+    bad = (tmp_path / "a" / "adapter_config.json").read_text().replace('"encoder+llm_copy"', '"tokens"')
     (tmp_path / "b" / "adapter_config.json").write_text(bad)
     with pytest.raises(AdapterError, match="value_source"):
+        KBAdapter.from_pretrained(tmp_path / "b")
+    removed = bad.replace('"tokens"', '"encoder+llm_tokens"')  # a removed variant says so
+    (tmp_path / "b" / "adapter_config.json").write_text(removed)
+    with pytest.raises(AdapterError, match="was removed"):
         KBAdapter.from_pretrained(tmp_path / "b")
 
 
@@ -129,13 +138,14 @@ class _Emb:
         return self.emb
 
 
-def test_token_values_are_the_mean_of_the_first_tokens_and_sources_append_them():
+def test_token_values_are_the_first_token_and_sources_append_them():
     m, tok = _Emb(), _Tok()
-    tv = TokenValues(m, tok, n_tokens=3)
+    tv = TokenValues(m, tok, copy_tokens=3)
     out = tv.encode(["ab", "abcdef", "ab"])
     w = m.emb.weight.detach()
     ids = tok([" abcdef"])["input_ids"][0][:3]
-    np.testing.assert_allclose(out[1], w[ids].mean(0).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(out[1, :8], w[ids[0]].numpy(), rtol=1e-6)
+    assert out[1, 8:].tolist() == [tok(["abcdef"])["input_ids"][0][0], *ids]
     np.testing.assert_array_equal(out[0], out[2])
     base = np.arange(20, dtype=np.float32).reshape(5, 4)
     texts = ["x", "yy", "zzz", "x", "w"]
@@ -148,4 +158,4 @@ def test_token_values_are_the_mean_of_the_first_tokens_and_sources_append_them()
     got = src.take(np.array([3, 1, 3]))
     np.testing.assert_array_equal(got[:, :4], base[[3, 1, 3]])
     np.testing.assert_allclose(got[:, 4:], tv.encode(["x", "yy", "x"]))
-    assert src.take(np.zeros(0, np.int64)).shape == (0, 12)
+    assert src.take(np.zeros(0, np.int64)).shape == (0, 4 + 8 + 4)

@@ -132,7 +132,7 @@ def test_init_adapter_fine_tunes_from_its_weights_and_layout(tmp_path, small_dat
         assert torch.equal(a[k], b[k]), k
     cfg = json.loads((tuned / "adapter_config.json").read_text())
     assert cfg["kb_layer_frequency"] == 2 and cfg["question_input"] is True
-    assert (cfg["kb_scale_factor"], cfg["kb_scale_mode"]) == (300.0, "cap")  # its length correction kept
+    assert cfg["kb_scale_factor"] == 300.0  # its length correction kept (one mode: only KBs larger than s damped)
     assert cfg["training"]["init_from"]["path"] == str(first)
     assert cfg["training"]["init_from"]["config"]["steps"] == 2
     assert cfg["training"]["config"]["init_adapter"] == str(first)
@@ -151,11 +151,11 @@ def test_token_value_fine_tune_keeps_keys_and_trains_the_value_path(tmp_path, sm
     kw = dict(data=[str(small_data)], base_model=base, batch_size=4, eval_every=2, threads=1)
     first = train(TrainConfig(out=str(tmp_path / "first"), steps=1, kb_layer_frequency=2, **kw), log=lambda m: None)
     tuned = train(TrainConfig(out=str(tmp_path / "tok"), steps=2, init_adapter=str(first),
-                              value_source="encoder+llm_tokens", token_gain_init=3.0, trainable="values", **kw),
+                              value_source="encoder+llm_copy", token_gain_init=3.0, trainable="values", **kw),
                   log=lambda m: None)
     from safetensors.torch import load_file
 
-    from atlaskv.model.adapter import TOKEN_GAIN_UNIT
+    from atlaskv.model.values import TOKEN_GAIN_UNIT
 
     a, b = load_file(first / "adapter.safetensors"), load_file(tuned / "adapter.safetensors")
     assert set(b) - set(a) == {"token_map", "token_gain"}
@@ -163,6 +163,6 @@ def test_token_value_fine_tune_keeps_keys_and_trains_the_value_path(tmp_path, sm
         assert torch.equal(a[k], b[k]) == (not k.startswith("value_proj.")), k
     assert b["token_gain"][:-1].abs().max() < 0.1 and abs(float(b["token_gain"][-1]) * TOKEN_GAIN_UNIT - 3.0) < 1.0
     cfg = json.loads((tuned / "adapter_config.json").read_text())
-    assert cfg["value_source"] == "encoder+llm_tokens"
+    assert cfg["value_source"] == "encoder+llm_copy"
     log = [json.loads(l) for l in open(tuned / "train_log.jsonl")]
     assert "val_answer_acc_kb100" in log[-1]

@@ -11,6 +11,8 @@ so every method reads the same words.
 """
 from __future__ import annotations
 
+import time
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -18,6 +20,9 @@ import torch
 
 from atlaskv.kb.triples import Triple
 from atlaskv.kb.records import triples_to_records
+from atlaskv.defaults import EVAL_MAX_NEW_TOKENS
+from atlaskv.evaluation.metrics import contains_answer, rank_hits
+from atlaskv.evaluation.pool import kb_chunks, load_pool
 from atlaskv.model.chat import chat_text, left_pad, stop_token_ids
 
 TEXT_METHODS = ("zeroshot", "icl", "rag")
@@ -104,3 +109,130 @@ def answer_with_shared_facts(akv, questions: list[str], facts: Sequence[str], ma
                                  pad_token_id=tok.pad_token_id or tok.eos_token_id, eos_token_id=stop)
         texts.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     return texts
+
+
+def eval_text_method(set_dir: str | Path, sizes: list[int], akv, encoder, method: str, n_questions: int = 500,
+                     distractors: str = "random", seed: int = 0, batch_size: int = 16,
+                     answer_questions: int | None = None, max_new_tokens: int = EVAL_MAX_NEW_TOKENS, top_k: int = RAG_TOP_K,
+                     judge=None, progress: bool = True) -> dict:
+    """The text-prompt baselines (baselines.py) on the same KBs and questions as eval_grounding.
+    rag: acc1/acc5 are the retriever's hit@1/@5; icl: a size whose prompt exceeds the context window is
+    reported `too_long`; zeroshot: answers only (the KB plays no part, so every size reads the same)."""
+    from tqdm.auto import tqdm
+
+    if method not in TEXT_METHODS:
+        raise ValueError(f"method must be one of {TEXT_METHODS}, got {method!r}")
+    pool = load_pool(set_dir, encoder)
+    rng = np.random.default_rng(seed)
+    qidx = rng.permutation(len(pool.questions))[: min(n_questions, len(pool.questions))]
+    n_ans = len(qidx) if answer_questions is None else min(answer_questions, len(qidx))
+    sentences = fact_sentences(pool.triples)
+    window = context_window(akv)
+    results, zeroshot_row = [], None
+    for size in sizes:
+        size = min(size, len(pool.triples))
+        t0 = time.time()
+        if method == "zeroshot" and zeroshot_row is not None:
+            results.append({**zeroshot_row, "kb_size": size})
+            continue
+        hits1 = hits5 = n = em = em_prior = n_em = judged = 0
+        judge_sum = 0.0
+        longest = 0
+        status = "ok"
+        bar = tqdm(total=len(qidx), desc=f"{Path(set_dir).name} N={size} {method}", disable=not progress)
+        for qs, rows in kb_chunks(pool, qidx, size, distractors, np.random.default_rng([seed, size])):
+            pos = {int(r): p for p, r in enumerate(rows)}
+            retriever = DenseRetriever(pool.keys[rows]) if method == "rag" else None
+            facts = [sentences[r] for r in rows]
+            if method == "icl":
+                longest = max(longest, max(prompt_tokens(akv, facts_prompt(pool.questions[q].question, facts))
+                                           for q in qs[:4]))
+                if longest + max_new_tokens > window:
+                    status = "too_long"
+                    break
+            for s in range(0, len(qs), batch_size):
+                bq = [pool.questions[q] for q in qs[s:s + batch_size]]
+                qtexts = [q.question for q in bq]
+                gold = [pos[pool.index[q.triple]] for q in bq]
+                ranked = None
+                if method == "rag":
+                    ranked = retriever.search(encoder.encode(qtexts), max(5, top_k + 1))
+                    h1, h5 = rank_hits([r.tolist() for r in ranked], gold)
+                    hits1, hits5 = hits1 + h1, hits5 + h5
+                n += len(bq)
+                take = min(len(bq), n_ans - n_em)
+                if take > 0:
+                    texts, prior = _text_answers(akv, method, qtexts[:take], facts, ranked, gold, top_k, max_new_tokens)
+                    em += sum(contains_answer(t, q.tail) for t, q in zip(texts, bq))
+                    if prior is not None:
+                        em_prior += sum(contains_answer(t, q.tail) for t, q in zip(prior, bq))
+                    if judge is not None:
+                        for t, q in zip(texts, bq):
+                            judge_sum += judge(q.question, q.tail, t)
+                            judged += 1
+                    n_em += take
+                bar.update(len(bq))
+        bar.close()
+        ok = status == "ok"
+        row = {"kb_size": size, "status": status, "n_questions": n,
+               "acc1": hits1 / n if method == "rag" and n else None,
+               "acc5": hits5 / n if method == "rag" and n else None, "pruning_recall": None,
+               "answer_em": em / n_em if n_em and ok else None,
+               "answer_em_without_gold": em_prior / n_em if n_em and method != "zeroshot" and ok else None,
+               "n_answer_questions": n_em if ok else 0, "seconds": round(time.time() - t0, 1)}
+        if method == "icl":
+            row.update(prompt_tokens=longest, context_window=window)
+        if judge is not None and judged:
+            row["judge_score"] = judge_sum / judged
+        if method == "zeroshot":
+            zeroshot_row = row
+        results.append(row)
+    return {"set": Path(set_dir).name, "method": method, "distractors": distractors, "seed": seed,
+            **({"top_k": top_k} if method == "rag" else {}), "results": results}
+
+
+
+
+def _text_answers(akv, method: str, qtexts: list[str], facts: list[str], ranked, gold: list[int], top_k: int,
+                  max_new_tokens: int) -> tuple[list[str], list[str] | None]:
+    """(answers, answers without the gold facts; None for zeroshot) of one batch of a text method."""
+    take = len(qtexts)
+    if method == "icl":  # one fact list per batch: its prefix is computed once
+        without = [f for j, f in enumerate(facts) if j not in set(gold[:take])]
+        return (answer_with_shared_facts(akv, qtexts, facts, max_new_tokens),
+                answer_with_shared_facts(akv, qtexts, without, max_new_tokens))
+    prompts, prior_prompts = [], []
+    for i in range(take):
+        if method == "rag":
+            with_gold = [facts[j] for j in ranked[i][:top_k]]
+            without = [facts[j] for j in ranked[i] if j != gold[i]][:top_k]
+        else:
+            with_gold = without = []
+        prompts.append(facts_prompt(qtexts[i], with_gold))
+        prior_prompts.append(facts_prompt(qtexts[i], without))
+    texts = answer_with_prompts(akv, prompts, max_new_tokens)
+    return texts, answer_with_prompts(akv, prior_prompts, max_new_tokens) if method == "rag" else None
+
+
+def openai_judge(base_url: str, model: str, api_key: str | None = None, timeout: float = 60.0):
+    """The paper's GPT-4o relevance score, from any OpenAI-compatible chat endpoint: 0-5 per answer,
+    returned scaled to 0-1. Only called when the user passes --judge (nothing here reaches one)."""
+    import json
+    import re
+    import urllib.request
+
+    url = base_url.rstrip("/") + "/chat/completions"
+
+    def score(question: str, gold: str, answer: str) -> float:
+        prompt = (f"Question: {question}\nReference answer: {gold}\nModel answer: {answer}\n"
+                  "On a scale of 0 to 5, how well does the model answer agree with the reference answer? "
+                  "Reply with the number only.")
+        body = json.dumps({"model": model, "messages": [{"role": "user", "content": prompt}],
+                           "max_tokens": 4, "temperature": 0}).encode()
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+        with urllib.request.urlopen(urllib.request.Request(url, body, headers), timeout=timeout) as r:
+            text = json.loads(r.read())["choices"][0]["message"]["content"]
+        m = re.search(r"[0-5](?:\.\d+)?", text)
+        return float(m.group()) / 5 if m else 0.0
+
+    return score

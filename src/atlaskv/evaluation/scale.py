@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from atlaskv.evaluation.pool import jitter, load_pool
+
 QUESTION = "What is the place of birth of the person who directed the film that won the award in question?"
 METHODS = ("zeroshot", "icl", "rag", "kblam", "atlaskv")
 
@@ -62,20 +64,11 @@ def make_kb(out: Path, n: int, pool_triples: list, pool_keys: np.ndarray, pool_v
     for start in range(n_real, n, chunk):
         m = min(chunk, n - start)
         src = rng.integers(0, len(pool_keys), m)
-        keys, values = (_jitter(base[src], noise, rng) for base in (pool_keys, pool_values))
+        keys, values = (jitter(base[src], noise, rng) for base in (pool_keys, pool_values))
         kb.add_encoded(_records(start, m), keys, values)
     t0 = time.time()
     kb.build_index(show_progress=True)
     return {"synthetic": n > len(pool_triples), "index_seconds": round(time.time() - t0, 1)}
-
-
-def _jitter(x: np.ndarray, noise: float, rng: np.random.Generator) -> np.ndarray:
-    out = np.empty(x.shape, np.float16)
-    for s in range(0, len(x), 200_000):
-        y = x[s:s + 200_000].astype(np.float32)
-        y += rng.standard_normal(y.shape, dtype=np.float32) * (noise / np.sqrt(y.shape[1]))
-        out[s:s + 200_000] = y / np.linalg.norm(y, axis=1, keepdims=True)
-    return out
 
 
 def measure(method: str, kb_dir: str | None, new_tokens: int = 8, prune_args: dict | None = None) -> dict:
@@ -204,7 +197,6 @@ def bench_scale(sizes: list[int], methods: list[str], work_dir: Path, pool_set: 
                 time_limit_s: float = 600, prune_args: dict | None = None, log=print, new_tokens: int = 8,
                 rounds: int = 1) -> dict:
     from atlaskv.kb.encoder import load_encoder
-    from atlaskv.evaluation.grounding import load_pool
 
     enc = load_encoder()
     pool = load_pool(pool_set, enc)

@@ -10,18 +10,22 @@ Centroids are means of member base embeddings (roots: of all their leaves) in th
 adapter projects them like any key at query time (method.md §5.2). Children are CSR arrays (offsets +
 ids). Leaves are row positions 0..M-1 of the served KB; the store maps them to entry ids on disk, so the
 reference's id-mapping bugs (§5.5) have nowhere to live: local id = global id.
+
+In a KB directory (layout.py): write_index saves a tree as index/hikvp-<version>.*.npy and enters it in
+the manifest; place_additions files live adds under their nearest inter cluster until the next rebuild.
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ARRAYS = ("roots", "inters", "root_offsets", "root_children", "inter_offsets", "inter_children")
+from atlaskv.kb.layout import ARRAYS, file_entry, write_npy
 
 
 @dataclass
@@ -64,13 +68,11 @@ class Hierarchy:
 
     def save(self, folder: Path, stem: str) -> list[str]:
         """One .npy per array (memory-mappable, no pickle); returns the file names written."""
-        from atlaskv.kb.store import _write_npy
-
         names = []
         for name in ARRAYS:
             arr = getattr(self, name)
             fname = f"{stem}.{name}.npy"
-            _write_npy(folder / fname, np.ascontiguousarray(arr))
+            write_npy(folder / fname, np.ascontiguousarray(arr))
             names.append(fname)
         return names
 
@@ -115,7 +117,7 @@ def _kmeans(x: np.ndarray, k: int, seed: int, niter: int) -> np.ndarray:
     return km.centroids
 
 
-def _assign(x, centroids: np.ndarray, chunk: int = 1 << 17) -> np.ndarray:
+def assign(x, centroids: np.ndarray, chunk: int = 1 << 17) -> np.ndarray:
     """Nearest centroid (L2) of every row, streaming over x (which may be a memory map)."""
     import faiss
 
@@ -128,7 +130,7 @@ def _assign(x, centroids: np.ndarray, chunk: int = 1 << 17) -> np.ndarray:
     return out
 
 
-def _group_means(x: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def group_means(x: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(order, counts, means) of rows grouped by label (order sorts rows by label, stable)."""
     order = np.argsort(labels, kind="stable")
     counts = np.bincount(labels, minlength=k)
@@ -159,7 +161,7 @@ def build_hierarchy(keys, n_roots: int | None = None, n_inter: int | None = None
     n_inter = min(max(n_inter or i_default, n_roots), m)
     rng = np.random.default_rng(seed)
     root_c = _kmeans(_sample(keys, n_roots * points_per_centroid, rng), n_roots, seed, niter)
-    root_of = _assign(keys, root_c)
+    root_of = assign(keys, root_c)
     by_root = np.argsort(root_of, kind="stable")          # positions grouped by root, ascending within
     root_counts = np.bincount(root_of, minlength=len(root_c))
     live = np.flatnonzero(root_counts)
@@ -176,10 +178,10 @@ def build_hierarchy(keys, n_roots: int | None = None, n_inter: int | None = None
             labels = np.zeros(len(x), np.int64)
         else:
             c = _kmeans(_sample(x, k * points_per_centroid, rng), int(k), seed, niter)
-            labels = _assign(x, c)
+            labels = assign(x, c)
         labels = _split_oversized(x, labels, m / n_inter, seed, niter)
         k = int(labels.max()) + 1
-        order, counts, means = _group_means(x, labels, int(k))
+        order, counts, means = group_means(x, labels, int(k))
         keep = counts > 0
         inters.append(means[keep])
         inter_sizes.append(counts[keep])
@@ -209,7 +211,7 @@ def _split_oversized(x: np.ndarray, labels: np.ndarray, target: float, seed: int
     for c in np.flatnonzero(counts > cap):
         idx = np.flatnonzero(labels == c)
         pieces = math.ceil(len(idx) / target)
-        sub = _assign(x[idx], _kmeans(x[idx], pieces, seed, niter))
+        sub = assign(x[idx], _kmeans(x[idx], pieces, seed, niter))
         for s_label in np.unique(sub):
             part = idx[sub == s_label]
             if len(part) > cap:  # still too big: equal cuts along the part's principal direction
@@ -228,7 +230,34 @@ def _split_oversized(x: np.ndarray, labels: np.ndarray, target: float, seed: int
 
 def nearest_centroid(x, centroids: np.ndarray) -> np.ndarray:
     """Where live adds go: the inter cluster with the nearest centroid."""
-    return _assign(x, centroids)
+    return assign(x, centroids)
+
+
+# ---------------------------------------------------------------------------------------------- in a KB directory
+def write_index(root: Path, m: dict, ids: np.ndarray, keys, show_progress: bool | None = None, **params) -> None:
+    """A fresh tree over `keys` (entry `ids`, same order) as index/hikvp-<version>.*.npy, entered in the
+    manifest `m` (files and m["index"]); visible once `m` is committed."""
+    t0 = time.time()
+    h = build_hierarchy(keys, progress=bool(show_progress), **params)
+    h = h.map_leaves(lambda pos: np.asarray(ids, np.int64)[pos])  # on disk: entry ids, stable across adds
+    (root / "index").mkdir(exist_ok=True)
+    stem = f"hikvp-{m['version']:06d}"
+    files = h.save(root / "index", stem)
+    for f in files:
+        m["files"][f"index/{f}"] = file_entry(root, f"index/{f}")
+    m["index"] = {"stem": stem, "files": files, "built_version": m["version"], "additions": [],
+                  "params": params, "stats": h.stats(), "seconds": round(time.time() - t0, 2)}
+
+
+def place_additions(root: Path, m: dict, new_ids: np.ndarray, keys: np.ndarray) -> None:
+    """Entries added live join the inter cluster with the nearest centroid (index/add-<version>.npy);
+    the centroids stay as they are until the next write_index."""
+    inters = np.load(root / "index" / f"{m['index']['stem']}.inters.npy", allow_pickle=False)
+    where = nearest_centroid(keys, inters)
+    rel = f"index/add-{m['version']:06d}.npy"
+    write_npy(root / rel, np.stack([new_ids, where], 1).astype(np.int64))
+    m["files"][rel] = file_entry(root, rel)
+    m["index"]["additions"].append({"file": rel, "rows": int(len(new_ids))})
 
 
 # ---------------------------------------------------------------------------------------------- searching

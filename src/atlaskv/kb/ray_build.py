@@ -1,6 +1,6 @@
 """Build a KB on Ray (`atlaskv kb build ... --engine ray`): the local pipeline, spread over a cluster.
 
-    read        one Ray task per input file (any format kg.py reads; shard big inputs into many files),
+    read        one Ray task per input file (any format triples.py reads; shard big inputs into many files),
                 with the same validation and file:line errors; the driver keeps 8 bytes per triple
                 (its hash) to drop duplicates across files, first occurrence kept, as the local reader
     KG2KV +     Ray Data `map_batches` on an actor pool of encoders (CPU or GPU per actor); each batch of
@@ -35,14 +35,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from atlaskv.kb.layout import (FORMAT, FORMAT_VERSION, KBError, check_build_target, file_entry, recover_swap,
+                               records_table, remove_stale_temps, sha256, swap_into_place, triple_hash,
+                               write_lock, write_manifest)
+from atlaskv.kb.store import BUILD_ENGINES, KnowledgeBase, describe_sources
+
 INSTALL_HINT = "the Ray engine needs Ray, which is not installed: pip install 'atlaskv[ray]'"
 RETRIES = 3
 
 
 def require_ray():
     """The `ray` module, or a KBError (one clean line in the CLI) that says how to install it."""
-    from atlaskv.kb.store import KBError
-
     try:
         import ray
         import ray.data  # noqa: F401  (ray without the [data] extra lacks pandas etc.)
@@ -55,7 +58,6 @@ def require_ray():
 def _read_shard(shard: int, path: str, fmt: str | None, skip_bad: bool):
     """One input file -> (Arrow table of its distinct triples with shard/row columns, small report)."""
     from atlaskv.kb.triples import KGFormatError, read_triples
-    from atlaskv.kb.store import triple_hash
 
     try:
         rep = read_triples(path, fmt, skip_bad=skip_bad)
@@ -79,9 +81,7 @@ def _write_file(path: Path, write: Callable) -> dict:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    from atlaskv.kb.store import _sha256
-
-    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return {"bytes": path.stat().st_size, "sha256": sha256(path)}
 
 
 class _EncodeSegments:
@@ -104,7 +104,6 @@ class _EncodeSegments:
         from atlaskv.kb.encoder import encode_records
         from atlaskv.kb.triples import Triple
         from atlaskv.kb.records import make_record
-        from atlaskv.kb.store import RECORD_SCHEMA, triple_hash
 
         shard = batch.column("shard").to_numpy()
         row = batch.column("row").to_numpy()
@@ -126,13 +125,8 @@ class _EncodeSegments:
         if np.any(np.diff(ids) != 1):
             raise RuntimeError(f"batch ids are not one contiguous range ({ids[:3]}...)")
         keys, values = encode_records(self.enc, records, self.batch_size, show_progress=False)
-        table = pa.table({
-            "id": ids.astype(np.int64), "head": [r.triple.head for r in records],
-            "relation": [r.triple.relation for r in records], "tail": [r.triple.tail for r in records],
-            "masked": [r.masked for r in records], "key_text": [r.key_text for r in records],
-            "value_text": [r.value_text for r in records],
-            "triple_hash": np.array([triple_hash(r.triple) for r in records], np.int64)}, schema=RECORD_SCHEMA)
         first = int(ids[0])
+        table = records_table(records, first)  # ids first, first + 1, ... (contiguous: checked above)
         stem = f"segments/seg-{self.version:06d}-{first:012d}"
         seg = {"records": f"{stem}.records.parquet", "keys": f"{stem}.keys.f16.npy",
                "values": f"{stem}.values.f16.npy", "rows": len(records), "first_id": first}
@@ -156,21 +150,21 @@ def _assign_segment(keys_path: str, roots: np.ndarray, inters: np.ndarray, root_
                     root_children: np.ndarray):
     """Every leaf of one segment -> nearest root, then the nearest inter cluster under that root; with
     per-cluster member counts and float64 sums (the new centroids are means of what was assigned)."""
-    from atlaskv.kb.index import _assign, _group_means
+    from atlaskv.kb.index import assign, group_means
 
     x = np.load(keys_path, mmap_mode="r", allow_pickle=False)
     labels = np.empty(len(x), np.int64)
     for s in range(0, len(x), 1 << 16):
         chunk = np.asarray(x[s:s + (1 << 16)], np.float32)
-        root_of = _assign(chunk, roots)
+        root_of = assign(chunk, roots)
         lab = labels[s:s + len(chunk)]
         for r in np.unique(root_of):
             at = np.flatnonzero(root_of == r)
             kids = root_children[root_offsets[r]:root_offsets[r + 1]]
-            lab[at] = kids[_assign(chunk[at], inters[kids])] if len(kids) > 1 else kids[0]
+            lab[at] = kids[assign(chunk[at], inters[kids])] if len(kids) > 1 else kids[0]
     present = np.unique(labels)
     dense = np.searchsorted(present, labels)
-    _, counts, means = _group_means(np.asarray(x, np.float32), dense, len(present))
+    _, counts, means = group_means(np.asarray(x, np.float32), dense, len(present))
     return labels, present, counts, means.astype(np.float64) * counts[:, None]
 
 
@@ -191,31 +185,15 @@ def build(sources: str | Path | Sequence[str | Path], out: str | Path, *, encode
     segment_rows: triples per map_batches batch = per segment. index_sample: rows the HiKVP k-means
     sees (all of them when the KB is smaller; assignment always covers every leaf)."""
     from atlaskv.kb.encoder import DEFAULT_ENCODER
-    from atlaskv.kb.triples import _check_file, detect_format
-    from atlaskv.kb.records import DIRECTIONS, RelationNouns
-    from atlaskv.kb.store import (KBError, KnowledgeBase, _check_build_target, _describe, _recover_swap,
-                        _remove_stale_temps, _swap_into_place)
+    from atlaskv.kb.records import RelationNouns
 
     ray = require_ray()
-    if not isinstance(sources, (str, Path)) and not (
-            isinstance(sources, (list, tuple)) and sources and all(isinstance(s, (str, Path)) for s in sources)):
-        raise KBError("the Ray engine reads triple files (give paths); build from Python triples with engine='local'")
-    if directions not in DIRECTIONS:
-        raise KBError(f"directions must be one of {DIRECTIONS}, got {directions!r}")
-    if segment_rows < 1 or batch_size < 1:
-        raise KBError("segment_rows and batch_size must be positive")
-    paths = [str(p) for p in ([sources] if isinstance(sources, (str, Path)) else sources)]
-    out = _check_build_target(out, overwrite)
-    fmts = []
-    for p in paths:  # every file checked before any work is sent out, as the local reader does
-        _check_file(p)
-        fmts.append(detect_format(p, format))
-
+    paths, fmts, out = _check_inputs(sources, out, overwrite, directions, format, segment_rows, batch_size)
     encoder = getattr(encoder, "name", encoder) or DEFAULT_ENCODER  # actors load it by name
     started = _connect(ray, address, num_cpus)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _recover_swap(out)
-    _remove_stale_temps(out)
+    recover_swap(out)
+    remove_stale_temps(out)
     tmp = out.parent / f".{out.name}.building-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     t0 = time.time()
@@ -223,26 +201,9 @@ def build(sources: str | Path | Sequence[str | Path], out: str | Path, *, encode
         (tmp / "segments").mkdir(parents=True)
         timings = {}
         # ---- read: one task per file
-        read = ray.remote(num_returns=2, max_retries=RETRIES)(_read_shard)
-        refs = [read.remote(i, p, f, skip_bad) for i, (p, f) in enumerate(zip(paths, fmts))]
-        tables, metas = [r[0] for r in refs], _get(ray, [r[1] for r in refs])
-        for meta in metas:
-            if "error" in meta:
-                raise meta["error"]
-        hashes = np.concatenate([m["hashes"] for m in metas]) if metas else np.zeros(0, np.int64)
-        keep = np.zeros(len(hashes), bool)
-        keep[np.unique(hashes, return_index=True)[1]] = True  # first occurrence of each triple, in file order
-        sizes = np.array([len(m["hashes"]) for m in metas], np.int64)
-        starts = np.concatenate([[0], np.cumsum(sizes)])
-        kept = np.array([keep[starts[i]:starts[i + 1]].sum() for i in range(len(metas))], np.int64)
-        offsets = np.concatenate([[0], np.cumsum(kept)[:-1]]).astype(np.int64)
-        drops = {i: np.flatnonzero(~keep[starts[i]:starts[i + 1]]) for i in range(len(metas))
-                 if kept[i] < sizes[i]}
-        n_triples = int(kept.sum())
-        report = {"rows": sum(m["rows"] for m in metas), "bad": sum(m["bad"] for m in metas),
-                  "duplicates": sum(m["duplicates"] for m in metas) + int(len(hashes) - n_triples)}
+        tables, metas, offsets, drops, n_triples, report = _read_all(ray, paths, fmts, skip_bad)
         if n_triples == 0:
-            raise KBError(f"no triples to build a KB from ({_describe(sources)})")
+            raise KBError(f"no triples to build a KB from ({describe_sources(sources)})")
         # ---- relation nouns, once, on the driver (rules, or the LLM for relations the rules do not know)
         sides = ("tail", "head") if directions == "both" else (directions,)
         nouns = RelationNouns(chat=chat)
@@ -253,65 +214,27 @@ def build(sources: str | Path | Sequence[str | Path], out: str | Path, *, encode
 
         # ---- KG2KV + encoding + segment writing: Ray Data map_batches on an encoder actor pool
         t1 = time.time()
-        ctx = ray.data.DataContext.get_current()
-        ctx.execution_options.preserve_order = True  # batches of consecutive triples: contiguous id ranges
-        ctx.enable_progress_bars = bool(show_progress) if show_progress is not None else ctx.enable_progress_bars
-        ctx.print_on_execution_start = bool(show_progress)
-        if actors is None:
-            res = ray.cluster_resources()
-            actors = int(res.get("GPU", 0) // num_gpus_per_actor) if num_gpus_per_actor else \
-                int(res.get("CPU", 1) // max(num_cpus_per_actor, 1e-9))
-        actors = max(1, min(int(actors), -(-n_triples // segment_rows)))
-        # Ray Data restarts a dead actor (max_restarts=-1) and retries its batches; an exception in our
-        # code (a bad encoder, a full disk) fails the build instead of looping.
-        ds = ray.data.from_arrow_refs(tables).map_batches(
-            _EncodeSegments, batch_size=segment_rows, batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=actors),
-            num_cpus=num_cpus_per_actor, num_gpus=num_gpus_per_actor or None,
-            fn_constructor_kwargs=dict(
+        metas_out, actors = _encode_all(
+            ray, tables, n_triples, actors=actors, segment_rows=segment_rows, num_cpus_per_actor=num_cpus_per_actor,
+            num_gpus_per_actor=num_gpus_per_actor, show_progress=show_progress, actor_kwargs=dict(
                 encoder=encoder, device="cuda" if num_gpus_per_actor else None,
                 cpus=num_cpus_per_actor, templates=nouns.cache, sides=sides, offsets=offsets, drops=drops,
                 root=str(tmp), version=1, batch_size=batch_size))
-        try:
-            rows = ds.take_all()
-        except Exception as e:
-            raise _unwrap(ray, e) from None
-        metas_out = sorted((json.loads(r["meta"]) for r in rows), key=lambda x: x["segment"]["first_id"])
         timings["encode_s"] = round(time.time() - t1, 2)
-        encs = {json.dumps(x["encoder"], sort_keys=True) for x in metas_out}
-        if len(encs) != 1:
-            raise KBError(f"encoder actors disagree on the encoder: {sorted(encs)}")
-        enc_info = metas_out[0]["encoder"]
-        segments, files, at = [], {}, 0
-        for x in metas_out:
-            if x["segment"]["first_id"] != at:
-                raise KBError(f"segments do not cover ids contiguously (expected {at}, got {x['segment']['first_id']})")
-            at += x["segment"]["rows"]
-            segments.append(x["segment"])
-            files.update(x["files"])
-        if at != n_triples * len(sides):
-            raise KBError(f"segments hold {at} entries, expected {n_triples * len(sides)}")
-
-        m = {"format": "atlaskv-kb", "format_version": 1, "version": 1,
-             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "encoder": enc_info,
-             "directions": directions, "next_id": at, "segments": segments, "removed": None, "files": files,
-             "counts": {"entries": at, "triples": n_triples, "entries_total": at, "removed_entries": 0},
-             "relation_templates": nouns.to_json(), "history": [], "index": None}
-        m["updated"] = m["created"]
-        m["history"].append({"version": 1, "op": "build", "triples": n_triples, "entries": at,
-                             "sources": _describe(sources), **report, "engine": "ray"})
+        m = _manifest(metas_out, n_triples * len(sides), n_triples, directions, nouns)
+        m["history"].append({"version": 1, "op": "build", "triples": n_triples, "entries": m["next_id"],
+                             "sources": describe_sources(sources), **report, "engine": "ray"})
         # ---- HiKVP: sampled k-means + distributed assignment
         if index:
             t2 = time.time()
             _write_index(ray, tmp, m, index_sample, seed, show_progress)
             timings["index_s"] = round(time.time() - t2, 2)
-        m["history"][-1]["ray"] = {"actors": actors, "segments": len(segments), "segment_rows": segment_rows,
+        m["history"][-1]["ray"] = {"actors": actors, "segments": len(m["segments"]), "segment_rows": segment_rows,
                                    "num_gpus_per_actor": num_gpus_per_actor, **timings,
                                    "actor_peak_rss_mb": max(x.get("peak_rss_mb", 0) for x in metas_out)}
-        kb = KnowledgeBase(tmp, m)
-        with kb._write_lock():
-            kb._commit(m)  # the manifest, last: before this line the directory is not a KB
-        _swap_into_place(tmp, out)
+        with write_lock(tmp):
+            write_manifest(tmp, m)  # the manifest, last: before this line the directory is not a KB
+        swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -319,6 +242,107 @@ def build(sources: str | Path | Sequence[str | Path], out: str | Path, *, encode
         if started:
             ray.shutdown()
     return KnowledgeBase.open(out)
+
+
+def _check_inputs(sources, out, overwrite: bool, directions: str, format: str | None, segment_rows: int,
+                  batch_size: int) -> tuple[list[str], list[str], Path]:
+    """(paths, their formats, out) once every argument and input file is checked, before any work is sent out."""
+    from atlaskv.kb.triples import check_file, detect_format
+    from atlaskv.kb.records import DIRECTIONS
+
+    if not isinstance(sources, (str, Path)) and not (
+            isinstance(sources, (list, tuple)) and sources and all(isinstance(s, (str, Path)) for s in sources)):
+        raise KBError("the Ray engine reads triple files (give paths); build from Python triples with engine='local'")
+    if directions not in DIRECTIONS:
+        raise KBError(f"directions must be one of {DIRECTIONS}, got {directions!r}")
+    if segment_rows < 1 or batch_size < 1:
+        raise KBError("segment_rows and batch_size must be positive")
+    paths = [str(p) for p in ([sources] if isinstance(sources, (str, Path)) else sources)]
+    out = check_build_target(out, overwrite)
+    fmts = []
+    for p in paths:  # every file checked before any work is sent out, as the local reader does
+        check_file(p)
+        fmts.append(detect_format(p, format))
+    return paths, fmts, out
+
+
+def _read_all(ray, paths: list[str], fmts: list[str], skip_bad: bool):
+    """Every file read by its own task; the first occurrence of each triple kept, in file order.
+
+    Returns (Arrow table refs, per-file metas, id offset of each file's first kept triple, {file: rows
+    dropped as duplicates of earlier files}, triples kept, report for the manifest history)."""
+    read = ray.remote(num_returns=2, max_retries=RETRIES)(_read_shard)
+    refs = [read.remote(i, p, f, skip_bad) for i, (p, f) in enumerate(zip(paths, fmts))]
+    tables, metas = [r[0] for r in refs], _get(ray, [r[1] for r in refs])
+    for meta in metas:
+        if "error" in meta:
+            raise meta["error"]
+    hashes = np.concatenate([m["hashes"] for m in metas]) if metas else np.zeros(0, np.int64)
+    keep = np.zeros(len(hashes), bool)
+    keep[np.unique(hashes, return_index=True)[1]] = True  # first occurrence of each triple, in file order
+    sizes = np.array([len(m["hashes"]) for m in metas], np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    kept = np.array([keep[starts[i]:starts[i + 1]].sum() for i in range(len(metas))], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(kept)[:-1]]).astype(np.int64)
+    drops = {i: np.flatnonzero(~keep[starts[i]:starts[i + 1]]) for i in range(len(metas))
+             if kept[i] < sizes[i]}
+    n_triples = int(kept.sum())
+    report = {"rows": sum(m["rows"] for m in metas), "bad": sum(m["bad"] for m in metas),
+              "duplicates": sum(m["duplicates"] for m in metas) + int(len(hashes) - n_triples)}
+    return tables, metas, offsets, drops, n_triples, report
+
+
+def _encode_all(ray, tables: list, n_triples: int, *, actors: int | None, segment_rows: int,
+                num_cpus_per_actor: float, num_gpus_per_actor: float, show_progress: bool | None,
+                actor_kwargs: dict) -> tuple[list[dict], int]:
+    """map_batches of `segment_rows` triples over an _EncodeSegments actor pool: (the segments' metas
+    in id order, actors used)."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # batches of consecutive triples: contiguous id ranges
+    ctx.enable_progress_bars = bool(show_progress) if show_progress is not None else ctx.enable_progress_bars
+    ctx.print_on_execution_start = bool(show_progress)
+    if actors is None:
+        res = ray.cluster_resources()
+        actors = int(res.get("GPU", 0) // num_gpus_per_actor) if num_gpus_per_actor else \
+            int(res.get("CPU", 1) // max(num_cpus_per_actor, 1e-9))
+    actors = max(1, min(int(actors), -(-n_triples // segment_rows)))
+    # Ray Data restarts a dead actor (max_restarts=-1) and retries its batches; an exception in our
+    # code (a bad encoder, a full disk) fails the build instead of looping.
+    ds = ray.data.from_arrow_refs(tables).map_batches(
+        _EncodeSegments, batch_size=segment_rows, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=num_cpus_per_actor, num_gpus=num_gpus_per_actor or None,
+        fn_constructor_kwargs=actor_kwargs)
+    try:
+        rows = ds.take_all()
+    except Exception as e:
+        raise _unwrap(ray, e) from None
+    return sorted((json.loads(r["meta"]) for r in rows), key=lambda x: x["segment"]["first_id"]), actors
+
+
+def _manifest(metas_out: list[dict], entries: int, n_triples: int, directions: str, nouns) -> dict:
+    """Version 1 of the KB over the segments the actors wrote (checked: one encoder, ids 0.. contiguous)."""
+    encs = {json.dumps(x["encoder"], sort_keys=True) for x in metas_out}
+    if len(encs) != 1:
+        raise KBError(f"encoder actors disagree on the encoder: {sorted(encs)}")
+    enc_info = metas_out[0]["encoder"]
+    segments, files, at = [], {}, 0
+    for x in metas_out:
+        if x["segment"]["first_id"] != at:
+            raise KBError(f"segments do not cover ids contiguously (expected {at}, got {x['segment']['first_id']})")
+        at += x["segment"]["rows"]
+        segments.append(x["segment"])
+        files.update(x["files"])
+    if at != entries:
+        raise KBError(f"segments hold {at} entries, expected {entries}")
+
+    m = {"format": FORMAT, "format_version": FORMAT_VERSION, "version": 1,
+         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "encoder": enc_info,
+         "directions": directions, "next_id": at, "segments": segments, "removed": None, "files": files,
+         "counts": {"entries": at, "triples": n_triples, "entries_total": at, "removed_entries": 0},
+         "relation_templates": nouns.to_json(), "history": [], "index": None}
+    m["updated"] = m["created"]
+    return m
 
 
 def _connect(ray, address: str | None, num_cpus: int | None) -> bool:
@@ -338,7 +362,6 @@ def _unwrap(ray, e: BaseException) -> BaseException:
     """A task's own error (bad row, encoder, KB) instead of Ray's wrapper with a remote traceback."""
     from atlaskv.kb.encoder import EncoderError
     from atlaskv.kb.triples import KGFormatError
-    from atlaskv.kb.store import KBError
 
     ours = (KGFormatError, EncoderError, KBError)
     seen, todo = set(), [e]
@@ -365,7 +388,6 @@ def _get(ray, refs):
 def _write_index(ray, root: Path, m: dict, sample_size: int, seed: int, show_progress) -> None:
     """HiKVP levels from index.build_hierarchy on a sample; leaves assigned by one Ray task per segment."""
     from atlaskv.kb.index import Hierarchy, build_hierarchy, default_sizes
-    from atlaskv.kb.store import _sha256
 
     t0 = time.time()
     segs = m["segments"]
@@ -413,10 +435,12 @@ def _write_index(ray, root: Path, m: dict, sample_size: int, seed: int, show_pro
     stem = f"hikvp-{m['version']:06d}"
     names = tree.save(root / "index", stem)
     for f in names:
-        p = root / "index" / f
-        m["files"][f"index/{f}"] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        m["files"][f"index/{f}"] = file_entry(root, f"index/{f}")
     stats = tree.stats()
     stats["empty_inters"] = int((~nz).sum())
     m["index"] = {"stem": stem, "files": names, "built_version": m["version"], "additions": [],
                   "params": {}, "stats": stats, "seconds": round(time.time() - t0, 2),
                   "engine": "ray", "sample": int(len(sample))}
+
+
+BUILD_ENGINES["ray"] = build  # KnowledgeBase.build(..., engine="ray") (store never imports this module)

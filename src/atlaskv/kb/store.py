@@ -1,26 +1,13 @@
-"""KB directory: records + fp16 embeddings + manifest, versioned, append/remove, crash-safe.
+"""KnowledgeBase: a KB directory, versioned, append/remove, crash-safe; build, open, update, verify.
 
-Layout (format_version 1):
-
-    manifest.json                          the only mutable file; replaced atomically (os.replace)
-    segments/seg-<v>.records.parquet       id, head, relation, tail, masked, key_text, value_text, triple_hash
-    segments/seg-<v>.keys.f16.npy          [rows, d_in] float16, memory-mappable
-    segments/seg-<v>.values.f16.npy        [rows, d_in] float16
-    tombstones/removed-<v>.npy             sorted int64 ids of removed entries (all removals so far)
-
-Segments are immutable: `add` writes one new segment, `remove` one new tombstone file, and each becomes
-visible only when the new manifest replaces the old one. A crash at any point leaves the previous version
-intact; files a crashed writer left behind are not in the manifest, so they are never read, and the next
-writer removes them. (DESIGN.md suggests a tombstone column in the records table; a separate tombstone
-file keeps records immutable, so a removal rewrites kilobytes instead of the whole table.)
+The directory format and its durable-file helpers are layout.py; the read side that a model searches
+(every row by position, embeddings memory-mapped) is view.EmbeddingTable, returned by `table()`.
+Writers take the directory's lock, write new immutable files, and commit by replacing the manifest.
 """
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
 import json
-import mmap
 import os
 import shutil
 import time
@@ -32,21 +19,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from atlaskv.kb.encoder import DEFAULT_ENCODER, Encoder, encode_records, load_encoder
+from atlaskv.kb import layout
+from atlaskv.kb.encoder import Encoder, encode_records, load_encoder
+# KBError and triple_hash live in layout; importing them from here, as callers always have, still works.
+from atlaskv.kb.layout import (FORMAT, FORMAT_VERSION, MANIFEST, RECORD_SCHEMA, KBError, file_entry,
+                               records_table, triple_hash, write_npy)
 from atlaskv.kb.triples import Triple, read_triples
 from atlaskv.kb.records import DIRECTIONS, KVRecord, RelationNouns, triples_to_records
+from atlaskv.kb.table import EmbeddingTable
+from atlaskv.kb.view import KBView
 
-FORMAT = "atlaskv-kb"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-MAX_MANIFEST_BYTES = 64 << 20
-MAX_COUNT = 1 << 40  # entries, versions, ids: far above any real KB, far below an overflow
-MAX_DIM = 1 << 16
-DATA_DIRS = ("segments", "tombstones", "index")
-
-
-class KBError(RuntimeError):
-    """A KB directory that is missing, corrupt, locked, or used in a way it does not allow."""
+# Build engines besides "local", by name: each is called with KnowledgeBase.build's arguments and returns
+# the KnowledgeBase it built. ray_build registers "ray" when imported (atlaskv.kb's __init__ imports it):
+# the engine depends on this module, never the other way round.
+BUILD_ENGINES: dict[str, Callable[..., "KnowledgeBase"]] = {}
 
 
 @dataclass(frozen=True)
@@ -56,42 +42,6 @@ class UpdateResult:
     duplicates: int = 0
     not_found: int = 0
     version: int = 0
-
-
-def triple_hash(t: Triple) -> int:
-    """Stable 63-bit id of a triple (dedupe and removal read this column only, not the text)."""
-    h = hashlib.blake2b("\x1f".join(t).encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(h, "little") & 0x7FFF_FFFF_FFFF_FFFF
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as f:
-        np.save(f, array, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-RECORD_SCHEMA = pa.schema([
-    ("id", pa.int64()), ("head", pa.string()), ("relation", pa.string()), ("tail", pa.string()),
-    ("masked", pa.string()), ("key_text", pa.string()), ("value_text", pa.string()),
-    ("triple_hash", pa.int64()),
-])
 
 
 class KnowledgeBase:
@@ -107,29 +57,11 @@ class KnowledgeBase:
     @classmethod
     def open(cls, path: str | Path, verify: bool = False) -> "KnowledgeBase":
         path = Path(path)
-        mf = path / MANIFEST
-        if not path.exists():
-            _recover_swap(path)
-        if not path.is_dir():
-            raise KBError(f"{path}: no KB directory at this path")
-        if not mf.is_file():
-            raise KBError(f"{mf}: missing; {path} is not a KB (or its build never completed)")
-        if mf.stat().st_size > MAX_MANIFEST_BYTES:
-            raise KBError(f"{mf}: {mf.stat().st_size} bytes, over the {MAX_MANIFEST_BYTES} limit")
-        try:
-            manifest = json.loads(mf.read_text("utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise KBError(f"{mf}: not valid JSON ({e})") from e
-        if manifest.get("format") != FORMAT:
-            raise KBError(f"{mf}: not an atlaskv KB manifest")
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise KBError(f"{mf}: format_version {manifest.get('format_version')} is not supported "
-                          f"(this atlaskv reads {FORMAT_VERSION})")
-        kb = cls(path, manifest)
-        kb._check_manifest()
-        kb._check_files(deep=verify)
+        kb = cls(path, layout.read_manifest(path))
+        layout.check_manifest(path, kb.manifest)
+        layout.check_files(path, kb.manifest, deep=verify)
         if verify:
-            kb._check_tombstones()
+            layout.check_tombstones(path, kb.manifest)
         return kb
 
     @classmethod
@@ -168,37 +100,36 @@ class KnowledgeBase:
         Every input row is read and validated before anything is written: a bad row stops the build
         with its file and line (unless skip_bad), and `out` is left as it was.
 
-        engine="ray" runs the same pipeline on Ray (atlaskv.kb.ray_build; `pip install 'atlaskv[ray]'`):
-        `address` None/"local" (a local Ray instance), "auto" or "ray://host:port"; `ray_options` are
-        distributed.build's (actors, num_gpus_per_actor, num_cpus_per_actor, segment_rows, ...).
+        engine="ray" runs the same pipeline on Ray (atlaskv.kb.ray_build, registered in BUILD_ENGINES;
+        `pip install 'atlaskv[ray]'`): `address` None/"local" (a local Ray instance), "auto" or
+        "ray://host:port"; `ray_options` are ray_build.build's (actors, num_gpus_per_actor,
+        num_cpus_per_actor, segment_rows, ...).
         """
-        if engine == "ray":
-            from atlaskv.kb.ray_build import build as ray_build
-
-            return ray_build(sources, out, encoder=encoder, directions=directions, format=format,
-                             skip_bad=skip_bad, overwrite=overwrite, chat=chat, batch_size=batch_size,
-                             show_progress=show_progress, index=index, address=address, **ray_options)
+        if engine != "local" and engine in BUILD_ENGINES:
+            return BUILD_ENGINES[engine](sources, out, encoder=encoder, directions=directions, format=format,
+                                         skip_bad=skip_bad, overwrite=overwrite, chat=chat, batch_size=batch_size,
+                                         show_progress=show_progress, index=index, address=address, **ray_options)
         if engine != "local":
             raise KBError(f"engine must be 'local' or 'ray', got {engine!r}")
         if address is not None or ray_options:
             raise KBError(f"address / {sorted(ray_options) or 'options'} apply to engine='ray' only")
-        out = _check_build_target(out, overwrite)
+        out = layout.check_build_target(out, overwrite)
         triples, report = _gather(sources, format, skip_bad)
         if not triples:
-            raise KBError(f"no triples to build a KB from ({_describe(sources)})")
+            raise KBError(f"no triples to build a KB from ({describe_sources(sources)})")
         # Build beside the target and rename at the end: an interrupted build never looks like a KB at
         # `out`, and an overwritten KB stays intact until the new one is complete.
         out.parent.mkdir(parents=True, exist_ok=True)
-        _recover_swap(out)
-        _remove_stale_temps(out)
+        layout.recover_swap(out)
+        layout.remove_stale_temps(out)
         tmp = out.parent / f".{out.name}.building-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             nouns = RelationNouns(chat=chat)
             kb = cls.create(tmp, encoder, directions, nouns=nouns)
             kb._append(triples, nouns, batch_size, show_progress,
-                       note={"op": "build", "sources": _describe(sources), **report}, index=index)
-            _swap_into_place(tmp, out)
+                       note={"op": "build", "sources": describe_sources(sources), **report}, index=index)
+            layout.swap_into_place(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -303,6 +234,8 @@ class KnowledgeBase:
     # ------------------------------------------------------------------ HiKVP index
     def build_index(self, show_progress: bool | None = None, **params) -> UpdateResult:
         """(Re)cluster the live entries into a fresh HiKVP tree (a new version; live adds are folded in)."""
+        from atlaskv.kb.index import write_index  # (index imports torch: only where a tree is built or read)
+
         with self._write_lock():
             self._reload()
             table = EmbeddingTable(self)
@@ -310,12 +243,12 @@ class KnowledgeBase:
             if len(live) == 0:
                 raise KBError(f"{self.path}: the KB is empty; nothing to index")
             # memory-mapped rows, never the whole KB in memory (10^7 keys are 7.7 GB)
-            ids, keys = table.ids[live], (table.keys if len(live) == len(table) else _Subset(table.keys, live))
+            ids, keys = table.ids[live], (table.keys if len(live) == len(table) else table.keys.subset(live))
             m = self._next_manifest()
             if m.get("index"):
                 for rel in self._index_files(m["index"]):
                     m["files"].pop(rel, None)
-            self._write_index(m, ids, keys, show_progress, **params)
+            write_index(self.path, m, ids, keys, show_progress, **params)
             m["history"].append({"version": m["version"], "op": "index", **m["index"]["stats"]})
             self._commit(m)
             self._remove_orphans()
@@ -336,7 +269,12 @@ class KnowledgeBase:
             self._cache["hierarchy"] = h
         return self._cache["hierarchy"]
 
-    def table(self) -> "EmbeddingTable":
+    def view(self) -> KBView:
+        """What a model reads of this version (AtlasKV.kb_inputs): rows by position, the live mask, the tree
+        with its leaves as row positions, and the triples behind cited rows."""
+        return KBView.of(self)
+
+    def table(self) -> EmbeddingTable:
         """Every stored row (removed ones flagged), embeddings memory-mapped: what a pruned model reads."""
         if "table" not in self._cache:
             self._cache["table"] = EmbeddingTable(self)
@@ -345,31 +283,6 @@ class KnowledgeBase:
     @staticmethod
     def _index_files(ix: dict) -> list[str]:
         return [f"index/{f}" for f in ix["files"]] + [a["file"] for a in ix["additions"]]
-
-    def _write_index(self, m: dict, ids: np.ndarray, keys: np.ndarray, show_progress: bool | None = None,
-                     **params) -> None:
-        from atlaskv.kb.index import build_hierarchy
-
-        t0 = time.time()
-        h = build_hierarchy(keys, progress=bool(show_progress), **params)
-        h = h.map_leaves(lambda pos: np.asarray(ids, np.int64)[pos])  # on disk: entry ids, stable across adds
-        (self.path / "index").mkdir(exist_ok=True)
-        stem = f"hikvp-{m['version']:06d}"
-        files = h.save(self.path / "index", stem)
-        for f in files:
-            m["files"][f"index/{f}"] = self._file_entry(f"index/{f}")
-        m["index"] = {"stem": stem, "files": files, "built_version": m["version"], "additions": [],
-                      "params": params, "stats": h.stats(), "seconds": round(time.time() - t0, 2)}
-
-    def _place_in_index(self, m: dict, new_ids: np.ndarray, keys: np.ndarray) -> None:
-        from atlaskv.kb.index import nearest_centroid
-
-        inters = np.load(self.path / "index" / f"{m['index']['stem']}.inters.npy", allow_pickle=False)
-        where = nearest_centroid(keys, inters)
-        rel = f"index/add-{m['version']:06d}.npy"
-        _write_npy(self.path / rel, np.stack([new_ids, where], 1).astype(np.int64))
-        m["files"][rel] = self._file_entry(rel)
-        m["index"]["additions"].append({"file": rel, "rows": int(len(new_ids))})
 
     # ------------------------------------------------------------------ updates
     def add(self, triples: Iterable[Triple] | str | Path | Sequence[str | Path], *, format: str | None = None,
@@ -415,12 +328,12 @@ class KnowledgeBase:
             m = self._next_manifest()
             rel = f"tombstones/removed-{m['version']:06d}.npy"
             (self.path / "tombstones").mkdir(exist_ok=True)
-            _write_npy(self.path / rel, removed)
+            write_npy(self.path / rel, removed)
             old = m["removed"]["file"] if m["removed"] else None
             if old:
                 m["files"].pop(old, None)
             m["removed"] = {"file": rel, "count": int(len(removed))}
-            m["files"][rel] = self._file_entry(rel)
+            m["files"][rel] = file_entry(self.path, rel)
             m["counts"]["entries"] -= int(len(ids))
             m["counts"]["removed_entries"] = int(len(removed))
             m["counts"]["triples"] -= len(found)
@@ -442,9 +355,11 @@ class KnowledgeBase:
             if len(table):
                 order = np.argsort(table.column("id").to_numpy(), kind="stable")
                 table = table.take(pa.array(order))
-                self._write_segment(m, table, keys, values)  # embeddings() is already in id order
+                layout.write_segment(self.path, m, table, keys, values, self.dim)  # embeddings() is in id order
                 if had_index:  # re-cluster: live adds may have drifted away from the old centroids
-                    self._write_index(m, ids, keys)
+                    from atlaskv.kb.index import write_index
+
+                    write_index(self.path, m, ids, keys)
             m["counts"]["entries_total"] = m["counts"]["entries"]
             m["counts"]["removed_entries"] = 0
             m["history"].append({"version": m["version"], "op": "compact"})
@@ -454,10 +369,10 @@ class KnowledgeBase:
 
     def verify(self) -> dict:
         """Check every file against its size and sha256 in the manifest, and row counts; raise KBError."""
-        self._check_manifest()
-        self._check_files(deep=True)
-        self._check_tombstones()
-        orphans = self._orphans()
+        layout.check_manifest(self.path, self.manifest)
+        layout.check_files(self.path, self.manifest, deep=True)
+        layout.check_tombstones(self.path, self.manifest)
+        orphans = layout.orphans(self.path, self.manifest)
         return {"ok": True, "version": self.version, "files": len(self.manifest["files"]),
                 "orphans": [str(p.relative_to(self.path)) for p in orphans]}
 
@@ -487,11 +402,13 @@ class KnowledgeBase:
         with ctx:
             m = self._next_manifest()
             start = m["next_id"]
-            table = _records_table(records, start)
-            self._write_segment(m, table, keys, values)
+            table = records_table(records, start)
+            layout.write_segment(self.path, m, table, keys, values, self.dim)
             new_ids = np.arange(start, start + len(records), dtype=np.int64)
             if m.get("index") and not index:  # live add: each new entry joins its nearest inter cluster
-                self._place_in_index(m, new_ids, keys)
+                from atlaskv.kb.index import place_additions
+
+                place_additions(self.path, m, new_ids, keys)
             m["next_id"] = start + len(records)
             m["counts"]["entries"] += len(records)
             m["counts"]["entries_total"] += len(records)
@@ -501,33 +418,12 @@ class KnowledgeBase:
                                  "triples": n_triples, "entries": len(records),
                                  **{k: v for k, v in (note or {}).items() if k != "op"}})
             if index:  # a fresh KB: the tree over everything, committed in the same version
-                self._write_index(m, new_ids, keys)
+                from atlaskv.kb.index import write_index
+
+                write_index(self.path, m, new_ids, keys)
             self._commit(m)
             self._remove_orphans()
         return UpdateResult(added=n_triples, duplicates=duplicates, version=self.version)
-
-    def _write_segment(self, m: dict, table: pa.Table, keys: np.ndarray, values: np.ndarray) -> None:
-        if keys.shape != (table.num_rows, self.dim) or values.shape != keys.shape:
-            raise KBError(f"embedding shape {keys.shape}/{values.shape} does not match "
-                          f"{table.num_rows} records of dim {self.dim}")
-        v = m["version"]
-        (self.path / "segments").mkdir(exist_ok=True)
-        seg = {"records": f"segments/seg-{v:06d}.records.parquet", "keys": f"segments/seg-{v:06d}.keys.f16.npy",
-               "values": f"segments/seg-{v:06d}.values.f16.npy", "rows": table.num_rows,
-               "first_id": int(table.column("id")[0].as_py())}
-        with open(self.path / seg["records"], "wb") as f:
-            pq.write_table(table, f, compression="zstd", row_group_size=1 << 16)  # citations read one group
-            f.flush()
-            os.fsync(f.fileno())
-        _write_npy(self.path / seg["keys"], np.ascontiguousarray(keys, np.float16))
-        _write_npy(self.path / seg["values"], np.ascontiguousarray(values, np.float16))
-        for k in ("records", "keys", "values"):
-            m["files"][seg[k]] = self._file_entry(seg[k])
-        m["segments"].append(seg)
-
-    def _file_entry(self, rel: str) -> dict:
-        p = self.path / rel
-        return {"bytes": p.stat().st_size, "sha256": _sha256(p)}
 
     def _next_manifest(self) -> dict:
         m = json.loads(json.dumps(self.manifest))
@@ -536,16 +432,7 @@ class KnowledgeBase:
         return m
 
     def _commit(self, m: dict) -> None:
-        for d in DATA_DIRS:
-            if (self.path / d).is_dir():
-                _fsync_dir(self.path / d)
-        tmp = self.path / f".{MANIFEST}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(m, f, indent=1, ensure_ascii=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path / MANIFEST)  # the commit point
-        _fsync_dir(self.path)
+        layout.write_manifest(self.path, m)
         self.manifest = m
         self._cache.clear()
 
@@ -556,365 +443,16 @@ class KnowledgeBase:
     def _live_hashes(self) -> np.ndarray:
         return self.records(live_only=True).column("triple_hash").to_numpy()
 
-    def _check_manifest(self) -> None:
-        """A manifest is untrusted input too: every path it uses must be a file it lists (whose place
-        _check_files then checks), and every count a plausible integer that agrees with the others."""
-        mf = self.path / MANIFEST
-        m = self.manifest
-
-        def fail(why: str):
-            raise KBError(f"{mf}: {why}")
-
-        def count(v, what: str, hi: int = MAX_COUNT, lo: int = 0) -> int:
-            if type(v) is not int or not lo <= v <= hi:
-                fail(f"{what} is {v!r}, expected an integer from {lo} to {hi}")
-            return v
-
-        try:
-            files = m["files"]
-            if not isinstance(files, dict):
-                fail("'files' is not an object")
-            for rel, meta in files.items():
-                count(meta["bytes"], f"size of {rel!r}", 1 << 50)
-                if not isinstance(meta["sha256"], str):
-                    fail(f"sha256 of {rel!r} is not a string")
-
-            def listed(rel, what: str) -> None:
-                if not isinstance(rel, str) or rel not in files:
-                    fail(f"{what} {rel!r} is not a file listed in the manifest")
-
-            count(m["version"], "version")
-            if not isinstance(m["encoder"]["name"], str):
-                fail("encoder name is not a string")
-            count(m["encoder"]["dim"], "encoder dim", MAX_DIM, 1)
-            for i, s in enumerate(m["segments"]):
-                for k in ("records", "keys", "values"):
-                    listed(s[k], f"segment {i} {k}")
-                count(s["rows"], f"segment {i} rows")
-            c = m["counts"]
-            for k in ("entries", "triples", "entries_total", "removed_entries"):
-                count(c[k], f"counts.{k}")
-            removed = m["removed"]
-            if removed:
-                listed(removed["file"], "tombstone file")
-            n_removed = count(removed["count"], "removed.count") if removed else 0
-            if c["entries"] != c["entries_total"] - c["removed_entries"] or c["removed_entries"] != n_removed:
-                fail(f"counts do not add up: {c['entries']} live entries, {c['entries_total']} stored, "
-                     f"{c['removed_entries']} removed, {n_removed} in the tombstone file")
-            if c["triples"] > c["entries"] or count(m["next_id"], "next_id") < c["entries_total"]:
-                fail(f"counts do not add up: {c['triples']} triples in {c['entries']} entries, next id {m['next_id']}")
-            ix = m.get("index")
-            if ix:
-                from atlaskv.kb.index import ARRAYS
-
-                for name in ARRAYS:
-                    listed(f"index/{ix['stem']}.{name}.npy", "index file")
-                for a in ix["additions"]:
-                    listed(a["file"], "index addition")
-        except (KeyError, TypeError, AttributeError, IndexError) as e:
-            fail(f"malformed manifest ({type(e).__name__}: {e})")
-
-    def _check_tombstones(self) -> None:
-        """The tombstone file holds as many ids as the manifest counts (after _check_files vouched for it)."""
-        removed = self.manifest["removed"]
-        if removed:
-            p = self.path / removed["file"]
-            ids = np.load(p, mmap_mode="r", allow_pickle=False)
-            if ids.ndim != 1 or ids.dtype != np.int64 or len(ids) != removed["count"]:
-                raise KBError(f"{p}: {ids.shape} {ids.dtype} ids, expected {removed['count']} int64 (removed.count)")
-
-    def _check_files(self, deep: bool) -> None:
-        rows = 0
-        for rel, meta in self.manifest["files"].items():
-            p = (self.path / rel).resolve()
-            if self.path.resolve() not in p.parents:
-                raise KBError(f"{self.path / MANIFEST}: file path {rel!r} escapes the KB directory")
-            if not p.is_file():
-                raise KBError(f"{p}: missing (listed in {MANIFEST} version {self.version})")
-            if p.stat().st_size != meta["bytes"]:
-                raise KBError(f"{p}: {p.stat().st_size} bytes, expected {meta['bytes']} (truncated or changed)")
-            if deep and _sha256(p) != meta["sha256"]:
-                raise KBError(f"{p}: checksum mismatch (the file is corrupt)")
-        for s in self.manifest["segments"]:
-            rows += s["rows"]
-            if deep:
-                n = pq.ParquetFile(self.path / s["records"]).metadata.num_rows
-                for k in ("keys", "values"):
-                    arr = np.load(self.path / s[k], mmap_mode="r", allow_pickle=False)
-                    if arr.shape != (s["rows"], self.dim) or arr.dtype != np.float16:
-                        raise KBError(f"{self.path / s[k]}: shape {arr.shape} {arr.dtype}, "
-                                      f"expected ({s['rows']}, {self.dim}) float16")
-                if n != s["rows"]:
-                    raise KBError(f"{self.path / s['records']}: {n} rows, expected {s['rows']}")
-        if rows != self.manifest["counts"]["entries_total"]:
-            raise KBError(f"{self.path / MANIFEST}: segments hold {rows} entries, counts say "
-                          f"{self.manifest['counts']['entries_total']}")
-
-    def _orphans(self) -> list[Path]:
-        listed = set(self.manifest["files"])
-        out = []
-        for d in DATA_DIRS:
-            if (self.path / d).is_dir():
-                out += [p for p in (self.path / d).iterdir() if f"{d}/{p.name}" not in listed]
-        return out
-
     def _remove_orphans(self) -> None:
-        for p in self._orphans():
+        for p in layout.orphans(self.path, self.manifest):
             p.unlink(missing_ok=True)
 
-    @contextlib.contextmanager
     def _write_lock(self):
         """One writer at a time per KB directory (readers never block)."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        with open(self.path / ".lock", "a+") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise KBError(f"{self.path}: another process is writing this KB") from None
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        return layout.write_lock(self.path)
 
     def __repr__(self) -> str:
         return f"KnowledgeBase({str(self.path)!r}, triples={len(self)}, version={self.version})"
-
-
-class EmbeddingTable:
-    """Every row of a KB version, addressed by position (segments in id order, removed rows flagged);
-    embeddings stay memory-mapped and only the rows asked for are read."""
-
-    def __init__(self, kb: KnowledgeBase):
-        self.kb = kb
-        segs = kb.manifest["segments"]
-        self.starts = np.cumsum([0] + [s["rows"] for s in segs])
-        self._keys = [_random_access(np.load(kb.path / s["keys"], mmap_mode="r", allow_pickle=False)) for s in segs]
-        self._values = [_random_access(np.load(kb.path / s["values"], mmap_mode="r", allow_pickle=False)) for s in segs]
-        ranges = [_id_range(kb.path / s["records"]) for s in segs]
-        self.firsts = np.asarray([lo for lo, _ in ranges], np.int64)
-        # Appended segments hold consecutive ids, so id -> position is arithmetic and the 10^7-entry id
-        # column never has to sit in memory; compacted segments (gaps where removed ids were) are read.
-        dense = all(hi - lo == s["rows"] - 1 for (lo, hi), s in zip(ranges, segs))
-        self._ids = None
-        if not dense or np.any(self.firsts[1:] < self.firsts[:-1] + np.diff(self.starts)[:-1]):
-            self._ids = np.concatenate([pq.read_table(kb.path / s["records"], columns=["id"]).column("id").to_numpy()
-                                        for s in segs]) if segs else np.zeros(0, np.int64)
-            if np.any(np.diff(self._ids) <= 0):
-                raise KBError(f"{kb.path}: entry ids are not increasing across segments")
-        removed = kb.removed_ids()
-        self.live = None  # None: every row is live
-        if len(removed):
-            self.live = np.ones(len(self), bool)
-            self.live[self.positions(np.sort(removed))] = False
-        self.keys, self.values = _Rows(self, self._keys), _Rows(self, self._values)
-
-    def __len__(self) -> int:
-        return int(self.starts[-1])
-
-    @property
-    def ids(self) -> np.ndarray:
-        if self._ids is not None:
-            return self._ids
-        return np.concatenate([np.arange(f, f + n, dtype=np.int64) for f, n in zip(self.firsts, np.diff(self.starts))]
-                              ) if len(self.firsts) else np.zeros(0, np.int64)
-
-    @property
-    def identity(self) -> bool:
-        """Entry id == row position (one KB grown by appends from id 0): the index needs no id mapping."""
-        return self._ids is None and np.array_equal(self.firsts, self.starts[:-1])
-
-    def positions(self, ids: np.ndarray) -> np.ndarray:
-        ids = np.asarray(ids, np.int64)
-        out = np.empty(len(ids), np.int64)
-        bad = False
-        for s in range(0, len(ids), 1 << 20):  # chunks: no 10^7-long temporaries
-            chunk = np.asarray(ids[s:s + (1 << 20)])
-            if self._ids is not None:
-                pos = np.searchsorted(self._ids, chunk)
-                bad |= bool(len(chunk) and (pos.max() >= len(self._ids) or not np.array_equal(self._ids[pos], chunk)))
-            else:
-                seg = np.searchsorted(self.firsts, chunk, side="right") - 1
-                local = chunk - self.firsts[np.maximum(seg, 0)]
-                bad |= bool(len(chunk) and (seg.min() < 0 or np.any(local >= np.diff(self.starts)[seg])))
-                pos = self.starts[np.maximum(seg, 0)] + local
-            out[s:s + len(chunk)] = pos
-        if bad:
-            raise KBError(f"{self.kb.path}: the index names entries that are not stored (rebuild it: atlaskv kb index)")
-        return out
-
-    def triples(self, positions: np.ndarray) -> list[Triple]:
-        """The triples at these positions, reading only the row groups that hold them."""
-        return [Triple(*row) for row in self.columns(positions, ("head", "relation", "tail"))]
-
-    def value_texts(self, positions: np.ndarray) -> list[str]:
-        return [row[0] for row in self.columns(positions, ("value_text",))]
-
-    def columns(self, positions: np.ndarray, names: tuple[str, ...]) -> list[tuple]:
-        """Record fields at these positions, reading only the row groups that hold them."""
-        out: dict[int, tuple] = {}
-        positions = np.asarray(positions, np.int64)
-        for si, seg in enumerate(self.kb.manifest["segments"]):
-            lo, hi = self.starts[si], self.starts[si + 1]
-            want = positions[(positions >= lo) & (positions < hi)]
-            if not len(want):
-                continue
-            f = pq.ParquetFile(self.kb.path / seg["records"])
-            bounds = np.cumsum([0] + [f.metadata.row_group(g).num_rows for g in range(f.num_row_groups)])
-            for g in np.unique(np.searchsorted(bounds, want - lo, side="right") - 1):
-                t = f.read_row_group(int(g), columns=list(names))
-                cols = [t.column(c).to_pylist() for c in names]
-                for p in want[(want - lo >= bounds[g]) & (want - lo < bounds[g + 1])]:
-                    r = int(p - lo - bounds[g])
-                    out[int(p)] = tuple(c[r] for c in cols)
-        return [out[int(p)] for p in positions]
-
-
-def _check_build_target(out: str | Path, overwrite: bool) -> Path:
-    """A build may write to `out` only if it is absent, empty, or (with overwrite) an existing KB."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not overwrite:
-            raise KBError(f"{out}: exists and is not empty (use overwrite=True / --overwrite)")
-        if not (out / MANIFEST).is_file():
-            raise KBError(f"{out}: refusing to overwrite a directory that is not a KB")
-    return out
-
-
-def _id_range(records: Path) -> tuple[int, int]:
-    """(min, max) entry id of a records file, from the Parquet footer's statistics (no data read)."""
-    meta = pq.ParquetFile(records).metadata
-    col = meta.schema.names.index("id")
-    stats = [meta.row_group(g).column(col).statistics for g in range(meta.num_row_groups)]
-    if not stats or any(st is None or not st.has_min_max for st in stats):
-        ids = pq.read_table(records, columns=["id"]).column("id").to_numpy()
-        return (int(ids.min()), int(ids.max())) if len(ids) else (0, -1)
-    return min(int(st.min) for st in stats), max(int(st.max) for st in stats)
-
-
-def _random_access(array: np.ndarray) -> np.ndarray:
-    """Tell the kernel a memory map is read at random rows: without it every row read faults in the
-    32 pages around it (read-around), which put 4 GB of a 10^7-entry KB into the process for one search."""
-    mm = getattr(array, "_mmap", None)
-    if mm is not None and hasattr(mmap, "MADV_RANDOM"):
-        mm.madvise(mmap.MADV_RANDOM)
-    return array
-
-
-# Linux maps up to 64 KiB of already-cached pages around each faulting page (fault-around; MADV_RANDOM
-# does not stop it), so a release covers that much on either side of the rows read.
-_FAULT_AROUND = 64 * 1024
-_READ_CHUNK = 256  # rows copied between two releases: bounds the mapped pages, and so the peak RSS
-
-
-def _release(array: np.ndarray, lo: int, hi: int) -> None:
-    """Drop rows lo..hi of a memory map (and the fault-around pages beside them) from this process once
-    they are copied out: the pages stay in the kernel's page cache (shared, reclaimable; the next read of
-    them is a minor fault), but they no longer count as this process's memory. Without it a 10^7-entry KB
-    left 1.7 GB of touched pages in the RSS."""
-    mm = getattr(array, "_mmap", None)
-    if mm is None or not hasattr(mmap, "MADV_DONTNEED") or hi <= lo:
-        return
-    row = array.strides[0]
-    base = array.offset if hasattr(array, "offset") else 0
-    start = max(0, base + lo * row - _FAULT_AROUND) // mmap.PAGESIZE * mmap.PAGESIZE
-    end = min(len(mm), base + hi * row + _FAULT_AROUND)
-    mm.madvise(mmap.MADV_DONTNEED, start, end - start)
-
-
-class _Rows:
-    """Rows of all segments as one [rows, d] array-like: slices and index arrays, read on demand."""
-
-    def __init__(self, table: EmbeddingTable, arrays: list[np.ndarray]):
-        self.table, self.arrays = table, arrays
-        self.shape = (len(table), table.kb.dim)
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, idx) -> np.ndarray:
-        if isinstance(idx, slice):
-            idx = np.arange(*idx.indices(len(self)))
-        return self.take(np.asarray(idx))
-
-    def take(self, positions: np.ndarray) -> np.ndarray:
-        """float32 rows at `positions` (sorted reads per segment: sequential on the memory map)."""
-        positions = np.asarray(positions, np.int64)
-        out = np.empty((len(positions), self.table.kb.dim), np.float32)
-        seg = np.searchsorted(self.table.starts, positions, side="right") - 1
-        for s in np.unique(seg):
-            at = np.flatnonzero(seg == s)
-            local = positions[at] - self.table.starts[s]
-            order = np.argsort(local)
-            # copied and released a chunk at a time: with the KB in the page cache (just built, or read by
-            # another process) each row read maps 64 KiB of neighbours, 0.4 GB for one search at 10^6 rows
-            for c in range(0, len(order), _READ_CHUNK):
-                o = order[c:c + _READ_CHUNK]
-                out[at[o]] = self.arrays[s][local[o]]
-                _release(self.arrays[s], int(local[o[0]]), int(local[o[-1]]) + 1)
-        return out
-
-
-class _Subset(_Rows):
-    def __init__(self, rows: _Rows, positions: np.ndarray):
-        self.rows, self.positions = rows, positions
-        self.shape = (len(positions), rows.shape[1])
-
-    def take(self, positions: np.ndarray) -> np.ndarray:
-        return self.rows.take(self.positions[positions])
-
-
-def _pid_alive(name: str) -> bool:
-    """Whether the process whose pid ends a temp directory's name (".kb.building-1234") still runs."""
-    try:
-        os.kill(int(name.rsplit("-", 1)[1]), 0)
-    except (ValueError, IndexError, ProcessLookupError):
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """A finished build at `tmp` becomes `out`; an old KB there is moved aside first and deleted last
-    (a kill between the two renames is undone by _recover_swap on the next open or build)."""
-    old = out.parent / f".{out.name}.replaced-{os.getpid()}"
-    if out.exists():
-        os.rename(out, old)
-    os.rename(tmp, out)
-    _fsync_dir(out.parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _recover_swap(out: Path) -> None:
-    """A build with overwrite that was killed between its two renames left no KB at `out` and the old one
-    at .<name>.replaced-<pid>: put the old one back (only when that build is dead)."""
-    if out.exists() or not out.parent.is_dir():
-        return
-    for old in sorted(out.parent.glob(f".{out.name}.replaced-*")):
-        if (old / MANIFEST).is_file() and not _pid_alive(old.name):
-            with contextlib.suppress(OSError):
-                os.rename(old, out)
-                _fsync_dir(out.parent)
-            return
-
-
-def _remove_stale_temps(out: Path) -> None:
-    """Temp directories of killed builds of `out` (never read, but they hold a whole KB's worth of files)."""
-    for pattern in (f".{out.name}.building-*", f".{out.name}.replaced-*"):
-        for p in out.parent.glob(pattern):
-            if p.is_dir() and not _pid_alive(p.name) and (out.exists() or "building" in p.name):
-                shutil.rmtree(p, ignore_errors=True)
-
-
-def _records_table(records: list[KVRecord], start_id: int) -> pa.Table:
-    cols = {
-        "id": np.arange(start_id, start_id + len(records), dtype=np.int64),
-        "head": [r.triple.head for r in records], "relation": [r.triple.relation for r in records],
-        "tail": [r.triple.tail for r in records], "masked": [r.masked for r in records],
-        "key_text": [r.key_text for r in records], "value_text": [r.value_text for r in records],
-        "triple_hash": np.array([triple_hash(r.triple) for r in records], dtype=np.int64),
-    }
-    return pa.table(cols, schema=RECORD_SCHEMA)
 
 
 def _is_paths(sources) -> bool:
@@ -946,7 +484,8 @@ def _gather(sources, format, skip_bad) -> tuple[list[Triple], dict]:
     return out, {"rows": len(out) + dup, "bad": 0, "duplicates": dup}
 
 
-def _describe(sources) -> list[str] | str:
+def describe_sources(sources) -> list[str] | str:
+    """What a build read, for the manifest's history: the file names, or "python triples"."""
     if isinstance(sources, (str, Path)):
         return [str(sources)]
     if _is_paths(sources):

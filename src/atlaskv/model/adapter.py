@@ -1,34 +1,22 @@
 """KBAdapter: the only trained weights. Key/value projectors from sentence-encoder space into every KB
 layer's attention, and a KB query head per KB layer (method.md §1.2-1.3, §2.2).
 
-    key(e)   = LayerNorm(W_k e + b_k)   over the whole [n_slots * kb_heads * head_dim] vector, no affine
-    value(e) = W_v e + b_v
-    KB layer l uses slot l // freq; within a slot the vector is head-major [kb_heads, head_dim].
+    key(e)   = LayerNorm(W_k e + b_k)   over the whole [n_slots * heads * head_dim] vector, no affine
+    value(e) = W_v e + b_v              widened by the value path (values.py; the default also writes the
+                                        value's next token: copy values, copy logits)
+    KB layer l uses slot l // freq; within a slot the vector is head-major [heads, head_dim].
 
-Token values (`value_source` "encoder+llm_tokens", ours): a sentence embedding of "Maine" says "a US
-state", and the model then names a neighbour (New Hampshire). So e_v is [sentence embedding; t], t the
-mean of the base LLM's own input embeddings of the value's first tokens (values.py), and
+The projected KB is never materialised: `key_inv_std` gives the LayerNorm's per-entry scale in closed form
+from the weights, so one layer's slice of a key is exact without projecting the others, and attention can
+score keys in base-embedding space (see attention.py).
 
-    value_l(e) = W_v e_s + b_v + g_l R_l A t       R_l: per head, pinv of its o_proj columns (fixed, bind())
+Deviations from the reference, on purpose: exactly one slot per KB layer (the reference allocates
+L // freq + 1 slots; the unused one still entered the LayerNorm statistics).
 
-R_l makes the KB value land in the residual stream along g_l A t: with tied input/output embeddings
-(SmolLM2, Gemma) a direction that raises the answer token's logit. Trained: A (hidden x hidden, starts as the
-identity) and the gains g_l (start at 0: training starts exactly from the sentence-value adapter).
-It stays linear in e_v, so every exact trick below holds for it.
-
-Copy values (`value_source` "encoder+llm_copy", ours): the same, but t follows the answer. A fixed t keeps
-pushing the first token after it is out ("Marvel Marvel Marvel"); here each entry writes its next token
-once the text ends with the start of its value, and nothing once the whole value is out (attention.py,
-_copy_write; the token ids ride in the values' last copy_tokens + 1 columns with zero weight).
-
-The projected KB is never materialised: `KeyStats` gives the LayerNorm's per-entry mean and scale in
-closed form from the weights, so one layer's slice of a key is exact without projecting the others, and
-attention can score keys in base-embedding space (see attention.py).
-
-Deviations from the reference, on purpose:
-  * exactly one slot per KB layer (the reference allocates L // freq + 1 slots; the unused one still
-    entered the LayerNorm statistics);
-  * `kb_heads="kv"` (optional) sizes KB keys/values at key-value-head width (GQA), 4-9x smaller.
+Removed options (measured, not recommended; results in docs/results.md): kb_heads "kv" (GQA-width KB keys,
+commit 2ddad5d and before), kb_scale_mode "shift" (the reference's length correction that also boosts small
+KBs), copy_logit_norm "mass" and copy_logit_mode "mix". Adapter files that name their single remaining value
+still load.
 """
 from __future__ import annotations
 
@@ -40,6 +28,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from atlaskv.model.values import REMOVED_VALUE_SOURCES, VALUE_PATHS, value_path_for
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
@@ -65,17 +55,12 @@ class AdapterConfig:
     head_dim: int
     q_bias: bool = False
     kb_layer_frequency: int = 3
-    kb_heads: str = "query"            # "query" (reference, MHA width) or "kv" (GQA width)
-    kb_scale_factor: float | None = None   # inference: KB logits += ln(s) - ln(N) (method.md §1.6)
-    kb_scale_mode: str = "shift"       # "shift" always (reference); "cap" only when N > s (never boosts small KBs)
+    kb_scale_factor: float | None = None   # inference: KB logits += min(0, ln s - ln N) (method.md §1.6)
     question_input: bool = False       # KB queries also see the sentence encoder's embedding of the question
-    value_source: str = "encoder"      # or "encoder+llm_tokens": values also carry the LLM's token embeddings
-    value_tokens: int = 1              # token values: how many of the value's first tokens are averaged (1 measured best)
+    value_source: str = "encoder"      # the value path (values.py): "encoder" or "encoder+llm_copy"
     copy_tokens: int = 8               # "encoder+llm_copy": how many of the value's tokens are written one after another
     copy_logit_gain: float = 0.0       # copy values, inference: next-token logits += gain x each entry's share of the
                                        # last KB layer's KB attention, on that entry's next value token (0: off)
-    copy_logit_norm: str = "kb"        # the share: of the KB attention ("kb") or of all attention ("mass")
-    copy_logit_mode: str = "add"       # "add": logits += gain x votes; "mix": p = (1 - gain) p_model + gain x votes
     layer_norm_eps: float = 1e-5
     training: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
@@ -88,27 +73,17 @@ class AdapterConfig:
         return layer // self.kb_layer_frequency
 
     @property
-    def token_values(self) -> bool:
-        return self.value_source in ("encoder+llm_tokens", "encoder+llm_copy")
-
-    @property
     def copy_values(self) -> bool:
         return self.value_source == "encoder+llm_copy"
 
     @property
     def value_dim(self) -> int:
-        """Width of a value's base embedding: [sentence embedding; token embedding] for token values, and
-        for copy values also the value's token ids (values.py: `copy_tokens` + 1 columns, zero weight)."""
-        return (self.encoder_dim + (self.hidden_size if self.token_values else 0)
-                + (self.copy_tokens + 1 if self.copy_values else 0))
-
-    @property
-    def n_kb_heads(self) -> int:
-        return self.num_heads if self.kb_heads == "query" else self.num_kv_heads
+        """Width of a value row the adapter reads (the value path's: values.py)."""
+        return value_path_for(self).dim
 
     @property
     def slot_width(self) -> int:
-        return self.n_kb_heads * self.head_dim
+        return self.num_heads * self.head_dim
 
     @property
     def out_dim(self) -> int:
@@ -119,7 +94,7 @@ class AdapterConfig:
         c = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         heads = c.num_attention_heads
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
-        attn = _attention_modules(model)[0]
+        attn = attention_modules(model)[0]
         return cls(base_model=base_model or getattr(c, "_name_or_path", "") or c.model_type,
                    encoder=encoder, encoder_dim=encoder_dim, model_type=c.model_type,
                    num_layers=c.num_hidden_layers, hidden_size=c.hidden_size, num_heads=heads,
@@ -134,11 +109,11 @@ class AdapterConfig:
                                    f"this model has {k}={getattr(other, k)}")
 
 
-# Adam moves a parameter by about lr per step, and the last KB layer needs an absolute gain of a few hundred
-# (benchmarks/results/answer_stage/token_values_sweep.json): gains are counted in units of 256.
-TOKEN_GAIN_UNIT = 256.0
-VALUE_SOURCES = ("encoder", "encoder+llm_tokens", "encoder+llm_copy")
-_INT_LIMITS = {"value_tokens": 1024, "copy_tokens": 64, "encoder_dim": 1 << 16, "num_layers": 1024, "hidden_size": 1 << 16, "num_heads": 1024,
+VALUE_SOURCES = tuple(VALUE_PATHS)
+# removed options: files that name the one value still supported load, any other value is refused
+LEGACY_FIELDS = {"kb_heads": "query", "kb_scale_mode": "cap", "copy_logit_norm": "kb", "copy_logit_mode": "add",
+                 "value_tokens": 1}
+_INT_LIMITS = {"copy_tokens": 64, "encoder_dim": 1 << 16, "num_layers": 1024, "hidden_size": 1 << 16, "num_heads": 1024,
                "num_kv_heads": 1024, "head_dim": 4096, "kb_layer_frequency": 1024}
 
 
@@ -148,13 +123,14 @@ def _check_config_values(config: AdapterConfig, cfg_file: Path) -> None:
         v = getattr(config, k)
         if type(v) is not int or not 1 <= v <= hi:
             raise AdapterError(f"{cfg_file}: {k} is {v!r}, expected an integer from 1 to {hi}")
-    for k in ("base_model", "encoder", "model_type", "kb_heads", "kb_scale_mode", "value_source"):
+    for k in ("base_model", "encoder", "model_type", "value_source"):
         if not isinstance(getattr(config, k), str):
             raise AdapterError(f"{cfg_file}: {k} must be a string")
+    if config.value_source in REMOVED_VALUE_SOURCES:
+        raise AdapterError(f"{cfg_file}: value_source {config.value_source!r} was removed "
+                           f"({REMOVED_VALUE_SOURCES[config.value_source]}); expected one of {VALUE_SOURCES}")
     if config.value_source not in VALUE_SOURCES:
         raise AdapterError(f"{cfg_file}: value_source is {config.value_source!r}, expected one of {VALUE_SOURCES}")
-    if config.copy_values and config.value_tokens != 1:
-        raise AdapterError(f"{cfg_file}: copy values write one token at a time, value_tokens must be 1")
     for k in ("q_bias", "question_input"):
         if not isinstance(getattr(config, k), bool):
             raise AdapterError(f"{cfg_file}: {k} must be true or false")
@@ -165,16 +141,23 @@ def _check_config_values(config: AdapterConfig, cfg_file: Path) -> None:
     gain = config.copy_logit_gain
     if not (isinstance(gain, (int, float)) and not isinstance(gain, bool) and 0 <= gain < 1e6):
         raise AdapterError(f"{cfg_file}: copy_logit_gain is {gain!r}, expected a number from 0 to 10^6")
-    if config.copy_logit_mode not in ("add", "mix") or (config.copy_logit_mode == "mix" and not gain < 1):
-        raise AdapterError(f"{cfg_file}: copy_logit_mode is {config.copy_logit_mode!r} with gain {gain!r}, "
-                           "expected 'add', or 'mix' with a gain below 1")
-    if config.copy_logit_norm not in ("kb", "mass"):
-        raise AdapterError(f"{cfg_file}: copy_logit_norm is {config.copy_logit_norm!r}, expected 'kb' or 'mass'")
     if not isinstance(config.training, dict):
         raise AdapterError(f"{cfg_file}: training must be an object")
 
 
-def _attention_modules(model) -> list[nn.Module]:
+def legacy_fields(raw: dict, cfg_file: Path) -> dict:
+    """A config without the fields of removed options, which must hold their one remaining value."""
+    raw = dict(raw)
+    if raw.get("kb_scale_mode") == "shift" and raw.get("kb_scale_factor") is None:
+        raw.pop("kb_scale_mode")  # no length correction at all: the mode never mattered
+    for k, only in LEGACY_FIELDS.items():
+        if k in raw and raw.pop(k) != only:
+            raise AdapterError(f"{cfg_file}: {k} other than {only!r} was removed from atlaskv (docs/results.md "
+                               "has what it measured)")
+    return raw
+
+
+def attention_modules(model) -> list[nn.Module]:
     """The self-attention module of every decoder layer, in order (llama, qwen2/3, gemma3 ...)."""
     mods = [m for name, m in model.named_modules() if name.endswith("self_attn") and hasattr(m, "q_proj")]
     if not mods:
@@ -198,37 +181,12 @@ class KBAdapter(nn.Module):
             self.question_proj = nn.Linear(c.encoder_dim, len(c.kb_layers) * c.num_heads * c.head_dim)
             nn.init.zeros_(self.question_proj.weight)
             nn.init.zeros_(self.question_proj.bias)
-        if c.token_values:
-            self.token_map = nn.Parameter(torch.eye(c.hidden_size))
-            self.token_gain = nn.Parameter(torch.zeros(len(c.kb_layers)))
-            # pinv(o_proj) per KB layer: derived from the frozen base model (bind), never saved
-            self.register_buffer("token_readout", torch.full((len(c.kb_layers), c.slot_width, c.hidden_size),
-                                                             float("nan")), persistent=False)
+        self.value_path = value_path_for(c)
+        self.value_path.init_parameters(self)
 
     def bind(self, model) -> "KBAdapter":
-        """Token values: read R_l off `model`. Per KB head h, R_l,h = pinv(o_proj_l's columns of h), so head
-        h alone writes the projection of A t onto its output space, <P_h t, t> >= 0. Heads weigh KB entries
-        differently, so one pinv of the whole o_proj (exact only when all heads agree) sums to noise."""
-        if not self.config.token_values:
-            return self
-        c = self.config
-        # copy values: the rows of the tokens to write next (attention.py); a reference, never saved
-        self.__dict__["token_table"] = model.get_input_embeddings().weight
-        # and the ids that open or close a chat turn: the copy match restarts there, so a value the question
-        # names does not count as already said in the answer
-        turn = set()
-        for cfg in (model.config, getattr(model, "generation_config", None)):
-            for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
-                v = getattr(cfg, k, None) if cfg is not None else None
-                turn.update(v if isinstance(v, (list, tuple)) else [] if v is None else [v])
-        self.__dict__["turn_ids"] = torch.tensor(sorted(int(t) for t in turn), dtype=torch.long)
-        attn = _attention_modules(model)
-        with torch.no_grad():
-            for i, l in enumerate(c.kb_layers):
-                w_o = attn[l].o_proj.weight.detach().to(self.token_readout.device, torch.float64)  # [hidden, H*D]
-                w_o = w_o.view(c.hidden_size, c.n_kb_heads, -1, c.head_dim).sum(2)  # kv layout: a group's heads share
-                r = torch.stack([torch.linalg.pinv(w_o[:, h]) for h in range(c.n_kb_heads)])  # [Hk, D, hidden]
-                self.token_readout[i] = r.reshape(c.slot_width, c.hidden_size).to(self.token_readout.dtype)
+        """Read what the value path needs off the frozen base `model` (copy values: per-head pinv(o_proj))."""
+        self.value_path.bind(self, model, attention_modules(model))
         return self
 
     def question_query(self, question_emb: torch.Tensor, layer: int) -> torch.Tensor:
@@ -244,7 +202,7 @@ class KBAdapter(nn.Module):
     def for_model(cls, model, encoder: str, encoder_dim: int, **kw) -> "KBAdapter":
         """A fresh adapter whose KB query heads start as copies of each KB layer's q_proj (§1.3)."""
         adapter = cls(AdapterConfig.for_model(model, encoder, encoder_dim, **kw))
-        attn = _attention_modules(model)
+        attn = attention_modules(model)
         with torch.no_grad():
             for l in adapter.config.kb_layers:
                 q = attn[l].q_proj
@@ -259,8 +217,7 @@ class KBAdapter(nn.Module):
         if torch.is_grad_enabled():
             return fn()
         watched = [self.key_proj.weight, self.key_proj.bias, self.value_proj.weight, self.value_proj.bias]
-        if self.config.token_values:
-            watched += [self.token_map, self.token_gain, self.token_readout]
+        watched += self.value_path.watched(self)
         stamp = tuple((p._version, p.data_ptr()) for p in watched)
         cache = self.__dict__.setdefault("_weight_cache", {})
         if cache.get("stamp") != stamp:
@@ -274,7 +231,7 @@ class KBAdapter(nn.Module):
         return self._cached(("layer", layer, which), lambda: self._layer_weights(layer, which))
 
     def _layer_weights(self, layer: int, which: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W [kb_heads, head_dim, d_in], b [kb_heads, head_dim]) of one KB layer's slot.
+        """(W [heads, head_dim, d_in], b [heads, head_dim]) of one KB layer's slot.
 
         For keys the rows are centred by the LayerNorm mean row, so W e + b is the LayerNorm numerator.
         """
@@ -285,14 +242,11 @@ class KBAdapter(nn.Module):
         if which == "key":
             w = w - lin.weight.mean(0, keepdim=True)
             b = b - lin.bias.mean()
-        elif c.token_values:  # [W_v | g_l R_l A]: the value is linear in [sentence emb; token emb]
-            i = c.kb_layers.index(layer)
-            if torch.isnan(self.token_readout[i]).any():
-                raise AdapterError("token-value adapter not bound to its base model (attach() or bind(model) first)")
-            w = torch.cat([w, TOKEN_GAIN_UNIT * self.token_gain[i] * (self.token_readout[i] @ self.token_map)], 1)
-            if c.copy_values:  # the token-id columns only ride along (attention.py reads them)
-                w = torch.cat([w, w.new_zeros(w.shape[0], c.copy_tokens + 1)], 1)
-        return w.reshape(c.n_kb_heads, c.head_dim, -1), b.reshape(c.n_kb_heads, c.head_dim)
+        else:  # widened over the value path's extra columns
+            if not self.value_path.bound(self):
+                raise AdapterError(f"{c.value_source} adapter not bound to its base model (attach() or bind(model) first)")
+            w = self.value_path.value_weights(self, layer, w)
+        return w.reshape(c.num_heads, c.head_dim, -1), b.reshape(c.num_heads, c.head_dim)
 
     def key_inv_std(self, e: torch.Tensor) -> torch.Tensor:
         """1 / sqrt(var(W_k e + b_k) + eps) per entry, over the full out_dim, without projecting.
@@ -360,7 +314,7 @@ class KBAdapter(nn.Module):
             raise AdapterError(f"{cfg_file}: {cfg_file.stat().st_size} bytes is not an adapter config")
         try:
             raw = json.loads(cfg_file.read_text("utf-8"))
-            config = AdapterConfig(**raw)
+            config = AdapterConfig(**legacy_fields(raw, cfg_file))
         except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as e:
             raise AdapterError(f"{cfg_file}: not a valid adapter config ({e})") from e
         if config.format_version != FORMAT_VERSION:
@@ -368,8 +322,8 @@ class KBAdapter(nn.Module):
         _check_config_values(config, cfg_file)
         expected_params = 2 * (config.encoder_dim + 1) * config.out_dim + len(config.kb_layers) * (
             config.hidden_size + config.q_bias + config.encoder_dim + 1) * config.num_heads * config.head_dim \
-            + (config.hidden_size ** 2 + len(config.kb_layers)) * config.token_values
-        if not 0 < expected_params < MAX_PARAMS or config.kb_heads not in ("query", "kv"):
+            + (config.hidden_size ** 2 + len(config.kb_layers)) * config.copy_values
+        if not 0 < expected_params < MAX_PARAMS:
             raise AdapterError(f"{cfg_file}: implausible adapter shape ({expected_params:,} parameters)")
         if model is not None:
             config.check_fits(model)

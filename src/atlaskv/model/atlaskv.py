@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -11,8 +12,11 @@ import numpy as np
 import torch
 
 from atlaskv.model.adapter import AdapterError, KBAdapter
-from atlaskv.model.attention import KBInputs, attach, use_kb
+from atlaskv.model.attention import attach
+from atlaskv.model.kb_inputs import KBInputs, use_kb
+from atlaskv.kb.view import KBView
 from atlaskv.model.pruning import PruneConfig, PrunedKB
+from atlaskv.model.values import value_rows
 from atlaskv.kb.encoder import DEFAULT_ENCODER
 from atlaskv.kb.triples import Triple
 from atlaskv.defaults import MAX_NEW_TOKENS, REFUSAL, REFUSE_BELOW, TOP_CITATIONS
@@ -45,6 +49,15 @@ def support_of(weights) -> float:
 
 
 @dataclass
+class FlatKB:
+    """A view loaded for flat attention: its live rows (positions in the view) as tensors."""
+    positions: np.ndarray
+    keys: torch.Tensor
+    values: torch.Tensor
+    inv_std: torch.Tensor
+
+
+@dataclass
 class Answer:
     text: str
     citations: list[tuple[Triple, float]] = field(default_factory=list)
@@ -72,7 +85,7 @@ class AtlasKV:
         self.model, self.tokenizer, self.adapter = model, tokenizer, adapter
         self.model.requires_grad_(False)
         attach(model, adapter)
-        self._kb_cache: dict = {}
+        self._kb_cache: OrderedDict = OrderedDict()
         self._stop_ids = stop_token_ids(tokenizer, model)  # EOS and the chat format's end of turn
 
     # ------------------------------------------------------------------ loading
@@ -103,71 +116,81 @@ class AtlasKV:
         return next(self.model.parameters()).device
 
     # ------------------------------------------------------------------ KB
-    def kb_inputs(self, kb: KnowledgeBase, scale_factor: float | None = None, record: bool = False,
-                  prune: bool | None = None, prune_config: PruneConfig | None = None) -> KBInputs:
-        """The KB as the model reads it. Flat: every live entry's base embeddings as tensors (cached per
-        KB version). Pruned (HiKVP; default whenever the KB has an index): the tree plus memory-mapped
-        embeddings, of which each KB layer reads only the leaves it keeps."""
+    def kb_inputs(self, kb: KnowledgeBase | KBView, *, record: bool = False, prune: bool | PruneConfig | None = None,
+                  prune_config: PruneConfig | None = None, scale_factor: float | None = None,
+                  question_emb: torch.Tensor | None = None, token_mask: torch.Tensor | None = None) -> KBInputs:
+        """The KB as one forward / generate call reads it. Flat: every live row's base embeddings as tensors.
+        Pruned (HiKVP; the default whenever the KB has a tree): the tree plus row-addressable embeddings, of
+        which each KB layer reads only the leaves it keeps. What is loaded is cached for one KB at a time (a
+        KB directory: per version). `prune` may be a PruneConfig (the same as prune=True, prune_config=it);
+        `scale_factor` overrides the adapter's length correction."""
+        if isinstance(prune, PruneConfig):
+            prune, prune_config = True, prune
+        view = self._view(kb)
+        if prune is None:
+            prune = view.tree is not None
+        loaded = self._loaded(view, bool(prune))
+        scale = scale_factor if scale_factor is not None else self.adapter.config.kb_scale_factor
+        common = dict(scale_factor=scale, record=record, question_emb=question_emb, token_mask=token_mask)
+        if prune:
+            pkb = copy.copy(loaded)  # shares the tree and arrays; a per-call search config
+            pkb.config = prune_config or PruneConfig()
+            return KBInputs(pruned=pkb, **common)
+        return KBInputs(loaded.keys, loaded.values, key_inv_std=loaded.inv_std, **common)
+
+    def cite(self, kb: KnowledgeBase | KBView, kb_in: KBInputs, positions: torch.Tensor) -> list[Triple]:
+        """The triples at these positions of `kb_in`'s attention (flat: live rows in order; pruned: rows)."""
+        view = self._view(kb)
+        rows = positions.cpu().numpy()
+        if kb_in.pruned is None:
+            rows = self._loaded(view, False).positions[rows]
+        return view.triples(rows)
+
+    def _view(self, kb: KnowledgeBase | KBView) -> KBView:
+        if isinstance(kb, KBView):
+            return self._entry(kb.cache_key or ("view", id(kb)), lambda: kb)["view"]
         if kb.encoder_name != self.adapter.config.encoder:
             raise AdapterError(f"KB {kb.path} was built with encoder {kb.encoder_name!r}; the adapter expects "
                                f"{self.adapter.config.encoder!r} (rebuild with --encoder {self.adapter.config.encoder})")
-        if prune is None:
-            prune = kb.manifest.get("index") is not None
-        scale = scale_factor if scale_factor is not None else self.adapter.config.kb_scale_factor
-        common = dict(scale_factor=scale, record=record, scale_mode=self.adapter.config.kb_scale_mode)
-        key = (str(kb.path), kb.version, prune)
-        if key not in self._kb_cache:
-            for other in [k for k in self._kb_cache if k[:2] != key[:2]]:
-                del self._kb_cache[other]  # one KB version in memory at a time (flat and/or pruned)
-            self._kb_cache[key] = self._load_pruned(kb) if prune else self._load_flat(kb)
-        if prune:
-            pkb = copy.copy(self._kb_cache[key])  # shares the tree and arrays; a per-call search config
-            pkb.config = prune_config or PruneConfig()
-            return KBInputs(pruned=pkb, **common)
-        entry = self._kb_cache[key]
-        kb_in = KBInputs(entry[1], entry[2], **common)
-        if len(entry) == 3:  # the key LayerNorm scale per entry: the same for every call, computed once
-            with torch.no_grad():
-                entry += (self.adapter.key_inv_std(entry[1]),)
-            self._kb_cache[key] = entry
-        kb_in._inv_std = entry[3][None]
-        return kb_in
+        return self._entry((str(kb.path), kb.version), kb.view)["view"]
 
-    def _load_flat(self, kb: KnowledgeBase):
-        ids, keys, values = kb.embeddings()
-        records = kb.records()  # live entries in id order, as the embeddings: row i cites triple i
-        assert np.array_equal(records.column("id").to_numpy(), ids)
-        triples = [Triple(*t) for t in zip(*(records.column(c).to_pylist() for c in ("head", "relation", "tail")))]
-        if self.adapter.config.token_values:  # the values' token embeddings, from their texts
-            from atlaskv.model.values import value_embeddings
+    def _entry(self, key: tuple, make_view) -> dict:
+        """What is loaded of one KB: {"view", True: pruned, False: flat}. One version of a KB directory is
+        kept (an update makes a new one), and the two most recent in-memory views (an evaluation asks a KB
+        and the same KB without some facts in turn). A cached view stays alive, so its id is not reused."""
+        cache = self._kb_cache
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+        same_kind = [k for k in cache if (k[0] == "view") == (key[0] == "view")]
+        keep = 1 if key[0] == "view" else 0
+        for other in same_kind[:max(0, len(same_kind) - keep)]:
+            del cache[other]
+        cache[key] = {"view": make_view()}
+        return cache[key]
 
-            values = value_embeddings(self.adapter, self.model, self.tokenizer,
-                                      records.column("value_text").to_pylist(), values)
-        return (triples, torch.from_numpy(np.asarray(keys, np.float32)).to(self.device),
-                torch.from_numpy(np.asarray(values, np.float32)).to(self.device))
+    def _loaded(self, view: KBView, prune: bool):
+        entry = self._entry(view.cache_key or ("view", id(view)), lambda: view)
+        if prune not in entry:
+            entry[prune] = self._load_pruned(view) if prune else self._load_flat(view)
+        return entry[prune]
 
-    def _load_pruned(self, kb: KnowledgeBase) -> PrunedKB:
-        h = kb.hierarchy()
-        if h is None:
-            raise AdapterError(f"KB {kb.path} has no HiKVP index: build one with `atlaskv kb index {kb.path}` "
+    def _load_flat(self, view: KBView) -> "FlatKB":
+        positions = view.live_positions()
+        keys = torch.from_numpy(view.keys.take(positions)).to(self.device)
+        values = torch.from_numpy(value_rows(self.adapter, self.model, self.tokenizer, view).take(positions))
+        with torch.no_grad():  # the key LayerNorm scale per entry: the same for every call, computed once
+            inv_std = self.adapter.key_inv_std(keys)
+        return FlatKB(positions, keys, values.to(self.device), inv_std)
+
+    def _load_pruned(self, view: KBView) -> PrunedKB:
+        if view.tree is None:
+            where = view.cache_key[0] if view.cache_key else "this KB view"
+            raise AdapterError(f"KB {where} has no HiKVP index: build one with `atlaskv kb index {where}` "
                                "or ask with --no-prune")
-        table = kb.table()
-        if not table.identity:  # on disk the tree names entry ids; the search works on row positions
-            h = h.map_leaves(table.positions)
-        values = table.values
-        if self.adapter.config.token_values:
-            from atlaskv.model.values import TokenValueSource, token_values
-
-            values = TokenValueSource(values, table.value_texts, token_values(self.adapter, self.model, self.tokenizer))
-        pkb = PrunedKB(h, table.keys, values, live=table.live, rows=len(table), size=len(kb), device=self.device)
-        pkb.triples = table.triples  # citations read only the cited rows
-        return pkb
-
-    def _cite(self, kb_in: KBInputs, kb: KnowledgeBase, positions: torch.Tensor) -> list[Triple]:
-        if kb_in.pruned is not None:
-            return kb_in.pruned.triples(positions.cpu().numpy())
-        triples = self._kb_cache[(str(kb.path), kb.version, False)][0]
-        return [triples[int(i)] for i in positions]
+        values = value_rows(self.adapter, self.model, self.tokenizer, view)
+        return PrunedKB(view.tree, view.keys, values, live=view.live, rows=view.rows, size=view.size,
+                        device=self.device)
 
     # ------------------------------------------------------------------ generation
     def question_embedding(self, question: str | Sequence[dict]) -> torch.Tensor:
@@ -186,9 +209,9 @@ class AtlasKV:
         return ids.to(self.device)
 
     @torch.no_grad()
-    def generate(self, question: str | Sequence[dict], kb: KnowledgeBase | KBInputs | None = None,
+    def generate(self, question: str | Sequence[dict], kb: KnowledgeBase | KBView | KBInputs | None = None,
                  max_new_tokens: int = MAX_NEW_TOKENS, do_sample: bool = False, streamer=None, **gen_kw) -> str:
-        kb_in = self.kb_inputs(kb) if isinstance(kb, KnowledgeBase) else kb
+        kb_in = self.kb_inputs(kb) if isinstance(kb, (KnowledgeBase, KBView)) else kb
         ids = self.chat_ids(question)
         needs_q = kb_in is not None and (self.adapter.config.question_input or (
             kb_in.pruned is not None and kb_in.pruned.config.route != "kbq"))
@@ -201,14 +224,14 @@ class AtlasKV:
                                       **{"eos_token_id": self._stop_ids, **gen_kw})
         return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
-    def stream(self, question: str | Sequence[dict], kb: KnowledgeBase | None = None, **kw) -> Iterator[str]:
+    def stream(self, question: str | Sequence[dict], kb: KnowledgeBase | KBView | None = None, **kw) -> Iterator[str]:
         """Yield the answer text piece by piece as it is generated."""
         from threading import Thread
 
         from transformers import TextIteratorStreamer
 
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        kb_in = self.kb_inputs(kb) if isinstance(kb, KnowledgeBase) else kb
+        kb_in = self.kb_inputs(kb) if isinstance(kb, (KnowledgeBase, KBView)) else kb
         errors: list[BaseException] = []
 
         def run():
@@ -226,7 +249,7 @@ class AtlasKV:
             raise errors[0]
 
     @torch.no_grad()
-    def ask(self, question: str, kb: KnowledgeBase, max_new_tokens: int = MAX_NEW_TOKENS, top_citations: int = TOP_CITATIONS,
+    def ask(self, question: str, kb: KnowledgeBase | KBView, max_new_tokens: int = MAX_NEW_TOKENS, top_citations: int = TOP_CITATIONS,
             prune: bool | None = None, prune_config: PruneConfig | None = None, **gen_kw) -> Answer:
         """Answer from the KB, citing the triples with the most KB attention (summed over KB layers,
         heads and prompt tokens) during the prefill. `prune`: HiKVP (default when the KB has an index)."""
@@ -241,5 +264,5 @@ class AtlasKV:
         total = float(weights.sum())
         mass = total / (len(kb_in.attention) * n_heads * n_tokens)
         k = min(top_citations, len(positions))
-        cites = list(zip(self._cite(kb_in, kb, positions[:k]), (float(w) / total for w in weights[:k])))
+        cites = list(zip(self.cite(kb, kb_in, positions[:k]), (float(w) / total for w in weights[:k])))
         return Answer(text, cites, kb_in.size, mass, pruned)

@@ -52,19 +52,6 @@ def _tensor(a, dtype, device) -> torch.Tensor:
     return torch.from_numpy(np.asarray(a, dtype)).to(device)
 
 
-class ArraySource:
-    """Rows of an in-memory (or memory-mapped) [M, d] array, read as float32 only where asked."""
-
-    def __init__(self, array):
-        self.array = array
-
-    def take(self, positions: np.ndarray) -> np.ndarray:
-        order = np.argsort(positions)  # sorted reads are sequential on a memory map
-        out = np.empty((len(positions), self.array.shape[1]), np.float32)
-        out[order] = self.array[positions[order]]
-        return out
-
-
 @dataclass
 class Selection:
     positions: torch.Tensor   # [B, G, n] long, -1 where a sample has fewer than n leaves
@@ -78,7 +65,7 @@ class Selection:
 class PrunedKB:
     """A KB served through its HiKVP tree; `size` is the number of live leaves."""
     hierarchy: Hierarchy      # leaves = row positions of keys/values
-    keys: object              # .take(positions) -> float32 [n, d]; ArraySource or store.EmbeddingTable
+    keys: object              # .take(positions) -> float32 [n, d] (a KBView's rows)
     values: object
     live: np.ndarray | None = None     # [rows] bool, False for removed entries (never attended)
     config: PruneConfig = field(default_factory=PruneConfig)

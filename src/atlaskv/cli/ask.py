@@ -1,0 +1,197 @@
+"""`atlaskv ask`, `chat` and `serve`: answers from a KB, in a terminal or over HTTP."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from atlaskv.cli.common import ROUTE_HELP, TOP_K_HELP, fail, print_info, prune_options, run
+from atlaskv.defaults import MAX_NEW_TOKENS, PRUNE_ROUTE, PRUNE_TOP_K_TEXT, REFUSE_BELOW
+
+REFUSE_HELP = ("Answer \"I don't know.\" when the most-cited fact has under this many times the weight of the "
+               "second (0: never; calibrated in benchmarks/results/refusal_fb15k.json).")
+
+
+def ask_cmd(question: str = typer.Argument(..., help="The question."),
+            kb_dir: Path = typer.Option(..., "--kb", help="KB directory."),
+            adapter: Optional[Path] = typer.Option(None, help="Adapter folder (default: the shipped one)."),
+            max_new_tokens: int = typer.Option(MAX_NEW_TOKENS),
+            refuse_below: float = typer.Option(REFUSE_BELOW, help=REFUSE_HELP),
+            no_prune: bool = typer.Option(False, "--no-prune", help="Flat KB attention over every entry "
+                                                                  "(default: HiKVP when the KB has an index)."),
+            top_k: str = typer.Option(PRUNE_TOP_K_TEXT, "--top-k", help=TOP_K_HELP),
+            route: str = typer.Option(PRUNE_ROUTE, help=ROUTE_HELP),
+            json_out: bool = typer.Option(False, "--json")):
+    """Answer a question from the KB and show the facts it attended to most."""
+    import time
+
+    if not question.strip():
+        fail("empty question")
+    cfg = prune_options(top_k, route, False, True, "selected")
+    kb, akv = _load(kb_dir, adapter)
+    t0 = time.time()
+    ans = run(lambda: akv.ask(question, kb, max_new_tokens=max_new_tokens, prune=False if no_prune else None,
+                               prune_config=cfg))
+    ans = ans.or_refusal(refuse_below) if refuse_below > 0 else ans
+    if json_out:
+        typer.echo(json.dumps({"answer": ans.text, "citations": [
+            {"head": t.head, "relation": t.relation, "tail": t.tail, "weight": round(w, 4)} for t, w in ans.citations],
+            "kb_size": ans.kb_size, "pruned": bool(getattr(ans, "pruned", False)),
+            "seconds": round(time.time() - t0, 3)}))
+        return
+    _print_answer(ans)
+
+
+def _load(kb_dir: Path, adapter: Optional[Path]):
+    """The KB, then the model: the errors people hit first (no KB there, a KB encoded with another
+    encoder than the adapter reads) come in one line, before the slow model load."""
+    from atlaskv.model.atlaskv import AtlasKV, default_adapter_dir
+    from atlaskv.kb.store import KnowledgeBase
+
+    kb = run(lambda: KnowledgeBase.open(kb_dir))
+    cfg = Path(adapter or default_adapter_dir()) / "adapter_config.json"
+    if cfg.is_file():
+        want = json.loads(cfg.read_text("utf-8")).get("encoder")
+        if want and kb.encoder_name != want:
+            fail(f"KB {kb_dir} was built with encoder {kb.encoder_name!r}, but the adapter expects {want!r}: "
+                  f"rebuild it with `atlaskv kb build ... --encoder {want}` (or pass the matching --adapter)")
+    return kb, run(lambda: AtlasKV.from_pretrained(adapter))
+
+
+def _print_answer(ans, console=None) -> None:
+    """The answer, then a small table of the facts it attended to most."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(highlight=False)
+    console.print(ans.text, markup=False)
+    if not ans.citations:
+        return
+    t = Table(box=box.SIMPLE, title=f"cited facts (KB of {ans.kb_size:,})", title_justify="left",
+              show_edge=False, pad_edge=False)
+    for col in ("weight", "head", "relation", "tail"):
+        t.add_column(col, justify="right" if col == "weight" else "left")
+    for tr, w in ans.citations:
+        t.add_row(f"{w:.1%}", tr.head, tr.relation, tr.tail)
+    console.print(t)
+
+
+
+CHAT_HELP = """commands:
+  /add head | relation | tail      add a fact to the KB (live, saved in the KB directory)
+  /remove head | relation | tail   remove a fact
+  /kb                              KB info        /reset   forget the conversation
+  /help                            this help      /quit    leave (or Ctrl-D)"""
+
+
+def chat_cmd(kb_dir: Path = typer.Option(..., "--kb", help="KB directory."),
+             adapter: Optional[Path] = typer.Option(None, help="Adapter folder (default: the shipped one)."),
+             max_new_tokens: int = typer.Option(MAX_NEW_TOKENS),
+             turns: int = typer.Option(3, help="Earlier question/answer turns kept as context."),
+             refuse_below: float = typer.Option(REFUSE_BELOW, help=REFUSE_HELP)):
+    """Multi-turn chat over a KB, with /add, /remove and /kb commands that change the KB live."""
+    from rich.console import Console
+
+    kb, akv = _load(kb_dir, adapter)
+    console = Console(highlight=False)
+    _history(write=False)
+    typer.echo(f"KB {kb_dir}: {len(kb):,} facts. Ask a question, or /help.")
+    messages: list[dict] = []
+    while True:
+        try:
+            line = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            typer.echo()
+            break
+        if not line:
+            continue
+        if line.startswith("/"):
+            messages = _chat_command(line, kb, messages)
+            if messages is None:
+                break
+            continue
+        messages = messages[-2 * turns:] if turns > 0 else []
+        messages.append({"role": "user", "content": line})
+        try:
+            ans = akv.ask(messages, kb, max_new_tokens=max_new_tokens)
+            ans = ans.or_refusal(refuse_below) if refuse_below > 0 else ans
+        except Exception as e:
+            typer.secho(f"error: {e}", fg=typer.colors.RED)
+            messages.pop()
+            continue
+        if ans.refused:  # the rule's words, not the model's: kept as context, they make it refuse again
+            messages.pop()  # the same question once /add has given the KB its fact
+        else:
+            messages.append({"role": "assistant", "content": ans.text})
+        _print_answer(ans, console)
+    _history(write=True)
+
+
+def _chat_command(line: str, kb, messages: list[dict]) -> list[dict] | None:
+    """Run one /command of the chat: the conversation to go on with, None to leave."""
+    cmd, _, arg = line.partition(" ")
+    if cmd in ("/quit", "/exit"):
+        return None
+    elif cmd == "/kb":
+        print_info(kb.info(), False)
+    elif cmd == "/reset":
+        return []
+    elif cmd in ("/add", "/remove"):
+        parts = [p.strip() for p in arg.split("|")]
+        if len(parts) != 3 or not all(parts):
+            typer.secho(f"usage: {cmd} head | relation | tail", fg=typer.colors.YELLOW)
+            return messages
+        try:
+            res = getattr(kb, cmd[1:])([tuple(parts)])
+        except Exception as e:  # a busy or broken KB must not end the session
+            typer.secho(f"error: {e}", fg=typer.colors.RED)
+            return messages
+        done, verb, none = ((res.added, "added", " (already there)") if cmd == "/add"
+                            else (res.removed, "removed", " (not found)"))
+        typer.echo(f"{verb} {done}{'' if done else none}; KB version {kb.version}, {len(kb):,} facts")
+    else:
+        typer.echo(CHAT_HELP)
+    return messages
+
+
+def _history(write: bool) -> None:
+    """readline: arrow keys and history across sessions, only for a person typing."""
+    if not sys.stdin.isatty():
+        return
+    import readline
+
+    history_file = Path.home() / ".atlaskv_history"
+    try:
+        (readline.write_history_file if write else readline.read_history_file)(history_file)
+    except OSError:
+        pass
+
+
+def serve_cmd(kb_dir: Path = typer.Option(..., "--kb", help="KB directory."),
+              host: str = typer.Option("127.0.0.1", help="Address to bind (not localhost: set ATLASKV_API_KEY)."),
+              port: int = typer.Option(8000),
+              adapter: Optional[Path] = typer.Option(None, help="Adapter folder (default: the shipped one)."),
+              max_tokens: int = typer.Option(512, help="Largest max_tokens a request may ask for."),
+              max_body_bytes: int = typer.Option(1 << 20, help="Largest request body (413 above)."),
+              max_queue: int = typer.Option(64, help="Requests waiting for the model before 503."),
+              refuse_below: float = typer.Option(REFUSE_BELOW, help=REFUSE_HELP)):
+    """OpenAI-compatible server: /v1/chat/completions (with citations), /v1/models, /v1/kb/triples, /health.
+    With ATLASKV_API_KEY set, every request needs `Authorization: Bearer <key>`."""
+
+    import uvicorn
+
+    from atlaskv.serve.routes import create_app
+
+    if host not in ("127.0.0.1", "localhost", "::1") and not os.environ.get("ATLASKV_API_KEY"):
+        typer.secho(f"warning: serving on {host} without ATLASKV_API_KEY: anyone who can reach it can read and "
+                    "change the KB", fg=typer.colors.YELLOW, err=True)
+    kb, akv = _load(kb_dir, adapter)
+    run(lambda: akv.kb_inputs(kb))  # warm the KB cache before the first request
+    app_ = create_app(akv, kb, max_tokens=max_tokens, max_body_bytes=max_body_bytes, max_queue=max_queue,
+                      refuse_below=refuse_below)
+    uvicorn.run(app_, host=host, port=port, log_level="info")

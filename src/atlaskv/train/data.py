@@ -1,0 +1,181 @@
+"""Training data: the config, records from triples, and the batches (questions, answers, a KB per batch)."""
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from atlaskv.defaults import REFUSAL
+from atlaskv.kb.encoder import DEFAULT_ENCODER, encode_records, load_encoder
+from atlaskv.kb.records import RelationNouns, answer_for, make_record
+from atlaskv.kb.triples import Triple, read_triples
+from atlaskv.model.chat import chat_text
+
+QUESTION_TEMPLATES = [
+    "What is {k}?", "Tell me {k}.", "Do you know {k}?", "Can you tell me {k}?", "What's {k}?",
+    "Which is {k}?", "Identify {k}.", "I would like to know {k}.", "Please tell me {k}.", "Name {k}.",
+    "Who or what is {k}?", "Give me {k}.", "Could you tell me {k}?", "{K}?", "Look up {k}.",
+    "Do you happen to know {k}?",
+]
+
+
+@dataclass
+class TrainConfig:
+    data: list[str]
+    out: str
+    base_model: str | None = None
+    encoder: str = DEFAULT_ENCODER
+    steps: int = 1000
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.01
+    kb_layer_frequency: int = 3
+    question_input: bool = False
+    value_source: str | None = None  # the value path (values.py): "encoder" or "encoder+llm_copy"; None: the init adapter's, else "encoder"
+    token_gain_init: float = 0.0    # token values: starting absolute gain of the last KB layer (others start at 0)
+    trainable: str = "all"          # "values": only the value path learns (keys and KB queries stay as initialised)
+    kb_scale_factor: float | None = None  # inference setting stored in the adapter (mode "cap"), not trained
+    answer_loss_weight: float = 1.0
+    retrieval_loss_weight: float = 1.0
+    distractors_start: int = 4
+    distractors_every: int = 100
+    distractors_max: int = 64
+    same_head_negatives: int = 2
+    multi_entity_every: int = 3
+    refusal_rate: float = 0.1
+    head_masked_rate: float = 0.3
+    shuffle_values: bool = False
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    checkpoint_every: int = 100
+    eval_every: int = 50
+    threads: int | None = None
+    max_minutes: float | None = None  # stop cleanly (checkpoint + adapter) after this long; --resume goes on
+    init_adapter: str | None = None  # fine-tune: start from this adapter's weights ("default": the shipped one)
+
+
+# ------------------------------------------------------------------------------------------------ data
+@dataclass
+class TrainData:
+    records: list                 # KVRecord
+    key_emb: np.ndarray           # [R, d_in] float32
+    value_emb: np.ndarray
+    by_relation: dict = field(default_factory=dict)   # relation -> record indices
+    by_kept: dict = field(default_factory=dict)       # kept entity -> record indices (hard negatives)
+    relation_p: np.ndarray | None = None
+    relations: list = field(default_factory=list)
+    digest: str = ""
+
+
+def build_records(triples: list[Triple]) -> list:
+    """Tail- and head-masked records whose key names exactly one value (ambiguous keys dropped)."""
+    nouns = RelationNouns()
+    recs = [make_record(t, side, nouns) for t in triples for side in ("tail", "head")]
+    values_by_key = defaultdict(set)
+    for r in recs:
+        values_by_key[r.key_text.casefold()].add(r.value_text.casefold())
+    return [r for r in recs if len(values_by_key[r.key_text.casefold()]) == 1]
+
+
+def prepare_data(cfg: TrainConfig, cache_dir: Path) -> TrainData:
+    triples = read_triples(cfg.data).triples
+    records = build_records(triples)
+    digest = hashlib.sha256("\n".join(f"{r.key_text}\t{r.value_text}" for r in records).encode()).hexdigest()[:16]
+    key_emb, value_emb = encode_records(load_encoder(cfg.encoder), records, show_progress=True, cache_dir=cache_dir)
+    data = TrainData(records, key_emb, value_emb, digest=digest)
+    for i, r in enumerate(records):
+        data.by_relation.setdefault((r.triple.relation, r.masked), []).append(i)
+        kept = r.triple.head if r.masked == "tail" else r.triple.tail
+        data.by_kept.setdefault(kept, []).append(i)
+    data.relations = sorted(data.by_relation)
+    counts = np.array([len(data.by_relation[k]) for k in data.relations], float)
+    data.relation_p = np.sqrt(counts) / np.sqrt(counts).sum()  # balance: gender must not drown time zone
+    return data
+
+
+def n_distractors(cfg: TrainConfig, step: int) -> int:
+    return min(cfg.distractors_start * (step // cfg.distractors_every + 1), cfg.distractors_max)
+
+
+@dataclass
+class Batch:
+    prompts: list[str]
+    answers: list[str]
+    kb_rows: np.ndarray           # record indices in the KB, in KB order
+    gold: list[list[int]]         # per sample: positions in the KB of its own facts ([] for refusals)
+
+
+def make_batch(cfg: TrainConfig, data: TrainData, step: int, rng: np.random.Generator | None = None) -> Batch:
+    rng = rng or np.random.default_rng([cfg.seed, step])
+    multi = cfg.multi_entity_every > 0 and step % cfg.multi_entity_every == cfg.multi_entity_every - 1
+    prompts, facts_of, refusal, kb = [], [], [], []
+    for _ in range(cfg.batch_size):
+        facts = []
+        for _ in range(2 if multi else 1):
+            masked = "head" if rng.random() < cfg.head_masked_rate else "tail"
+            for _ in range(10):
+                rel = data.relations[rng.choice(len(data.relations), p=data.relation_p)]
+                if rel[1] == masked:
+                    break
+            facts.append(int(rng.choice(data.by_relation[rel])))
+        refusal.append(rng.random() < cfg.refusal_rate)
+        keys = [data.records[i].key_text for i in facts]
+        tpl = QUESTION_TEMPLATES[rng.integers(len(QUESTION_TEMPLATES))]
+        prompts.append(tpl.format(k=keys[0], K=keys[0][0].upper() + keys[0][1:]) if len(keys) == 1
+                       else f"What is {keys[0]}, and what is {keys[1]}?")
+        for i in facts:  # hard negatives: other facts about the same entity
+            kept = data.records[i].triple.head if data.records[i].masked == "tail" else data.records[i].triple.tail
+            others = [j for j in data.by_kept.get(kept, []) if j != i]
+            if others:
+                kb += [int(j) for j in rng.choice(others, min(cfg.same_head_negatives, len(others)), replace=False)]
+        facts_of.append(facts)
+    kb += [int(j) for j in rng.integers(0, len(data.records), n_distractors(cfg, step))]
+    # the same fact drawn for a refusal and for an answered question: answer both
+    needed = {i for f, r in zip(facts_of, refusal) if not r for i in f}
+    refusal = [r and not (set(f) & needed) for f, r in zip(facts_of, refusal)]
+    # a refused fact must not sneak in as another question's negative or distractor
+    banned = {i for f, r in zip(facts_of, refusal) if r for i in f}
+    kb += [i for f, r in zip(facts_of, refusal) if not r for i in f]
+    kb_rows = np.array(list(dict.fromkeys(i for i in kb if i not in banned)), dtype=np.int64)
+    rng.shuffle(kb_rows)
+    pos = {int(i): p for p, i in enumerate(kb_rows)}
+    answers = [REFUSAL if r else " ".join(answer_for(data.records[i].key_text, data.records[i].value_text) for i in f)
+               for f, r in zip(facts_of, refusal)]
+    gold = [[] if r else [pos[i] for i in f] for f, r in zip(facts_of, refusal)]
+    return Batch(prompts, answers, kb_rows, gold)
+
+
+# ------------------------------------------------------------------------------------------------ model io
+def answer_suffix(tokenizer) -> str:
+    """What closes a trained answer: the chat format's end-of-turn token (<|im_end|>, Gemma's <end_of_turn>)."""
+    from atlaskv.model.chat import end_of_turn
+
+    return end_of_turn(tokenizer)
+
+
+def encode_batch(tokenizer, prompts: list[str], answers: list[str], device) -> dict:
+    """input_ids, attention_mask, labels (-100 outside answers), prompt_mask (question tokens)."""
+    ids, labels, pmask = [], [], []
+    suffix = answer_suffix(tokenizer)
+    for q, a in zip(prompts, answers):
+        p = tokenizer(chat_text(tokenizer, q), add_special_tokens=False)["input_ids"]
+        t = tokenizer(a + suffix, add_special_tokens=False)["input_ids"]
+        ids.append(p + t)
+        labels.append([-100] * len(p) + t)
+        pmask.append([1] * len(p) + [0] * len(t))
+    n = max(map(len, ids))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out = {
+        "input_ids": torch.tensor([x + [pad] * (n - len(x)) for x in ids]),
+        "attention_mask": torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in ids]),
+        "labels": torch.tensor([x + [-100] * (n - len(x)) for x in labels]),
+        "prompt_mask": torch.tensor([x + [0] * (n - len(x)) for x in pmask]),
+    }
+    return {k: v.to(device) for k, v in out.items()}
