@@ -1,4 +1,4 @@
-"""Markdown table of the committed grounding results (pasted into the README's Results section).
+"""Markdown table of the committed grounding results (pasted into docs/results.md).
 
     .venv/bin/python benchmarks/summarize.py
 """

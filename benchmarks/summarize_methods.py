@@ -1,4 +1,4 @@
-"""The five methods side by side: prints the README's table and draws benchmarks/results/methods.png.
+"""The five methods side by side: prints the table of docs/results.md and draws benchmarks/results/methods.png.
 
 Reads benchmarks/results/methods/<set>_<method>[_<sizes>].json (bash benchmarks/run_methods.sh); kblam (flat)
 rows come from the committed grounding_<set>_flat.json runs (same seed, questions and KBs).

@@ -25,7 +25,7 @@ def test_attention_ranking_gold_third():
     # summed over the real tokens: entry 2: 0.6, 3: 0.5, 4: 0.4, 5: 0.3 (1.2 if padding counted), 0: 0.2
     mask = torch.tensor([[1, 1, 0]])
     kb = KBInputs(torch.zeros(6, 4), torch.zeros(6, 4))
-    kb.attention = {3: att}
+    kb.recorded.attention[3] = att
     assert grounding_hits(kb, mask, torch.tensor([4]))["hits1"] == 0
     assert grounding_hits(kb, mask, torch.tensor([4]))["hits5"] == 1
     assert grounding_hits(kb, mask, torch.tensor([2]))["hits1"] == 1
@@ -85,7 +85,7 @@ def test_each_method_runs_end_to_end(method, tiny_set, trained_model, encoder):
 
 
 def test_icl_beyond_the_context_window_is_reported(tiny_set, trained_model, encoder, monkeypatch):
-    from atlaskv import baselines
+    from atlaskv.evaluation import baselines
     from atlaskv.evaluation.baselines import eval_text_method
 
     monkeypatch.setattr(baselines, "context_window", lambda akv: 120)  # 20 facts need ~250 tokens

@@ -1,4 +1,4 @@
-"""The Ray engine (distributed.py) against the local one: same KB from the same 2,000 real triples.
+"""The Ray engine (kb/ray_build.py) against the local one: same KB from the same 2,000 real triples.
 
 One local Ray instance with 2 CPUs for the module; the KBs are built once and compared field by field:
 identical records, fp16-equal embeddings, an index of the same shape, the same pruned answers.

@@ -28,7 +28,7 @@ from atlaskv.kb.store import KBError, KnowledgeBase
 from hash_encoder import HashEncoder
 
 READ_TIMEOUT_S = 20  # generous on a loaded 2-core machine; the slowest case here takes well under 1 s
-# CI: 120 fixed examples per property. ATLASKV_FUZZ_EXAMPLES=N runs N fresh random ones (RELIABILITY.md)
+# CI: 120 fixed examples per property. ATLASKV_FUZZ_EXAMPLES=N runs N fresh random ones (docs/reliability.md)
 _LONG = int(os.environ.get("ATLASKV_FUZZ_EXAMPLES", "0"))
 FUZZ = settings(max_examples=_LONG or 120, deadline=None, database=None, derandomize=not _LONG,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -165,7 +165,7 @@ class _Tok:
 def test_gemma_chat_format_and_stop_tokens():
     import jinja2
 
-    from atlaskv.model.llm import GEMMA_CHAT_TEMPLATE, end_of_turn, ensure_chat_template, stop_token_ids
+    from atlaskv.model.chat import GEMMA_CHAT_TEMPLATE, end_of_turn, ensure_chat_template, stop_token_ids
 
     tok = _Tok(None, {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<start_of_turn>": 105, "<end_of_turn>": 106})
     ensure_chat_template(tok, type("Cfg", (), {"model_type": "gemma3_text"})())

@@ -1,6 +1,6 @@
 """Reliability and security (issue 9): corruption, untrusted files, no pickle, the server's auth and input
 limits, and a short SIGKILL run of the CLI writers. Fast parts only; the long kill and load runs are
-benchmarks/kill_kb.py and benchmarks/load_server.py (committed results, RELIABILITY.md).
+benchmarks/kill_kb.py and benchmarks/load_server.py (committed results, docs/reliability.md).
 
 KBs here are built with a deterministic hash 'encoder', so no sentence model is loaded except by the
 kill test (which runs the real CLI in subprocesses)."""

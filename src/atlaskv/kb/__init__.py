@@ -13,7 +13,7 @@
     ray_build.py the same build on Ray Data, for very large KGs (KnowledgeBase.build(engine="ray"))
 
 Each module imports only modules above it in its chain (formats <- rdf <- triples <- records <- layout <-
-view / index <- store <- ray_build); store reaches the Ray engine through store.BUILD_ENGINES, where
+table / view / index <- store <- ray_build); store reaches the Ray engine through store.BUILD_ENGINES, where
 ray_build registers itself when imported here.
 """
 from atlaskv.kb import ray_build  # noqa: F401  (registers engine="ray"; imports no Ray, no torch)

@@ -1,7 +1,7 @@
 """KnowledgeBase: a KB directory, versioned, append/remove, crash-safe; build, open, update, verify.
 
 The directory format and its durable-file helpers are layout.py; the read side that a model searches
-(every row by position, embeddings memory-mapped) is view.EmbeddingTable, returned by `table()`.
+(every row by position, embeddings memory-mapped) is table.EmbeddingTable, returned by `table()`.
 Writers take the directory's lock, write new immutable files, and commit by replacing the manifest.
 """
 from __future__ import annotations
