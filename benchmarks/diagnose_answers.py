@@ -19,18 +19,10 @@ import torch
 
 from atlaskv.kb.encoder import load_encoder
 from atlaskv.evaluation.grounding import ask_batch
-from atlaskv.evaluation.metrics import contains_answer, normalize
+from atlaskv.evaluation.metrics import contains_answer, first_named
 from atlaskv.evaluation.pool import kb_chunks, load_pool
 from atlaskv.kb.view import KBView
 from atlaskv.model.atlaskv import AtlasKV
-
-
-def first_named(answer: str, tails: list[str]) -> str | None:
-    """The KB value the answer names first (the longest where several start at the same word): a stricter
-    reading than "the gold tail appears" ("The English language is French." names English first)."""
-    text = f" {normalize(answer)} "
-    hits = [(text.find(f" {normalize(t)} "), -len(t), t) for t in tails if normalize(t) and f" {normalize(t)} " in text]
-    return min(hits)[2] if hits else None
 
 
 def main():
@@ -57,7 +49,7 @@ def main():
             bq = [pool.questions[q] for q in qs[s:s + 16]]
             texts = [q.question for q in bq]
             qemb = torch.from_numpy(enc.encode(texts))
-            answers, kb, mask = ask_batch(akv, texts, view, 32, True, None, qemb)
+            answers, kb, mask, _ = ask_batch(akv, texts, view, 32, True, None, qemb)
             for q, a, (pos, w) in zip(bq, answers, kb.summed_attention(mask)):
                 top = pool.triples[rows[int(pos[0])]]
                 rows_out.append({"question": q.question, "gold": q.tail, "answer": a.strip(),

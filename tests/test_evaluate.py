@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from atlaskv.evaluation.metrics import contains_answer, says_refusal
+from atlaskv.evaluation.metrics import answer_flags, contains_answer, loops, names_exactly, says_refusal
 from atlaskv.evaluation.pool import kb_chunks, load_pool
 
 
@@ -19,6 +19,29 @@ def test_contains_answer(answer, gold, ok):
                                         ("Ottawa", False), ("Sorry, I don't know. Maybe Ottawa?", True)])
 def test_says_refusal(answer, ok):
     assert says_refusal(answer) is ok
+
+
+@pytest.mark.parametrize("answer, gold, ok", [
+    ("The sibling of Robert F. Kennedy is John F. Kennedy.", "John F. Kennedy", True),
+    ("The John F. Kennedy Jr. was a U.S Attorney General", "John F. Kennedy", False),   # runs on into another name
+    ("Lake Michigan is the answer.", "Michigan", False),                                 # runs in from another name
+    ("In Memphis, Tennessee.", "Memphis", True), ("The spouse is Lauren Bacceaga.", "Lauren Bacall", False),
+    ("the time zone is central time zone", "Central Time Zone", True), ("", "x", False)])
+def test_names_exactly(answer, gold, ok):
+    assert names_exactly(answer, gold) is ok
+
+
+def test_answer_exact_asks_for_the_gold_value_first_no_loop_and_an_ended_turn():
+    values = ["Memphis", "Central Time Zone", "Eastern Time Zone", "Tupelo"]
+    q = "What is the time zone of Memphis?"
+    good = answer_flags("The time zone of Memphis is Central Time Zone.", "Central Time Zone", values, True, q)
+    assert good["exact"] and good["em"] and good["first_named"] == "Central Time Zone"  # the question's own value skipped
+    assert not answer_flags("The time zone of Memphis is Central Time Zone.", "Central Time Zone", values, False, q)["exact"]
+    other_first = answer_flags("Eastern Time Zone, not Central Time Zone.", "Central Time Zone", values, True, q)
+    assert other_first["em"] and not other_first["exact"]
+    looping = "Central Time Zone. It is in the Central Time Zone and the Central Time Zone"
+    assert loops(looping) and not answer_flags(looping, "Central Time Zone", values, True, q)["exact"]
+    assert not loops("The capital of Canada is Ottawa.")
 
 
 @pytest.fixture(scope="module")
@@ -42,16 +65,21 @@ def test_kb_chunks_hold_golds_and_have_size(pool, size, distractors):
 
 
 @pytest.mark.slow
-def test_shipped_adapter_grounds_real_questions(shared, encoder):
+def test_shipped_adapter_grounds_real_questions(shared, encoder, tmp_path):
     pytest.importorskip("gguf")
     from atlaskv.evaluation.grounding import eval_grounding
     from atlaskv.model.atlaskv import AtlasKV
 
     akv = AtlasKV.from_pretrained()
+    saved = tmp_path / "answers.jsonl"
     res = eval_grounding(shared / "eval" / "fb15k", [100], akv, encoder, n_questions=32, answer_questions=8,
-                         progress=False)
+                         progress=False, save_answers=saved)
     row = res["results"][0]
     assert row["n_questions"] == 32 and row["n_answer_questions"] == 8
+    answers = [json.loads(line) for line in saved.read_text().splitlines()]
+    assert len(answers) == 8 and all(a["answer"] and a["gold"] and a["top_citation"] for a in answers)
+    assert row["answer_exact"] == sum(a["exact"] for a in answers) / 8 <= row["answer_em"]
+    assert row["answer_loops"] == sum(a["loop"] for a in answers) / 8
     assert row["acc1"] >= 0.9  # the trained adapter finds the fact (chance would be 0.01)
     assert set(row["acc1_by_layer"]) == {str(l) for l in akv.adapter.config.kb_layers}
     json.dumps(res)  # the contract output is plain JSON

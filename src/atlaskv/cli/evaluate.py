@@ -101,6 +101,9 @@ def eval_grounding_cmd(
                    "fact is under this multiple of the second's becomes \"I don't know.\"; the default rule is "
                    f"{REFUSE_BELOW}): adds *_with_refusal and refused_* fields."),
     json_out: Path = typer.Option(..., "--json", help="Where to write the results JSON."),
+    save_answers: Optional[Path] = typer.Option(
+        None, "--save-answers", help="atlaskv/kblam: also write every answered question (answer, gold, top citation, "
+                                     "the answer_exact flags) to this JSONL file."),
 ):
     """ACC@1/ACC@5 (KB attention, or the retriever for rag), pruning recall, answer exact-match with and without the gold fact."""
     from atlaskv.kb.encoder import load_encoder
@@ -132,7 +135,7 @@ def eval_grounding_cmd(
         res = run(lambda: eval_grounding(set_dir, size_list, akv, enc, questions, distractors, seed, batch_size,
                                           not no_answers, answer_questions, scale_factor=scale_factor,
                                           prune=prune, synthetic_fill=synthetic_fill,
-                                          refuse_below=refuse_below))
+                                          refuse_below=refuse_below, save_answers=save_answers))
         res["method"] = method
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(res, indent=1) + "\n")
@@ -147,6 +150,9 @@ def _print_grounding(res: dict, refuse_below: Optional[float]) -> None:
         status = f"  [{r['status']}]" if r.get("status", "ok") != "ok" else ""
         typer.echo(f"N={r['kb_size']:>6}  acc1 {fmt(r['acc1'])}  acc5 {fmt(r['acc5'])}{rec}  answer_em "
                    f"{fmt(r['answer_em'])}  without gold {fmt(r['answer_em_without_gold'])}  ({r['seconds']} s){status}")
+        if r.get("answer_exact") is not None:
+            typer.echo(f"        answer_exact {fmt(r['answer_exact'])} (the gold value, as a whole name, first, no loop, "
+                       f"ended)  loops {fmt(r['answer_loops'])}")
         if r.get("own_refusals_with_gold") is not None:
             typer.echo(f"        the model's own \"I don't know.\": {fmt(r['own_refusals_with_gold'])} with gold / "
                        f"{fmt(r['own_refusals_without_gold'])} without")

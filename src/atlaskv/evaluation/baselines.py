@@ -12,6 +12,7 @@ so every method reads the same words.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
@@ -21,7 +22,7 @@ import torch
 from atlaskv.kb.triples import Triple
 from atlaskv.kb.records import triples_to_records
 from atlaskv.defaults import EVAL_MAX_NEW_TOKENS
-from atlaskv.evaluation.metrics import contains_answer, rank_hits
+from atlaskv.evaluation.metrics import answer_flags, contains_answer, rank_hits
 from atlaskv.evaluation.pool import kb_chunks, load_pool
 from atlaskv.model.chat import chat_text, left_pad, stop_token_ids
 
@@ -73,25 +74,33 @@ def prompt_tokens(akv, text: str) -> int:
     return len(akv.tokenizer(chat_text(akv.tokenizer, text), add_special_tokens=False)["input_ids"])
 
 
-@torch.no_grad()
-def answer_with_prompts(akv, prompts: list[str], max_new_tokens: int) -> list[str]:
-    """Greedy answers, no KB attention: the stock model on the written prompts (batched, left-padded)."""
+class Answers(list):
+    """Answer texts, with .ended[i]: the i-th answer closed its turn within the token budget."""
 
+    def __init__(self, texts, ended):
+        super().__init__(texts)
+        self.ended = list(ended)
+
+
+@torch.no_grad()
+def answer_with_prompts(akv, prompts: list[str], max_new_tokens: int) -> Answers:
+    """Greedy answers, no KB attention: the stock model on the written prompts (batched, left-padded)."""
     tok = akv.tokenizer
     ids, mask = left_pad(tok, [chat_text(tok, p) for p in prompts], akv.device)
+    stop = stop_token_ids(tok, akv.model)
     out = akv.model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tok.pad_token_id or tok.eos_token_id,
-                             eos_token_id=stop_token_ids(tok, akv.model))
-    return tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+                             pad_token_id=tok.pad_token_id or tok.eos_token_id, eos_token_id=stop)
+    new = out[:, ids.shape[1]:]
+    return Answers(tok.batch_decode(new, skip_special_tokens=True),
+                   torch.isin(new, torch.tensor(stop, device=new.device)).any(-1).tolist())
 
 
 @torch.no_grad()
-def answer_with_shared_facts(akv, questions: list[str], facts: Sequence[str], max_new_tokens: int) -> list[str]:
+def answer_with_shared_facts(akv, questions: list[str], facts: Sequence[str], max_new_tokens: int) -> Answers:
     """ICL answers for many questions over one fact list: the facts' prefix is run once and its KV cache
     reused for every question (prompt caching, as serving stacks do), the stronger and fairer baseline:
     without it 100 facts cost 9 s per question here."""
     import copy
-
 
     tok = akv.tokenizer
     marker = "\x00QUESTION\x00"
@@ -100,7 +109,7 @@ def answer_with_shared_facts(akv, questions: list[str], facts: Sequence[str], ma
     prefix = tok(head, add_special_tokens=False, return_tensors="pt")["input_ids"].to(akv.device)
     cache = akv.model(prefix, use_cache=True).past_key_values
     stop = stop_token_ids(tok, akv.model)
-    texts = []
+    texts, ended = [], []
     for q in questions:
         rest = tok(q + tail, add_special_tokens=False, return_tensors="pt")["input_ids"].to(akv.device)
         ids = torch.cat([prefix, rest], 1)
@@ -108,7 +117,8 @@ def answer_with_shared_facts(akv, questions: list[str], facts: Sequence[str], ma
                                  max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id or tok.eos_token_id, eos_token_id=stop)
         texts.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
-    return texts
+        ended.append(bool(torch.isin(out[0, ids.shape[1]:], torch.tensor(stop, device=out.device)).any()))
+    return Answers(texts, ended)
 
 
 def eval_text_method(set_dir: str | Path, sizes: list[int], akv, encoder, method: str, n_questions: int = 500,
@@ -135,8 +145,8 @@ def eval_text_method(set_dir: str | Path, sizes: list[int], akv, encoder, method
         if method == "zeroshot" and zeroshot_row is not None:
             results.append({**zeroshot_row, "kb_size": size})
             continue
-        hits1 = hits5 = n = em = em_prior = n_em = judged = 0
-        judge_sum = 0.0
+        hits1 = hits5 = n = n_em = 0
+        c = Counter()  # answer counts of this size (_score)
         longest = 0
         status = "ok"
         bar = tqdm(total=len(qidx), desc=f"{Path(set_dir).name} N={size} {method}", disable=not progress)
@@ -144,6 +154,7 @@ def eval_text_method(set_dir: str | Path, sizes: list[int], akv, encoder, method
             pos = {int(r): p for p, r in enumerate(rows)}
             retriever = DenseRetriever(pool.keys[rows]) if method == "rag" else None
             facts = [sentences[r] for r in rows]
+            kb_values = sorted({pool.triples[r].tail for r in rows})
             if method == "icl":
                 longest = max(longest, max(prompt_tokens(akv, facts_prompt(pool.questions[q].question, facts))
                                            for q in qs[:4]))
@@ -163,13 +174,7 @@ def eval_text_method(set_dir: str | Path, sizes: list[int], akv, encoder, method
                 take = min(len(bq), n_ans - n_em)
                 if take > 0:
                     texts, prior = _text_answers(akv, method, qtexts[:take], facts, ranked, gold, top_k, max_new_tokens)
-                    em += sum(contains_answer(t, q.tail) for t, q in zip(texts, bq))
-                    if prior is not None:
-                        em_prior += sum(contains_answer(t, q.tail) for t, q in zip(prior, bq))
-                    if judge is not None:
-                        for t, q in zip(texts, bq):
-                            judge_sum += judge(q.question, q.tail, t)
-                            judged += 1
+                    c.update(_score(texts, prior, bq, kb_values, judge))
                     n_em += take
                 bar.update(len(bq))
         bar.close()
@@ -177,13 +182,15 @@ def eval_text_method(set_dir: str | Path, sizes: list[int], akv, encoder, method
         row = {"kb_size": size, "status": status, "n_questions": n,
                "acc1": hits1 / n if method == "rag" and n else None,
                "acc5": hits5 / n if method == "rag" and n else None, "pruning_recall": None,
-               "answer_em": em / n_em if n_em and ok else None,
-               "answer_em_without_gold": em_prior / n_em if n_em and method != "zeroshot" and ok else None,
+               "answer_em": c["em"] / n_em if n_em and ok else None,
+               "answer_em_without_gold": c["em_prior"] / n_em if n_em and method != "zeroshot" and ok else None,
+               "answer_exact": c["exact"] / n_em if n_em and ok else None,
+               "answer_loops": c["loops"] / n_em if n_em and ok else None,
                "n_answer_questions": n_em if ok else 0, "seconds": round(time.time() - t0, 1)}
         if method == "icl":
             row.update(prompt_tokens=longest, context_window=window)
-        if judge is not None and judged:
-            row["judge_score"] = judge_sum / judged
+        if judge is not None and c["judged"]:
+            row["judge_score"] = c["judge_sum"] / c["judged"]
         if method == "zeroshot":
             zeroshot_row = row
         results.append(row)
@@ -191,6 +198,21 @@ def eval_text_method(set_dir: str | Path, sizes: list[int], akv, encoder, method
             **({"top_k": top_k} if method == "rag" else {}), "results": results}
 
 
+
+
+def _score(texts: Answers, prior: Answers | None, bq: list, kb_values: list[str], judge) -> Counter:
+    """Answer counts of one batch: em (and without gold), answer_exact and loops (metrics.answer_flags),
+    the judge's scores."""
+    c = Counter(em=sum(contains_answer(t, q.tail) for t, q in zip(texts, bq)))
+    flags = [answer_flags(t, q.tail, kb_values, e, q.question) for t, q, e in zip(texts, bq, texts.ended)]
+    c.update(exact=sum(f["exact"] for f in flags), loops=sum(f["loop"] for f in flags))
+    if prior is not None:
+        c["em_prior"] += sum(contains_answer(t, q.tail) for t, q in zip(prior, bq))
+    if judge is not None:
+        for t, q in zip(texts, bq):
+            c["judge_sum"] += judge(q.question, q.tail, t)
+            c["judged"] += 1
+    return c
 
 
 def _text_answers(akv, method: str, qtexts: list[str], facts: list[str], ranked, gold: list[int], top_k: int,

@@ -12,15 +12,17 @@ Questions are asked in batches against their KB, read through the same seam as `
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from atlaskv.defaults import EVAL_MAX_NEW_TOKENS
-from atlaskv.evaluation.metrics import contains_answer, rank_hits, says_refusal
+from atlaskv.evaluation.metrics import answer_flags, contains_answer, rank_hits, says_refusal
 from atlaskv.evaluation.pool import EvalPool, kb_chunks, load_pool, with_synthetic_fill
 from atlaskv.kb.index import build_hierarchy
 from atlaskv.model.atlaskv import support_of
@@ -30,13 +32,19 @@ from atlaskv.kb.view import KBView
 from atlaskv.model.pruning import PruneConfig
 
 
+class Asked(NamedTuple):
+    texts: list[str]          # the greedy answers
+    kb: KBInputs              # with the prefill attention recorded
+    mask: torch.Tensor        # the prompt mask [B, T] (left padding 0)
+    ended: list[bool]         # the answer closed its turn within the token budget
+
+
 @torch.no_grad()
 def ask_batch(akv, questions: list[str], kb, max_new_tokens: int, record: bool = True,
               prune: PruneConfig | None = None, question_emb: torch.Tensor | None = None,
-              scale_factor: float | None = None):
+              scale_factor: float | None = None) -> Asked:
     """Greedy answers for a batch of questions against one KB (a KBView or KnowledgeBase): flat, or HiKVP
-    with `prune`. scale_factor defaults to the adapter's. Returns (texts, the KBInputs with the prefill
-    attention recorded, the prompt mask)."""
+    with `prune`. scale_factor defaults to the adapter's."""
     tok = akv.tokenizer
     ids, mask = left_pad(tok, [chat_text(tok, q) for q in questions], akv.device)
     kb_in = akv.kb_inputs(kb, record=record, prune=prune or False, question_emb=question_emb, token_mask=mask,
@@ -45,8 +53,10 @@ def ask_batch(akv, questions: list[str], kb, max_new_tokens: int, record: bool =
     with use_kb(kb_in):
         out = akv.model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id or tok.eos_token_id, eos_token_id=stop)
-    texts = tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
-    return texts, kb_in, mask
+    new = out[:, ids.shape[1]:]
+    texts = tok.batch_decode(new, skip_special_tokens=True)
+    ended = torch.isin(new, torch.tensor(stop, device=new.device)).any(-1).tolist()
+    return Asked(texts, kb_in, mask, ended)
 
 
 def grounding_hits(kb: KBInputs, mask: torch.Tensor, gold: torch.Tensor) -> dict:
@@ -79,6 +89,8 @@ class Tally:
     n_em: int = 0
     em: int = 0
     em_prior: int = 0
+    exact: int = 0          # answer_exact: what the user reads names the gold value cleanly (metrics.answer_flags)
+    loops: int = 0
     idk: int = 0            # the model's own "I don't know."
     idk_prior: int = 0
     em_r: int = 0           # with the refusal rule (refuse_below)
@@ -104,6 +116,8 @@ class Tally:
             "pruning_recall": self.kept / (n * len(kb_layers)) if prune is not None else None,
             "answer_em": self.em / n_em if n_em else None,
             "answer_em_without_gold": self.em_prior / n_em if n_em else None,
+            "answer_exact": self.exact / n_em if n_em else None,
+            "answer_loops": self.loops / n_em if n_em else None,
             "n_answer_questions": n_em,
             "own_refusals_with_gold": self.idk / n_em if n_em else None,
             "own_refusals_without_gold": self.idk_prior / n_em if n_em else None,
@@ -131,6 +145,7 @@ class GroundingRun:
     scale_factor: float | None
     refuse_below: float | None
     seed: int
+    saved: list | None = None   # --save-answers: one row per answered question
 
     @property
     def needs_q(self) -> bool:
@@ -147,31 +162,45 @@ class GroundingRun:
         return KBView.from_arrays(keys, self.pool.values[rows].astype(np.float32),
                                   [self.pool.triples[r] for r in rows], tree)
 
-    def batch(self, bq: list, view: KBView, pos: dict, tally: Tally) -> None:
+    def batch(self, bq: list, view: KBView, pos: dict, tally: Tally, kb_values: list[str]) -> None:
         """One batch of questions: grounding from the prefill, then (while answers are wanted) the answers
         with and without their gold facts."""
         akv = self.akv
         qtexts = [q.question for q in bq]
         qemb = torch.from_numpy(self.encoder.encode(qtexts)).to(akv.device) if self.needs_q else None
         want_answers = self.answers and tally.n_em < self.n_ans
-        texts, kb, mask = ask_batch(akv, qtexts, view, self.max_new_tokens if want_answers else 1, True,
-                                    self.prune, qemb, self.scale_factor)
+        texts, kb, mask, ended = ask_batch(akv, qtexts, view, self.max_new_tokens if want_answers else 1, True,
+                                           self.prune, qemb, self.scale_factor)
         gold = torch.tensor([pos[self.pool.index[q.triple]] for q in bq], device=akv.device)
         tally.add_hits(grounding_hits(kb, mask, gold), len(bq))
         if not want_answers:
             return
         take = min(len(bq), self.n_ans - tally.n_em)
         right = [contains_answer(t, q.tail) for t, q in zip(texts[:take], bq[:take])]
+        flags = [answer_flags(t, q.tail, kb_values, e, q.question) for t, q, e in zip(texts, bq, ended[:take])]
         tally.em += sum(right)
+        tally.exact += sum(f["exact"] for f in flags)
+        tally.loops += sum(f["loop"] for f in flags)
         tally.idk += sum(map(says_refusal, texts[:take]))
+        ranked = kb.summed_attention(mask)[:take]
         if self.refuse_below is not None:
-            kept = [support_of(w) >= self.refuse_below for _, w in kb.summed_attention(mask)[:take]]
+            kept = [support_of(w) >= self.refuse_below for _, w in ranked]
             tally.em_r += sum(r and k for r, k in zip(right, kept))
             tally.refused += take - sum(kept)
-        self.without_gold(qtexts[:take], bq[:take], view, gold.cpu().numpy(), qemb, tally)
+        prior = self.without_gold(qtexts[:take], bq[:take], view, gold.cpu().numpy(), qemb, tally)
+        if self.saved is not None:
+            self.save(bq[:take], texts, flags, ranked, view, prior)
         tally.n_em += take
 
-    def without_gold(self, qtexts: list[str], bq: list, view: KBView, gold: np.ndarray, qemb, tally: Tally) -> None:
+    def save(self, bq: list, texts: list[str], flags: list[dict], ranked: list, view: KBView, prior: list[str]):
+        for q, t, f, (pos, w), p in zip(bq, texts, flags, ranked, prior):
+            top = view.triples(pos[:1].cpu().numpy())[0] if len(pos) else None
+            self.saved.append({"question": q.question, "gold": q.tail, "answer": t.strip(), **f,
+                               "top_citation": list(top) if top else None,
+                               "top_share": round(float(w[0] / w.sum()), 4) if len(pos) else None,
+                               "top_is_gold": top == q.triple, "answer_without_gold": p.strip()})
+
+    def without_gold(self, qtexts: list[str], bq: list, view: KBView, gold: np.ndarray, qemb, tally: Tally) -> list[str]:
         """The same questions with the batch's own facts removed: what the model knows without them."""
         take = len(qtexts)
         rec = self.refuse_below is not None
@@ -179,8 +208,8 @@ class GroundingRun:
         if view.rows <= len(set(gold.tolist())):  # nothing left: no KB
             pt = [self.akv.generate(q, None, max_new_tokens=self.max_new_tokens) for q in qtexts]
         else:  # flat: the other rows; pruned: the same tree with the gold leaves tombstoned
-            pt, kb_p, mask_p = ask_batch(self.akv, qtexts, view.without(gold), self.max_new_tokens, rec, self.prune,
-                                         qemb[:take] if qemb is not None else None, self.scale_factor)
+            pt, kb_p, mask_p, _ = ask_batch(self.akv, qtexts, view.without(gold), self.max_new_tokens, rec,
+                                            self.prune, qemb[:take] if qemb is not None else None, self.scale_factor)
         right = [contains_answer(t, q.tail) for t, q in zip(pt, bq)]
         tally.em_prior += sum(right)
         tally.idk_prior += sum(map(says_refusal, pt))
@@ -189,18 +218,21 @@ class GroundingRun:
                 [support_of(w) >= self.refuse_below for _, w in kb_p.summed_attention(mask_p)]
             tally.em_prior_r += sum(r and k for r, k in zip(right, kept))
             tally.refused_prior += take - sum(kept)
+        return pt
 
 
 def eval_grounding(set_dir: str | Path, sizes: list[int], akv, encoder, n_questions: int = 500,
                    distractors: str = "random", seed: int = 0, batch_size: int = 16, answers: bool = True,
                    answer_questions: int | None = None, max_new_tokens: int = EVAL_MAX_NEW_TOKENS,
                    scale_factor: float | None = None, prune: PruneConfig | None = None, progress: bool = True,
-                   synthetic_fill: bool = False, refuse_below: float | None = None) -> dict:
+                   synthetic_fill: bool = False, refuse_below: float | None = None,
+                   save_answers: str | Path | None = None) -> dict:
     """`prune`: HiKVP over a tree built for each KB (its build time is reported as index_seconds).
     `synthetic_fill`: sizes past the set's pool are reached with synthetic distractors (reported per row).
     `refuse_below`: also score the answers as `ask` / `serve` give them, with the refusal rule on: an answer
     whose top-cited fact's weight is under this multiple of the second's (Answer.support) becomes
-    "I don't know." and counts as wrong (extra fields `*_with_refusal`, `refused*`)."""
+    "I don't know." and counts as wrong (extra fields `*_with_refusal`, `refused*`).
+    `save_answers`: a JSONL file with every answered question: answer, gold, top citation, answer_flags."""
     from tqdm.auto import tqdm
 
     pool = real = load_pool(set_dir, encoder)
@@ -210,7 +242,7 @@ def eval_grounding(set_dir: str | Path, sizes: list[int], akv, encoder, n_questi
     qidx = rng.permutation(len(pool.questions))[: min(n_questions, len(pool.questions))]
     n_ans = len(qidx) if answer_questions is None else min(answer_questions, len(qidx))
     run = GroundingRun(akv, encoder, pool, prune, batch_size, answers, n_ans, max_new_tokens, scale_factor,
-                       refuse_below, seed)
+                       refuse_below, seed, [] if save_answers else None)
     kb_layers = akv.adapter.config.kb_layers
     results = []
     for size in sizes:
@@ -224,9 +256,13 @@ def eval_grounding(set_dir: str | Path, sizes: list[int], akv, encoder, n_questi
         for qs, rows in list(kb_chunks(pool, qidx, size, distractors, np.random.default_rng([seed, size]))):
             view = run.chunk_view(rows, tally)
             pos = {int(r): p for p, r in enumerate(rows)}
+            kb_values = sorted({pool.triples[r].tail for r in rows})
             for s in range(0, len(qs), batch_size):
                 bq = [pool.questions[q] for q in qs[s:s + batch_size]]
-                run.batch(bq, view, pos, tally)
+                n_saved = len(run.saved or [])
+                run.batch(bq, view, pos, tally, kb_values)
+                for row in (run.saved or [])[n_saved:]:
+                    row.update(kb_size=size, pruned=prune is not None)
                 bar.update(len(bq))
         bar.close()
         results.append(tally.row(size, prune, kb_layers, refuse_below, time.time() - t0))
@@ -238,4 +274,8 @@ def eval_grounding(set_dir: str | Path, sizes: list[int], akv, encoder, n_questi
     if prune is not None:
         out["prune"] = {"top_k": list(prune.top_k), "route": prune.route, "per_head": prune.per_head,
                         "reuse": prune.reuse, "scale_n": prune.scale_n}
+    if save_answers:
+        Path(save_answers).parent.mkdir(parents=True, exist_ok=True)
+        Path(save_answers).write_text("".join(json.dumps({"set": out["set"], **r}) + "\n" for r in run.saved),
+                                      encoding="utf-8")
     return out

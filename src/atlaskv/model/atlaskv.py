@@ -1,4 +1,8 @@
-"""AtlasKV: a frozen base LLM + a KBAdapter, reading a KnowledgeBase through its attention."""
+"""AtlasKV: a frozen base LLM + a KBAdapter, reading a KnowledgeBase through its attention.
+
+    question -> chat prompt (chat.py) -> model.generate with the KB attached (kb_inputs: the KB's KBView as
+    flat tensors or a HiKVP tree) -> answer text + the triples with the most KB attention (citations)
+"""
 from __future__ import annotations
 
 import copy
@@ -11,18 +15,18 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from atlaskv.defaults import MAX_NEW_TOKENS, REFUSAL, REFUSE_BELOW, TOP_CITATIONS
+from atlaskv.kb.encoder import DEFAULT_ENCODER
+from atlaskv.kb.store import KnowledgeBase
+from atlaskv.kb.triples import Triple
+from atlaskv.kb.view import KBView
 from atlaskv.model.adapter import AdapterError, KBAdapter
 from atlaskv.model.attention import attach
+from atlaskv.model.chat import chat_text, messages_text, stop_token_ids
 from atlaskv.model.kb_inputs import KBInputs, use_kb
-from atlaskv.kb.view import KBView
+from atlaskv.model.llm import DEFAULT_LLM, canonical_name, load_base_model
 from atlaskv.model.pruning import PruneConfig, PrunedKB
 from atlaskv.model.values import value_rows
-from atlaskv.kb.encoder import DEFAULT_ENCODER
-from atlaskv.kb.triples import Triple
-from atlaskv.defaults import MAX_NEW_TOKENS, REFUSAL, REFUSE_BELOW, TOP_CITATIONS
-from atlaskv.model.chat import chat_text, messages_text, stop_token_ids
-from atlaskv.model.llm import DEFAULT_LLM, canonical_name, load_base_model
-from atlaskv.kb.store import KnowledgeBase
 
 
 def default_adapter_dir() -> Path:

@@ -5,7 +5,10 @@
     GET    /v1/models
     POST   /v1/kb/triples         {"triples": [{"head", "relation", "tail"}, ...]} -> added, version
     DELETE /v1/kb/triples         same body -> removed, not_found, version
+    GET    /v1/kb                 size, version, encoder, relations with their counts
+    GET    /v1/kb/search          ?head=text&limit=n: facts whose head contains the text
     GET    /health
+    GET    /                      the web page (page.py; static files, no data: its every call needs the key)
 
 The routes read and check the request, call the KBService (service.py: one model, one KB, one lock, so
 every request sees all updates made before it and never a half-applied one) and shape its reply.
@@ -34,6 +37,7 @@ from starlette.exceptions import HTTPException
 
 from atlaskv.defaults import MAX_NEW_TOKENS, REFUSE_BELOW
 from atlaskv.kb.store import KnowledgeBase
+from atlaskv.serve.page import page_router
 from atlaskv.serve.schemas import ChatRequest, TriplesRequest
 from atlaskv.serve.service import KBChange, KBService, Reply, ServiceError, StreamRun
 
@@ -68,8 +72,9 @@ def create_app(model, kb: KnowledgeBase | str | Path, *, api_key: str | None = N
 
 
 def service_app(service: KBService, *, api_key: str | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
-    """The HTTP API over a ready KBService."""
-    app = FastAPI(title="atlaskv", dependencies=[Depends(authorize)], docs_url=None, redoc_url=None, openapi_url=None)
+    """The HTTP API over a ready KBService, and the web page at / (the page itself holds no data: every
+    API route needs the key, the page's files do not)."""
+    app = FastAPI(title="atlaskv", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
     app.state.api_key = api_key if api_key is not None else os.environ.get("ATLASKV_API_KEY") or None
     app.state.max_body_bytes = max_body_bytes
@@ -78,6 +83,7 @@ def service_app(service: KBService, *, api_key: str | None = None, max_body_byte
     app.add_exception_handler(HTTPException, on_http_error)
     app.add_exception_handler(Exception, on_internal_error)
     app.include_router(router)
+    app.include_router(page_router)
     return app
 
 
@@ -221,7 +227,7 @@ def service_of(request: Request) -> KBService:
 
 
 Service = Annotated[KBService, Depends(service_of)]
-router = APIRouter()
+router = APIRouter(dependencies=[Depends(authorize)])  # every API route needs the key (when one is set)
 
 
 @router.post("/v1/chat/completions")
@@ -257,6 +263,21 @@ async def add_triples(request: Request, service: Service):
 @router.delete("/v1/kb/triples")
 async def remove_triples(request: Request, service: Service):
     return kb_change(await run_in_threadpool(service.remove, await read_triples(request)), "remove")
+
+
+@router.get("/v1/kb")
+async def kb_overview(service: Service):
+    return await run_in_threadpool(service.overview)
+
+
+@router.get("/v1/kb/search")
+async def kb_search(request: Request, service: Service):
+    q = request.query_params
+    limit = q.get("limit", "50")
+    if not (limit.isascii() and limit.isdigit()):
+        raise ApiError(422, f"invalid request: limit must be a whole number, got {limit[:20]!r}",
+                       code="invalid_request")
+    return await run_in_threadpool(service.search, q.get("head", ""), int(limit))
 
 
 @router.get("/health")

@@ -12,10 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal, NamedTuple
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from atlaskv.defaults import MAX_NEW_TOKENS, PRUNE_ROUTE, PRUNE_TOP_K, REFUSE_BELOW, TOP_CITATIONS
 from atlaskv.kb.store import KBError, KnowledgeBase, UpdateResult
 
 ErrorKind = Literal["invalid", "queue_full", "kb_busy"]
+FACT_COLUMNS = ["head", "relation", "tail"]
+MAX_SEARCH = 500  # triples one search returns at most
 
 
 class ServiceError(Exception):
@@ -148,6 +153,7 @@ class KBService:
         self.max_messages, self.max_tokens, self.default_max_tokens = max_messages, max_tokens, default_max_tokens
         self.max_prompt_tokens, self.max_triples, self.refuse_below = max_prompt_tokens, max_triples, refuse_below
         self.ask_options = {"prune_config": PruneConfig(top_k=top_k, route=route), "top_citations": top_citations}
+        self.facts_cache: tuple[tuple[str, int], pa.Table] | None = None  # (KB path, version) -> its facts
 
     # ------------------------------------------------------------ chat
     def chat_job(self, messages: list[dict], max_tokens: int | None = None, temperature: float | None = None,
@@ -237,3 +243,53 @@ class KBService:
         """(version, live triples) of the KB as last read; does not wait for the model."""
         kb = self.live.kb
         return kb.version, len(kb)
+
+    # ------------------------------------------------------------ reading the KB (the web page's KB panel)
+    def overview(self) -> dict:
+        """Size, version, encoder and relations (with their fact counts) of the KB, read in turn with the
+        answers and updates: it shows every update made before it."""
+        def go() -> dict:
+            kb = self.live.current()
+            counts = pc.value_counts(self.facts(kb).column("relation")).to_pylist()
+            relations = sorted(({"relation": c["values"], "count": c["counts"]} for c in counts),
+                               key=lambda r: (-r["count"], r["relation"]))
+            info = kb.info()
+            return {"model": self.name, "version": kb.version, "triples": len(kb), "entries": info["entries"],
+                    "encoder": kb.encoder_name, "dim": kb.dim, "directions": info["directions"],
+                    "indexed": info["index"] is not None, "refuse_below": self.refuse_below,
+                    "relations": relations}
+
+        return self.worker.call(go)
+
+    def search(self, text: str, limit: int = 50) -> dict:
+        """Facts whose head contains `text` (any case): exact heads first, then heads that start with it,
+        then the rest, each group sorted; at most `limit`. Empty text: the first facts by head."""
+        if len(text) > 2000:
+            raise ServiceError("invalid", "search text over 2000 characters", "invalid_request")
+        if not 1 <= limit <= MAX_SEARCH:
+            raise ServiceError("invalid", f"limit must be 1 to {MAX_SEARCH}, got {limit}", "invalid_request")
+
+        def go() -> dict:
+            kb = self.live.current()
+            facts = self.facts(kb)
+            text_ = text.strip()
+            if text_:
+                heads = facts.column("head")
+                facts = facts.filter(pc.match_substring(heads, text_, ignore_case=True))
+                heads = facts.column("head")
+                rank = pc.if_else(pc.equal(pc.utf8_lower(heads), text_.lower()), 0,
+                                  pc.if_else(pc.starts_with(heads, text_, ignore_case=True), 1, 2))
+                facts = facts.append_column("rank", rank).sort_by("rank").drop_columns(["rank"])  # stable
+            return {"query": text_, "version": kb.version, "total": facts.num_rows,
+                    "triples": facts.slice(0, limit).to_pylist()}
+
+        return self.worker.call(go)
+
+    def facts(self, kb: KnowledgeBase) -> pa.Table:
+        """The KB's live triples (head, relation, tail), each once, sorted; kept until the KB changes.
+        Call with the worker lock held."""
+        key = (str(kb.path), kb.version)
+        if self.facts_cache is None or self.facts_cache[0] != key:
+            t = kb.records().select(FACT_COLUMNS).group_by(FACT_COLUMNS).aggregate([])
+            self.facts_cache = key, t.sort_by([(c, "ascending") for c in FACT_COLUMNS])
+        return self.facts_cache[1]
