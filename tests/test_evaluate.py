@@ -42,6 +42,8 @@ def test_answer_exact_asks_for_the_gold_value_first_no_loop_and_an_ended_turn():
     looping = "Central Time Zone. It is in the Central Time Zone and the Central Time Zone"
     assert loops(looping) and not answer_flags(looping, "Central Time Zone", values, True, q)["exact"]
     assert not loops("The capital of Canada is Ottawa.")
+    restated = "The parent award of Primetime Emmy Award for Best Actor is Primetime Emmy Award."
+    assert loops(restated) and not loops(restated, "What is the parent award of Primetime Emmy Award for Best Actor?")
 
 
 @pytest.fixture(scope="module")

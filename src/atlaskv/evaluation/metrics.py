@@ -70,11 +70,20 @@ def first_named(answer: str, values: list[str]) -> str | None:
     return min(hits)[2] if hits else None
 
 
-def loops(answer: str, n: int = 3) -> bool:
-    """A repeated word n-gram: the answer runs in circles ("Attorney General Attorney General ...")."""
-    w = normalize(answer).split()
-    grams = [tuple(w[i:i + n]) for i in range(len(w) - n + 1)]
-    return len(grams) != len(set(grams))
+def loops(answer: str, question: str = "", n: int = 3) -> bool:
+    """A repeated word n-gram: the answer runs in circles ("Attorney General Attorney General ..."). An
+    n-gram the question holds may come twice (restating a head that contains the value is not a loop:
+    "The parent award of Primetime Emmy Award for ... is Primetime Emmy Award.")."""
+    def grams(text):
+        w = normalize(text).split()
+        return [tuple(w[i:i + n]) for i in range(len(w) - n + 1)]
+    asked = set(grams(question))
+    seen: set = set()
+    for g in grams(answer):
+        if g in seen and g not in asked:
+            return True
+        seen.add(g)
+    return False
 
 
 def answer_flags(answer: str, gold: str, kb_values: list[str], ended: bool, question: str = "") -> dict:
@@ -86,7 +95,7 @@ def answer_flags(answer: str, gold: str, kb_values: list[str], ended: bool, ques
     named = names_exactly(answer, gold)
     asked = f" {normalize(question)} "
     first = first_named(answer, [v for v in kb_values if v == gold or f" {normalize(v)} " not in asked])
-    loop = loops(answer)
+    loop = loops(answer, question)
     return {"em": contains_answer(answer, gold), "named": named,
             "first_named": first, "gold_first": first is not None and normalize(first) == normalize(gold),
             "loop": loop, "ended": ended,
