@@ -13,7 +13,8 @@ def test_every_command_has_help():
     for args in (["--help"], ["kb", "--help"], ["kb", "build", "--help"], ["kb", "info", "--help"],
                  ["kb", "add", "--help"], ["kb", "remove", "--help"], ["kb", "compact", "--help"],
                  ["kb", "verify", "--help"], ["train", "--help"], ["eval", "grounding", "--help"],
-                 ["ask", "--help"], ["kg2kv", "--help"], ["chat", "--help"], ["serve", "--help"]):
+                 ["ask", "--help"], ["kg2kv", "--help"], ["chat", "--help"], ["serve", "--help"],
+                 ["ui", "--help"]):
         r = runner.invoke(app, args)
         assert r.exit_code == 0 and "Usage" in r.output, args
 

@@ -1,6 +1,6 @@
 """`atlaskv` command line: a thin typer layer over the Python API, with the API's names.
 
-kb.py: kb build/info/add/remove/compact/index/verify, kg2kv; ask.py: ask, chat, serve;
+kb.py: kb build/info/add/remove/compact/index/verify, kg2kv; ask.py: ask, chat, serve, ui;
 evaluate.py: train, eval grounding, bench scale; common.py: what they share. Nothing here imports torch
 until a command runs (`atlaskv --help` stays fast)."""
 from __future__ import annotations
@@ -19,6 +19,7 @@ app.command("train")(evaluate.train_cmd)
 app.command("ask")(ask.ask_cmd)
 app.command("chat")(ask.chat_cmd)
 app.command("serve")(ask.serve_cmd)
+app.command("ui")(ask.ui_cmd)
 
 
 @app.command("version")

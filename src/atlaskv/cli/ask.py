@@ -1,4 +1,4 @@
-"""`atlaskv ask`, `chat` and `serve`: answers from a KB, in a terminal or over HTTP."""
+"""`atlaskv ask`, `chat`, `serve` and `ui`: answers from a KB, in a terminal, over HTTP or on a web page."""
 from __future__ import annotations
 
 import json
@@ -180,18 +180,81 @@ def serve_cmd(kb_dir: Path = typer.Option(..., "--kb", help="KB directory."),
               max_body_bytes: int = typer.Option(1 << 20, help="Largest request body (413 above)."),
               max_queue: int = typer.Option(64, help="Requests waiting for the model before 503."),
               refuse_below: float = typer.Option(REFUSE_BELOW, help=REFUSE_HELP)):
-    """OpenAI-compatible server: /v1/chat/completions (with citations), /v1/models, /v1/kb/triples, /health.
-    With ATLASKV_API_KEY set, every request needs `Authorization: Bearer <key>`."""
+    """OpenAI-compatible server: /v1/chat/completions (with citations), /v1/models, /v1/kb/triples, /v1/kb,
+    /health, and the web page at /. With ATLASKV_API_KEY set, every request needs
+    `Authorization: Bearer <key>` (the page asks for it)."""
 
     import uvicorn
 
+    _warn_if_open(host)
+    app_ = _app(kb_dir, adapter, max_tokens=max_tokens, max_body_bytes=max_body_bytes, max_queue=max_queue,
+                refuse_below=refuse_below)
+    uvicorn.run(app_, host=host, port=port, log_level="info")
+
+
+DEMO_KB, DEMO_FACTS = Path("build/demo_kb"), Path("examples/demo/facts.tsv")
+
+
+def ui_cmd(kb_dir: Path = typer.Option(DEMO_KB, "--kb", help="KB directory (built from --facts when missing)."),
+           facts: Path = typer.Option(DEMO_FACTS, help="Facts to build the KB from when --kb has none "
+                                                       "(like `make demo`)."),
+           host: str = typer.Option("127.0.0.1", help="Address to bind (not localhost: set ATLASKV_API_KEY)."),
+           port: int = typer.Option(8000),
+           adapter: Optional[Path] = typer.Option(None, help="Adapter folder (default: the shipped one)."),
+           open_browser: bool = typer.Option(True, "--open/--no-open", help="Open the page in a browser, "
+                                                                           "when this machine has a display.")):
+    """The web page on the demo KB: ask with streamed answers and their cited facts, add and remove facts,
+    browse the KB. Builds the KB first when missing, serves it (the same server as `atlaskv serve`) and
+    prints the page's address."""
+    import threading
+
+    import uvicorn
+
+    if not (kb_dir / "manifest.json").is_file():
+        if not facts.is_file():
+            fail(f"no KB at {kb_dir} and no facts file {facts} to build it from: run this in the atlaskv "
+                 "checkout, or pass --kb (a built KB) or --facts")
+        from atlaskv.kb.store import KnowledgeBase
+
+        typer.echo(f"building {kb_dir} from {facts} (once) ...")
+        run(lambda: KnowledgeBase.build(facts, kb_dir))
+    _warn_if_open(host)
+    server = uvicorn.Server(uvicorn.Config(_app(kb_dir, adapter), host=host, port=port, log_level="warning"))
+    shown = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # every address: this machine's is one
+    url = f"http://{f'[{shown}]' if ':' in shown else shown}:{port}/"
+    threading.Thread(target=_announce, args=(server, url, open_browser), daemon=True).start()
+    server.run()
+
+
+def _app(kb_dir: Path, adapter: Optional[Path], **limits):
+    """The server app over the KB and the model, its KB cache warm before the first request."""
     from atlaskv.serve.routes import create_app
 
+    kb, akv = _load(kb_dir, adapter)
+    run(lambda: akv.kb_inputs(kb))
+    return create_app(akv, kb, **limits)
+
+
+def _warn_if_open(host: str) -> None:
     if host not in ("127.0.0.1", "localhost", "::1") and not os.environ.get("ATLASKV_API_KEY"):
         typer.secho(f"warning: serving on {host} without ATLASKV_API_KEY: anyone who can reach it can read and "
                     "change the KB", fg=typer.colors.YELLOW, err=True)
-    kb, akv = _load(kb_dir, adapter)
-    run(lambda: akv.kb_inputs(kb))  # warm the KB cache before the first request
-    app_ = create_app(akv, kb, max_tokens=max_tokens, max_body_bytes=max_body_bytes, max_queue=max_queue,
-                      refuse_below=refuse_below)
-    uvicorn.run(app_, host=host, port=port, log_level="info")
+
+
+def _announce(server, url: str, open_browser: bool) -> None:
+    """Once the server listens: print the page's address and open it where a browser can show it (not a
+    text browser taking over this terminal on a machine without a display)."""
+    import time
+    import webbrowser
+
+    while not server.started:
+        if server.should_exit:
+            return
+        time.sleep(0.1)
+    typer.echo(f"atlaskv ui: open {url}  (Ctrl-C to stop)")
+    has_display = sys.platform in ("darwin", "win32") or os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+    if open_browser and has_display:
+        try:
+            webbrowser.open(url)
+        except Exception:  # no usable browser: the printed address is enough
+            pass

@@ -1,7 +1,8 @@
 """The served model and KB, one call at a time: what the HTTP routes (routes.py) ask of them.
 
-KBService owns the model, the live KB, the lock and its bounded queue, and the request limits. It knows
-nothing of HTTP: a request it will not serve raises ServiceError, whose `kind` the routes map to a status.
+KBService owns the model, the live KB, the lock and its bounded queue, and the request limits; it answers,
+updates the KB, and reads it for the web page (overview, search over heads). It knows nothing of HTTP: a
+request it will not serve raises ServiceError, whose `kind` the routes map to a status.
 """
 from __future__ import annotations
 
