@@ -3,9 +3,9 @@
 The data flow is the folder layout (docs/architecture.md):
     kb/          triples -> KV records -> embeddings -> KB directory (store) + HiKVP index -> KBView
     model/       base LLM + trained adapter + KB attention (flat or pruned) + value path -> answer with citations
-    train.py     the adapter's training loop
+    train/       the adapter's training: data (records, batches) and the loop
     evaluation/  grounding, answer quality, baselines (rag, icl, zeroshot), scale benchmarks
-    serve/       the OpenAI-compatible HTTP server;   cli.py: the typer CLI over all of it
+    serve/       the OpenAI-compatible HTTP server and its web page;   cli/: the typer CLI over all of it
 """
 from __future__ import annotations
 
