@@ -24,7 +24,7 @@ from atlaskv.kb.records import triples_to_records
 from atlaskv.defaults import EVAL_MAX_NEW_TOKENS
 from atlaskv.evaluation.metrics import answer_flags, contains_answer, rank_hits
 from atlaskv.evaluation.pool import kb_chunks, load_pool
-from atlaskv.model.chat import chat_text, left_pad, stop_token_ids
+from atlaskv.model.chat import chat_text, ended_turns, left_pad, stop_token_ids
 
 TEXT_METHODS = ("zeroshot", "icl", "rag")
 RAG_TOP_K = 5
@@ -92,7 +92,7 @@ def answer_with_prompts(akv, prompts: list[str], max_new_tokens: int) -> Answers
                              pad_token_id=tok.pad_token_id or tok.eos_token_id, eos_token_id=stop)
     new = out[:, ids.shape[1]:]
     return Answers(tok.batch_decode(new, skip_special_tokens=True),
-                   torch.isin(new, torch.tensor(stop, device=new.device)).any(-1).tolist())
+                   ended_turns(new, stop))
 
 
 @torch.no_grad()
@@ -117,7 +117,7 @@ def answer_with_shared_facts(akv, questions: list[str], facts: Sequence[str], ma
                                  max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id or tok.eos_token_id, eos_token_id=stop)
         texts.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
-        ended.append(bool(torch.isin(out[0, ids.shape[1]:], torch.tensor(stop, device=out.device)).any()))
+        ended += ended_turns(out[:, ids.shape[1]:], stop)
     return Answers(texts, ended)
 
 

@@ -26,7 +26,7 @@ from atlaskv.evaluation.metrics import answer_flags, contains_answer, rank_hits,
 from atlaskv.evaluation.pool import EvalPool, kb_chunks, load_pool, with_synthetic_fill
 from atlaskv.kb.index import build_hierarchy
 from atlaskv.model.atlaskv import support_of
-from atlaskv.model.chat import chat_text, left_pad, stop_token_ids
+from atlaskv.model.chat import chat_text, ended_turns, left_pad, stop_token_ids
 from atlaskv.model.kb_inputs import KBInputs, use_kb
 from atlaskv.kb.view import KBView
 from atlaskv.model.pruning import PruneConfig
@@ -55,8 +55,7 @@ def ask_batch(akv, questions: list[str], kb, max_new_tokens: int, record: bool =
                                  pad_token_id=tok.pad_token_id or tok.eos_token_id, eos_token_id=stop)
     new = out[:, ids.shape[1]:]
     texts = tok.batch_decode(new, skip_special_tokens=True)
-    ended = torch.isin(new, torch.tensor(stop, device=new.device)).any(-1).tolist()
-    return Asked(texts, kb_in, mask, ended)
+    return Asked(texts, kb_in, mask, ended_turns(new, stop))
 
 
 def grounding_hits(kb: KBInputs, mask: torch.Tensor, gold: torch.Tensor) -> dict:

@@ -80,3 +80,9 @@ def stop_token_ids(tokenizer, model=None) -> list[int]:
         if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id and i not in ids:
             ids.append(i)
     return ids
+
+
+def ended_turns(new_ids: torch.Tensor, stop: list[int]) -> list[bool]:
+    """Per generated row [B, n]: did the answer close its turn (a stop id) within the token budget."""
+    new_ids = new_ids if new_ids.dim() == 2 else new_ids[None]
+    return torch.isin(new_ids, torch.tensor(stop, device=new_ids.device)).any(-1).tolist()
