@@ -72,13 +72,15 @@ def test_plain_completion_with_citations(client):
     assert "Ottawa" in text
     assert cited(extra)[0] == ("Canada", "capital", "Ottawa")
     assert all(0 < c["weight"] <= 1 for c in extra["citations"]) and 0 < extra["kb_attention_mass"] < 1
-    assert extra["kb_size"] > 3000 and extra["refused"] is False and extra["support"] > REFUSE_BELOW
+    assert extra["kb_size"] > 3000 and extra["refused"] is False
+    assert extra["support"] is None or extra["support"] > REFUSE_BELOW  # None: no cited fact names another value
 
 
 def test_says_so_when_no_fact_fits(client):
     q = "What is the capital of Wakanda?"  # nothing in the KB: the model alone would invent a city
     text, extra = ask(client, q)
-    assert text == REFUSAL and extra["refused"] is True and extra["support"] < REFUSE_BELOW and extra["citations"]
+    assert text == REFUSAL and extra["refused"] is True and extra["citations"]
+    assert all("Wakanda" not in c["head"] for c in extra["citations"])  # no cited fact is about it
     chunks = list(client.chat.completions.create(model="atlaskv", messages=[{"role": "user", "content": q}],
                                                  stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == REFUSAL

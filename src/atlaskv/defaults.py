@@ -18,6 +18,9 @@ PRUNE_TOP_K = (128, 64, 64)
 PRUNE_ROUTE = "both"
 PRUNE_TOP_K_TEXT = ",".join(map(str, PRUNE_TOP_K))   # as the CLI's --top-k takes it
 
+# A started KB value is finished as stored and ends the answer (model/decoding.py).
+VALUE_DECODING = True
+
 MAX_NEW_TOKENS = 48        # ask / chat / serve: answer length budget
 EVAL_MAX_NEW_TOKENS = 32   # eval grounding and baselines: the measured answers
 TOP_CITATIONS = 5          # cited facts returned with an answer

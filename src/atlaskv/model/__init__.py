@@ -7,5 +7,6 @@
     attention.py  the KB attention kernel, registered in transformers' AttentionInterface
     pruning.py    HiKVP search over the tree at inference
     values.py     the value path: what an attended KB entry writes (sentence values; copy values + copy logits)
+    decoding.py   value decoding: the answer names the cited value as stored, once, then ends (a LogitsProcessor)
     atlaskv.py    AtlasKV (kb_inputs / ask / generate / stream) and Answer (text + cited triples)
 """

@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from atlaskv.defaults import MAX_NEW_TOKENS, REFUSAL, REFUSE_BELOW, TOP_CITATIONS
+from atlaskv.defaults import MAX_NEW_TOKENS, REFUSAL, REFUSE_BELOW, TOP_CITATIONS, VALUE_DECODING
 from atlaskv.kb.encoder import DEFAULT_ENCODER
 from atlaskv.kb.store import KnowledgeBase
 from atlaskv.kb.triples import Triple
@@ -23,6 +23,7 @@ from atlaskv.kb.view import KBView
 from atlaskv.model.adapter import AdapterError, KBAdapter
 from atlaskv.model.attention import attach
 from atlaskv.model.chat import chat_text, messages_text, stop_token_ids
+from atlaskv.model.decoding import value_processors
 from atlaskv.model.kb_inputs import KBInputs, use_kb
 from atlaskv.model.llm import DEFAULT_LLM, canonical_name, load_base_model
 from atlaskv.model.pruning import PruneConfig, PrunedKB
@@ -44,12 +45,38 @@ def adapter_base_model(path: str | Path) -> str:
     return name or DEFAULT_LLM
 
 
-def support_of(weights) -> float:
-    """Weights of the cited facts, most attended first -> the first's over the second's (inf for a lone
-    fact, 0 for none): the refusal rule's signal (Answer.support, eval grounding --refuse-below)."""
-    if len(weights) < 2:
-        return float("inf") if len(weights) else 0.0
-    return float(weights[0]) / max(float(weights[1]), 1e-12)
+def support_of(citations) -> float:
+    """How far the most-cited value stands out, from the cited facts ((triple, weight), most attended first):
+    the weight of the facts that name the first one's value (they agree: John F. Kennedy's and Robert F.
+    Kennedy's burial facts both back "Arlington National Cemetery") over the heaviest fact naming another
+    value. inf when no cited fact disagrees, 0 without citations. The refusal rule's signal (Answer.support,
+    eval grounding --refuse-below)."""
+    if not citations:
+        return 0.0
+    top = _words(citations[0][0].tail)
+    same = sum(float(w) for t, w in citations if _words(t.tail) == top)
+    other = max((float(w) for t, w in citations if _words(t.tail) != top), default=0.0)
+    return same / other if other > 0 else float("inf")
+
+
+def names_head(question: str, triple: Triple) -> bool:
+    """The question names the fact's head (its words in a row, case and punctuation aside): a fact about
+    another entity backs no answer, however much attention it draws ("the country of Mount Kilimanjaro"
+    before the KB knows it cites Petaluma's country)."""
+    h, q = _words(triple.head), _words(question)
+    return bool(h) and f" {h} " in f" {q} "
+
+
+def _words(text: str) -> str:
+    return " ".join("".join(c if c.isalnum() else " " for c in text.casefold()).split())
+
+
+def refuses(question: str, citations, min_support: float = REFUSE_BELOW) -> bool:
+    """The refusal rule: the most-cited fact is about an entity the question does not name, or its value does
+    not stand out by `min_support` (support_of). Without a question only the second part applies."""
+    if not citations:
+        return True
+    return (bool(question) and not names_head(question, citations[0][0])) or support_of(citations) < min_support
 
 
 @dataclass
@@ -69,19 +96,21 @@ class Answer:
     kb_attention_mass: float = 0.0  # share of the prompt's attention (KB layers, heads, tokens) on the KB
     pruned: bool = False            # answered through HiKVP (only the kept leaves were read)
     refused: bool = False           # replaced by REFUSAL: no fact stood out (or_refusal)
+    question: str = ""              # the (last user) question asked, for the refusal rule
 
     @property
     def support(self) -> float:
-        """How far the most-cited fact stands out: its weight over the second-cited one's."""
-        return support_of([w for _, w in self.citations])
+        """How far the most-cited value stands out (support_of)."""
+        return support_of(self.citations)
 
     def or_refusal(self, min_support: float = REFUSE_BELOW) -> "Answer":
-        """This answer, or REFUSAL (citations kept) when no fact in the KB stands out. The adapter alone
-        rarely refuses; on fb15k (KB of 5,887, flat) this rule refuses 94% of the questions whose fact was
-        removed at 90% precision, and 10% of answerable ones (benchmarks/results/refusal_fb15k.json)."""
-        if self.support >= min_support:
+        """This answer, or REFUSAL (citations kept) when the most-cited fact does not back it: it is about an
+        entity the question does not name, or its value does not stand out (`refuses`; calibration in
+        defaults.py)."""
+        if not refuses(self.question, self.citations, min_support):
             return self
-        return Answer(REFUSAL, self.citations, self.kb_size, self.kb_attention_mass, self.pruned, refused=True)
+        return Answer(REFUSAL, self.citations, self.kb_size, self.kb_attention_mass, self.pruned, refused=True,
+                      question=self.question)
 
 
 class AtlasKV:
@@ -139,8 +168,9 @@ class AtlasKV:
         if prune:
             pkb = copy.copy(loaded)  # shares the tree and arrays; a per-call search config
             pkb.config = prune_config or PruneConfig()
-            return KBInputs(pruned=pkb, **common)
-        return KBInputs(loaded.keys, loaded.values, key_inv_std=loaded.inv_std, **common)
+            return KBInputs(pruned=pkb, view=view, **common)
+        return KBInputs(loaded.keys, loaded.values, key_inv_std=loaded.inv_std, view=view, flat_rows=loaded.positions,
+                        **common)
 
     def cite(self, kb: KnowledgeBase | KBView, kb_in: KBInputs, positions: torch.Tensor) -> list[Triple]:
         """The triples at these positions of `kb_in`'s attention (flat: live rows in order; pruned: rows)."""
@@ -214,16 +244,23 @@ class AtlasKV:
 
     @torch.no_grad()
     def generate(self, question: str | Sequence[dict], kb: KnowledgeBase | KBView | KBInputs | None = None,
-                 max_new_tokens: int = MAX_NEW_TOKENS, do_sample: bool = False, streamer=None, **gen_kw) -> str:
+                 max_new_tokens: int = MAX_NEW_TOKENS, do_sample: bool = False, streamer=None,
+                 value_decoding: bool = VALUE_DECODING, **gen_kw) -> str:
+        """The answer text. `value_decoding`: a started KB value is finished as stored and ends the answer
+        (decoding.py); off, the model decodes freely with the copy votes only."""
+        from transformers import LogitsProcessorList
+
         kb_in = self.kb_inputs(kb) if isinstance(kb, (KnowledgeBase, KBView)) else kb
         ids = self.chat_ids(question)
         needs_q = kb_in is not None and (self.adapter.config.question_input or (
             kb_in.pruned is not None and kb_in.pruned.config.route != "kbq"))
         if needs_q and kb_in.question_emb is None:
             kb_in.question_emb = self.question_embedding(question)
+        processors = LogitsProcessorList(gen_kw.pop("logits_processor", None) or [])
+        processors.extend(value_processors(kb_in, self.tokenizer, ids, None, self._stop_ids, value_decoding))
         with use_kb(kb_in):
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                      do_sample=do_sample, streamer=streamer,
+                                      do_sample=do_sample, streamer=streamer, logits_processor=processors,
                                       pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
                                       **{"eos_token_id": self._stop_ids, **gen_kw})
         return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
@@ -260,8 +297,9 @@ class AtlasKV:
         kb_in = self.kb_inputs(kb, record=True, prune=prune, prune_config=prune_config)
         text = self.generate(question, kb_in, max_new_tokens=max_new_tokens, **gen_kw)
         pruned = kb_in.pruned is not None
+        asked = question if isinstance(question, str) else [m["content"] for m in question if m["role"] == "user"][-1]
         if not kb_in.attention or kb_in.size == 0:
-            return Answer(text, [], kb_in.size, 0.0, pruned)
+            return Answer(text, [], kb_in.size, 0.0, pruned, question=asked)
         (positions, weights), = kb_in.summed_attention()
         n_heads = self.adapter.config.num_heads
         n_tokens = next(iter(kb_in.attention.values())).shape[1]
@@ -269,4 +307,4 @@ class AtlasKV:
         mass = total / (len(kb_in.attention) * n_heads * n_tokens)
         k = min(top_citations, len(positions))
         cites = list(zip(self.cite(kb, kb_in, positions[:k]), (float(w) / total for w in weights[:k])))
-        return Answer(text, cites, kb_in.size, mass, pruned)
+        return Answer(text, cites, kb_in.size, mass, pruned, question=asked)

@@ -37,6 +37,7 @@ class KBCallState:
     ids: torch.Tensor | None = None                 # this forward's input ids (the copy values read the text)
     copy_match: dict = field(default_factory=dict)  # copy values, per layer: (prefixes matched, values out)
     copy_boost: torch.Tensor | None = None          # copy logits: [B, V] for the call's last position
+    copy_added: torch.Tensor | None = None          # copy logits the LM head added at the last step [B, V]
 
 
 @dataclass
@@ -91,6 +92,8 @@ class KBInputs:
     pruned: PrunedKB | None = None
     token_mask: torch.Tensor | None = None  # [B, T] real prompt tokens (left padding excluded from routing)
     key_inv_std: torch.Tensor | None = None
+    view: object | None = None              # the KBView read (AtlasKV.kb_inputs sets it): value texts, citations
+    flat_rows: object | None = None         # flat: the view row of each KB position (np.ndarray)
     call: KBCallState = field(default_factory=KBCallState, repr=False)
     recorded: KBAttention = field(default_factory=KBAttention, repr=False)
 
@@ -125,6 +128,14 @@ class KBInputs:
 
     def summed_attention(self, token_mask: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return self.recorded.summed(self.pruned is not None, token_mask)
+
+    def cited_rows(self, token_mask: torch.Tensor | None = None) -> list[tuple[object, torch.Tensor]]:
+        """Per sample: (view rows as np.ndarray, weights) of the prefill KB attention, most attended first."""
+        out = []
+        for pos, w in self.summed_attention(token_mask):
+            rows = pos.cpu().numpy()
+            out.append((rows if self.flat_rows is None else self.flat_rows[rows], w))
+        return out
 
     def inv_std(self, adapter) -> torch.Tensor:
         # the same for every layer (one LayerNorm over all slots): computed once per call
@@ -175,6 +186,7 @@ def open_call(module, args, kwargs):
         kb.call.copy_match.clear()
     kb.call.ids = ids
     kb.call.copy_boost = None
+    kb.call.copy_added = None
     return None
 
 

@@ -319,7 +319,9 @@ def _copy_logits_hook(module, args, output, *, config):
     if output.shape[0] != boost.shape[0] or output.shape[-1] < boost.shape[1]:
         return None
     output = output.clone()
-    output[:, -1, :boost.shape[1]] += (config.copy_logit_gain * boost).to(output.dtype)
+    added = (config.copy_logit_gain * boost).to(output.dtype)
+    output[:, -1, :boost.shape[1]] += added
+    kb.call.copy_added = added  # value decoding takes them back where the answer restates the question
     return output
 
 

@@ -158,8 +158,9 @@ function showCitations(answer, info) {
     el("span", { class: info.refused ? "badge refused" : "badge answered" }, info.refused ? "refused" : "answered"),
     ` support ${support} · KB attention ${percent(info.kb_attention_mass)} · KB version ${info.kb_version}` +
     ` · ${info.kb_size.toLocaleString("en")} facts`);
-  meta.title = "support: the most-cited fact's weight over the second's; under the server's threshold the " +
-               "answer is \"I don't know.\"";
+  meta.title = "support: the weight of the cited facts naming the most-cited value over the heaviest one " +
+               "naming another; under the server's threshold, or when the most-cited fact is about an entity " +
+               "the question does not name, the answer is \"I don't know.\"";
   const list = el("ol", { class: "citations" });
   for (const c of info.citations) {
     const bar = el("span", { class: "bar" });

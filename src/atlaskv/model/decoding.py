@@ -1,0 +1,209 @@
+"""Value decoding: the answer names the cited value exactly, once, and then ends.
+
+The KB attention finds the right fact nearly always (its entry is cited first), yet free greedy decoding
+garbles the value ("Heather Norton" for Heather Graham), splices it into the restated question ("The
+contained location of Volusia Daytona Beach is ..."), repeats it ("United States of America United States
+of America ...") or, in a large KB, names a value it made up. This logits processor (transformers' registered
+extension point for decoding, so the model stays stock) holds the answer to the facts the prefill cites.
+After the prefill it takes, per sample, the values of the most cited entries (those within VALUE_SHARE of
+the first one's weight, at most TOP_VALUES), and before every later token applies the first rule that fits:
+
+  stop        a cited value is out in full, not as part of the restated question (the token before it is not
+              one it follows in the question: "Stade de France is owned by France" ends at the second):
+              the sentence ends, "." then the end of the turn; unless
+              the first-cited key (head and relation) has several cited values: then each one not named yet
+              follows, joined by "," and "and" ("The genres of X are Drama, Comedy and Thriller.");
+  restating   the answer's last two tokens stand side by side in the question, or its last token is a
+              name-like word the question goes on from ("Jeanne" of "Jeanne Lamon"): the copy votes of this
+              step are taken back and nothing is pushed (the head is restated as asked, not with the value spliced in, and "The state of
+              Augusta" goes on with "is", not with "Maine");
+  finish      the answer ends with a proper prefix of a cited value (a value opening with a word like "The"
+              counts from its second token, unless it is the first-cited one): only the next tokens of such
+              values may follow, so a started value ends as stored ("Heather" -> "Heather Graham");
+  push        no value is out yet: each cited value's first token gets VALUE_PUSH logits times its weight
+              (relative to the first-cited), the copy logits' job done with the prefill's citations, which
+              stay sharp in large KBs where the decode step's attention spreads.
+
+The settings were picked on the dev set of training facts (benchmarks/make_dev_set.py; docs/results.md), never
+on the evaluation sets. Off with `value_decoding=False` (AtlasKV.generate / ask, eval grounding
+--no-value-decoding).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import LogitsProcessor
+
+from atlaskv.model.kb_inputs import KBInputs
+
+# a value that opens with one of these words counts as started from its second token: an answer opening
+# "The ..." has not started "The Beatles"
+_WEAK_FIRST = {"the", "a", "an", "in", "of", "on", "at", "to", "is", "it", "and", "for", "by", "from", "with"}
+TOP_VALUES = 5      # cited entries whose values may steer an answer
+VALUE_SHARE = 0.25  # ... each weighing at least this share of the first-cited entry's prefill attention
+VALUE_PUSH = 8.0   # logits added to a cited value's first token while no value is out, times its weight
+FLAT_RECORD_MAX = 1 << 17  # flat KBs above this size decode freely unless the caller records (ask does)
+
+
+@dataclass
+class CitedValue:
+    text: str
+    forms: tuple[list[int], ...]   # its token ids after a space, and at the start of a line
+    restated_after: set[int]       # tokens the value follows in the question: after one, it is restated
+    weak_first: bool
+    listed: bool = False           # one of several values of the first-cited key: all of them are named
+    weight: float = 1.0            # its entry's prefill attention over the first-cited entry's
+
+
+class ValueDecoding(LogitsProcessor):
+    def __init__(self, kb: KBInputs, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None,
+                 stop_ids: list[int], top: int | None = None, share: float | None = None, push: float | None = None):
+        self.kb, self.tokenizer, self.stop_ids = kb, tokenizer, list(stop_ids)
+        self.top = TOP_VALUES if top is None else top
+        self.share = VALUE_SHARE if share is None else share
+        self.push = VALUE_PUSH if push is None else push
+        self.prompt_len, self.prompt_mask = prompt_ids.shape[1], prompt_mask
+        self.period = tokenizer.convert_tokens_to_ids(".")
+        self.comma = tokenizer.convert_tokens_to_ids(",")
+        and_ = tokenizer(" and", add_special_tokens=False)["input_ids"]
+        self.and_ = and_[0] if len(and_) == 1 else self.comma
+        self.questions = [(prompt_ids[b] if prompt_mask is None else prompt_ids[b][prompt_mask[b].bool()]).tolist()
+                          for b in range(prompt_ids.shape[0])]
+        self.pairs = [{(q[i], q[i + 1]) for i in range(len(q) - 1)} for q in self.questions]
+        # name-like words of the question that go on into another word there ("Jeanne" of "Jeanne Lamon"): an
+        # answer that ends with one is restating the question's head, whatever the token before it
+        self.head_words = [{self._text(q[i]) for i in range(len(q) - 1)
+                            if self._text(q[i])[:1].isupper() and any(c.isalnum() for c in self._text(q[i + 1]))}
+                           for q in self.questions]
+        self.values: list[list[CitedValue]] | None = None
+
+    # ------------------------------------------------------------------ the cited values (after the prefill)
+    def _cited_values(self) -> list[list[CitedValue]]:
+        view = self.kb.view
+        if view is None or not self.kb.attention:
+            return [[] for _ in self.questions]
+        out = []
+        for b, (rows, w) in enumerate(self.kb.cited_rows(self.prompt_mask)):
+            w = w.float().cpu()
+            keep = [i for i in range(min(self.top, len(rows))) if w[i] >= self.share * w[0] and w[0] > 0]
+            triples = view.triples(rows[keep])
+            key = (triples[0].head.casefold(), triples[0].relation) if triples else None
+            values: dict[str, CitedValue] = {}
+            for t, i in zip(triples, keep):
+                if t.tail.strip() and t.tail.strip() not in values:
+                    values[t.tail.strip()] = self._value(b, t.tail.strip())
+                    values[t.tail.strip()].listed = (t.head.casefold(), t.relation) == key
+                    values[t.tail.strip()].weight = float(w[i] / w[0])
+            if sum(v.listed for v in values.values()) < 2:
+                for v in values.values():
+                    v.listed = False
+            out.append(list(values.values()))
+        return out
+
+    def _value(self, b: int, text: str) -> CitedValue:
+        spaced = self.tokenizer(" " + text, add_special_tokens=False)["input_ids"]
+        bare = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        weak = text.split()[0].casefold() in _WEAK_FIRST
+        q = self.questions[b]
+        after = {q[i - 1] for f in (spaced, bare) for i in range(1, len(q) - len(f) + 1) if q[i:i + len(f)] == f}
+        return CitedValue(text, (spaced, bare), after, weak)
+
+    def _text(self, token: int) -> str:
+        return self.tokenizer.decode([token]).strip()
+
+    def _restating(self, b: int, answer: list[int]) -> bool:
+        """The answer's end copies the question: its last two tokens stand there side by side, or its last
+        token is a name-like word the question goes on from."""
+        if len(answer) >= 2 and (answer[-2], answer[-1]) in self.pairs[b]:
+            return True
+        return bool(answer) and self._text(answer[-1]) in self.head_words[b]
+
+    # ------------------------------------------------------------------ the rules
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.values is None:
+            self.values = self._cited_values()
+        added = self.kb.call.copy_added
+        for b in range(scores.shape[0]):
+            answer = input_ids[b, self.prompt_len:].tolist()
+            nxt, done, named, at_end = self._state(self.values[b], answer)
+            if done and (at_end or not nxt):  # a value is out: the list goes on, or the sentence ends
+                ends = self._list_next(self.values[b], answer, named)
+                if ends is None:
+                    last = self.tokenizer.decode(answer[-1:]).strip()
+                    ends = self.stop_ids if last[-1:] in (".", "!", "?") else [self.period]
+                self._only(scores, b, nxt | set(ends))
+            elif self._restating(b, answer):
+                if added is not None and added.shape[0] == scores.shape[0]:
+                    scores[b] -= added[b].to(scores.dtype)  # restating the question: no copy votes
+            elif nxt:
+                self._only(scores, b, nxt)
+            elif self.push and not done:  # no value yet: each cited value's first token, by its weight
+                for v in self.values[b]:
+                    scores[b, v.forms[0 if answer else 1][0]] += self.push * v.weight
+        return scores
+
+    def _list_next(self, values: list[CitedValue], answer: list[int], named: set[str]) -> list[int] | None:
+        """While values of a listed key are unnamed: "," or " and" after a value, then the first token of one of
+        the unnamed values; None once every one is named (or the key has one value)."""
+        left = [v for v in values if v.listed and v.text not in named]
+        if not left or not any(v.listed and v.text in named for v in values):
+            return None
+        if answer and answer[-1] in (self.comma, self.and_):
+            return [v.forms[0][0] for v in left]
+        return [self.comma] if len(left) > 1 else [self.and_]
+
+    def _state(self, values: list[CitedValue], answer: list[int]) -> tuple[set[int], bool, set[str], bool]:
+        """(the tokens that continue a started value, whether a value is out in full more often than the
+        question holds it, the values so named, whether one of them ends the answer). Values are taken in
+        the order of their weight where they conflict."""
+        nxt, done, named, at_end = {}, False, set(), 0.0
+        for v in values:
+            if _said(v, answer):
+                done = True
+                named.add(v.text)
+                if any(answer[-len(ids):] == ids for ids in v.forms):
+                    at_end = max(at_end, v.weight)
+                continue
+            for ids in v.forms:
+                for j in range(min(len(ids) - 1, len(answer)), 0, -1):
+                    listed = v.listed and len(answer) > j and answer[-j - 1] in (self.comma, self.and_)
+                    if j == 1 and v.weak_first and not (listed or v.weight >= 1.0):
+                        break  # "The" starts the first-cited "The Beatles", not any cited value
+                    if answer[-j:] == ids[:j]:
+                        nxt[ids[j]] = max(nxt.get(ids[j], 0.0), v.weight)
+                        break
+        if at_end:  # a value just ended: a longer one goes on only if it weighs more ("Google" / "Google Keep")
+            nxt = {t: w for t, w in nxt.items() if w > at_end}
+        return set(nxt), done, named, at_end > 0
+
+    @staticmethod
+    def _only(scores: torch.Tensor, b: int, allowed) -> None:
+        keep = torch.tensor(sorted(set(allowed)), device=scores.device)
+        if not torch.isfinite(scores[b, keep]).any():
+            return  # another processor ruled all of them out (min_new_tokens): never leave no token at all
+        masked = torch.full_like(scores[b], float("-inf"))
+        masked[keep] = scores[b, keep]
+        scores[b] = masked
+
+
+def _said(v: CitedValue, answer: list[int]) -> bool:
+    """The answer names the value other than by restating the question: an occurrence whose token before it
+    is one the value follows in the question ("of Stade de France") is the question again."""
+    for ids in v.forms:
+        for i in range(len(answer) - len(ids) + 1):
+            if answer[i:i + len(ids)] == ids and not (i > 0 and answer[i - 1] in v.restated_after):
+                return True
+    return False
+
+
+def value_processors(kb: KBInputs | None, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None,
+                     stop_ids: list[int], enabled: bool = True) -> list:
+    """The logits processors of one generate() call: [ValueDecoding] when a KB is read (its prefill attention
+    is recorded for it: always for pruned KBs, whose record holds only the kept leaves), else none."""
+    if not enabled or kb is None:
+        return []
+    if not kb.record and kb.pruned is None and kb.size > FLAT_RECORD_MAX:
+        return []  # recording a large flat KB's prefill attention ([B, T, N] per KB layer) costs too much memory
+    kb.record = True
+    return [ValueDecoding(kb, tokenizer, prompt_ids, prompt_mask, stop_ids)]

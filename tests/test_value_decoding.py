@@ -1,0 +1,207 @@
+"""Value decoding (model/decoding.py): a started cited value is finished as stored, the answer ends once it is
+out, several values of one key are all named, and a restated question gets no copy votes. The rules run on
+a word-level tokenizer and hand-made prefill attention here; on the real model in test_demo_answers_*."""
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from atlaskv.kb.triples import Triple
+from atlaskv.kb.view import KBView
+from atlaskv.model.decoding import ValueDecoding
+from atlaskv.model.kb_inputs import KBInputs
+
+STOP = 0
+
+
+class WordTok:
+    """" word" and "word" are different tokens, punctuation is its own token (like a BPE vocabulary)."""
+
+    def __init__(self):
+        self.vocab = {"<stop>": STOP}
+
+    def _id(self, piece):
+        return self.vocab.setdefault(piece, len(self.vocab))
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [self._id(p) for p in re.findall(r" ?\w+| ?[^\w\s]", text)]}
+
+    def convert_tokens_to_ids(self, token):
+        return self._id(token)
+
+    def decode(self, ids, skip_special_tokens=False):
+        inv = {i: p for p, i in self.vocab.items()}
+        return "".join(inv[i] for i in ids)
+
+
+def setup(question, facts, weights, tok=None, push=0.0):
+    """A processor for one question over `facts` whose prefill attention is `weights` (most first); no push
+    unless asked (the fake model's preferences are only 5 logits strong)."""
+    tok = tok or WordTok()
+    n = len(facts)
+    view = KBView.from_arrays(np.zeros((n, 4), np.float32), np.zeros((n, 4), np.float32),
+                              [Triple(*f) for f in facts], None)
+    kb = KBInputs(torch.zeros(n, 4), torch.zeros(n, 4), view=view, flat_rows=np.arange(n), record=True)
+    kb.recorded.attention[0] = torch.tensor(weights, dtype=torch.float32)[None, None, :]
+    prompt = torch.tensor([tok(question)["input_ids"]])
+    return ValueDecoding(kb, tok, prompt, None, [STOP], push=push), tok, prompt
+
+
+def greedy(proc, tok, prompt, prefer: str, steps=12, strength=5.0):
+    """Decode with the processor; the 'model' prefers the words of `prefer` in order (by `strength` logits),
+    then anything."""
+    want = tok(prefer)["input_ids"]
+    ids = prompt
+    for i in range(steps):
+        scores = torch.zeros(1, len(tok.vocab) + 50)
+        if i < len(want):
+            scores[0, want[i]] = strength
+        scores = proc(ids, scores)
+        nxt = int(scores[0].argmax())
+        ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
+        if nxt == STOP:
+            break
+    return tok.decode(ids[0, prompt.shape[1]:].tolist())
+
+
+FACTS = [("Humphrey Bogart", "spouse", "Lauren Bacall"), ("Bing Crosby", "spouse", "Kathryn Grant"),
+         ("Humphrey Bogart", "place of birth", "New York City")]
+
+
+def test_a_started_value_can_only_end_as_stored_and_the_answer_then_ends():
+    proc, tok, prompt = setup("Who was the spouse of Humphrey Bogart?", FACTS, [0.8, 0.1, 0.1])
+    # the model would write "Lauren Bacceaga ..." and go on
+    assert greedy(proc, tok, prompt, "His spouse was Lauren Baccea and more words") == \
+        "His spouse was Lauren Bacall.<stop>"
+
+
+def test_values_of_entries_far_below_the_first_do_not_steer():
+    proc, tok, prompt = setup("Who was the spouse of Humphrey Bogart?", FACTS, [0.8, 0.1, 0.1])
+    out = greedy(proc, tok, prompt, "Kathryn Hepburn was his spouse")  # Kathryn Grant holds 1/8 of the first
+    assert out.startswith("Kathryn Hepburn")
+
+
+def test_a_value_opened_by_a_weak_word_counts_from_its_second_token():
+    facts = [("Help", "writer", "Paul McCartney"), ("Help", "performer", "The Beatles")]
+    proc, tok, prompt = setup("Who wrote Help?", facts, [0.6, 0.4])
+    assert greedy(proc, tok, prompt, "The song was written by Paul McCartney") == \
+        "The song was written by Paul McCartney.<stop>"
+    # ... unless it is the first-cited value: then "The" opens it
+    proc, tok, prompt = setup("Who performed Help?", facts[::-1], [0.6, 0.4])
+    assert greedy(proc, tok, prompt, "The song was performed by The Beatles") == "The Beatles.<stop>"
+
+
+def test_until_a_value_is_out_each_cited_value_s_first_token_is_pushed_by_its_weight():
+    proc, tok, prompt = setup("Who was the spouse of Humphrey Bogart?", FACTS, [0.8, 0.1, 0.1], push=8.0)
+    ids = torch.cat([prompt, torch.tensor([tok("His spouse was")["input_ids"]])], 1)
+    out = proc(ids, torch.zeros(1, len(tok.vocab) + 10))
+    lauren, kathryn = tok(" Lauren")["input_ids"][0], tok(" Kathryn")["input_ids"][0]
+    assert out[0, lauren] == 8.0 and out[0, kathryn] == 0.0  # Kathryn Grant weighs under a quarter of the first
+    assert greedy(proc, tok, prompt, "His spouse was Kathryn Hepburn") == "Lauren Bacall.<stop>"
+
+
+def test_several_values_of_the_first_cited_key_are_all_named():
+    facts = [("Alien", "genre", "Horror"), ("Alien", "genre", "Science Fiction"), ("Alien", "genre", "Thriller"),
+             ("Jaws", "genre", "Drama")]
+    proc, tok, prompt = setup("What are the genres of Alien?", facts, [0.3, 0.3, 0.3, 0.02])
+    out = greedy(proc, tok, prompt, "The genres of Alien are Horror films", steps=20)
+    assert out.startswith("The genres of Alien are Horror,") and out.endswith(".<stop>")
+    for v in ("Horror", "Science Fiction", "Thriller"):
+        assert out.count(v) == 1
+    assert " and " in out and "Drama" not in out
+
+
+def test_a_value_restated_with_the_question_does_not_end_the_answer():
+    facts = [("Stade de France", "owner", "France")]
+    proc, tok, prompt = setup("Who owns Stade de France?", facts, [1.0])
+    assert greedy(proc, tok, prompt, "Stade de France is owned by France and more") == \
+        "Stade de France is owned by France.<stop>"  # " de France" restates; " by France" answers
+    proc, tok, prompt = setup("Who owns Stade de France?", facts, [1.0])
+    assert greedy(proc, tok, prompt, "France owns it") == "France.<stop>"
+
+
+def test_a_name_of_the_question_s_head_is_restated_without_a_push():
+    facts = [("Jeanne Lamon", "instrument", "violin")]
+    proc, tok, prompt = setup("Which instrument does Jeanne Lamon play?", facts, [1.0], push=8.0)
+    # the model prefers its words by 10 logits, more than the push of 8 but not more than 8 + 5: pushed after
+    # "Jeanne" it would say "Jeanne violin"
+    scores = torch.zeros(1, 64)
+    ids = torch.cat([prompt, torch.tensor([tok("Jeanne")["input_ids"]])], 1)
+    assert torch.equal(proc(ids, scores.clone()), scores)
+    assert greedy(proc, tok, prompt, "Jeanne Lamon plays the violin", strength=10.0) == \
+        "Jeanne Lamon plays the violin.<stop>"
+
+
+def test_restating_the_question_takes_the_copy_votes_back():
+    proc, tok, prompt = setup("Who was the spouse of Humphrey Bogart?", FACTS, [0.8, 0.1, 0.1])
+    answer = tok("The spouse of")["input_ids"]
+    ids = torch.cat([prompt, torch.tensor([answer])], 1)
+    added = torch.zeros(1, len(tok.vocab) + 5)
+    added[0, tok(" Lauren")["input_ids"][0]] = 7.0
+    proc.kb.call.copy_added = added
+    scores = torch.zeros_like(added) + added  # what the LM head gave, votes included
+    out = proc(ids, scores.clone())
+    assert torch.equal(out, torch.zeros_like(added))  # " spouse of" stands in the question: votes taken back
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_value_processors_are_optional(enabled):
+    from atlaskv.model.decoding import value_processors
+
+    kb = KBInputs(torch.zeros(2, 4), torch.zeros(2, 4))
+    out = value_processors(kb, WordTok(), torch.zeros(1, 3, dtype=torch.long), None, [STOP], enabled)
+    assert len(out) == int(enabled) and kb.record == enabled
+    assert value_processors(None, WordTok(), torch.zeros(1, 3, dtype=torch.long), None, [STOP]) == []
+
+
+# ------------------------------------------------------------------------------------------------ the real model
+DEMO = [__import__("json").loads(line) for line in open(__import__("pathlib").Path(__file__).resolve().parents[1]
+                                                       / "examples" / "demo" / "questions.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def demo_kb(tmp_path_factory, demo_facts, encoder):
+    """The demo questions' facts among 400 of the demo KG's (HiKVP index as built)."""
+    from atlaskv.kb.store import KnowledgeBase
+    from atlaskv.kb.triples import read_triples
+
+    facts = read_triples(demo_facts).triples
+    gold = {(q["head"], q["relation"], q["tail"]) for q in DEMO}
+    kept = [t for t in facts if tuple(t) in gold] + [t for t in facts if tuple(t) not in gold][:400]
+    return KnowledgeBase.build(kept, tmp_path_factory.mktemp("vd") / "kb", encoder=encoder)
+
+
+def test_demo_answers_name_the_gold_value_cleanly(trained_model, demo_kb):
+    from atlaskv.evaluation.metrics import answer_flags
+
+    values = sorted({t.tail for t in demo_kb.view().triples(np.arange(len(demo_kb)))})
+    for q in DEMO:
+        ans = trained_model.ask(q["question"], demo_kb)
+        assert ans.citations[0][0].tail == q["tail"], (q, ans.citations[:2])
+        flags = answer_flags(ans.text, q["tail"], values, ended=True, question=q["question"])
+        assert flags["exact"] and ans.text.endswith("."), (q["question"], ans.text, flags)
+        free = trained_model.ask(q["question"], demo_kb, value_decoding=False)
+        assert free.citations == ans.citations  # decoding changes the words, not what is cited
+
+
+def test_every_value_of_a_multi_valued_key_is_named(trained_model, tmp_path, encoder):
+    from atlaskv.evaluation.multi_valued import named_values
+    from atlaskv.kb.store import KnowledgeBase
+
+    facts = [("Alien", "genre", "Horror"), ("Alien", "genre", "Science Fiction"), ("Alien", "director", "Ridley Scott"),
+             ("Jaws", "genre", "Thriller"), ("Jaws", "director", "Steven Spielberg"), ("Heat", "genre", "Crime Fiction")]
+    kb = KnowledgeBase.build(facts, tmp_path / "kb", encoder=encoder)
+    q = "What are the genres of Alien?"
+    ans = trained_model.ask(q, kb, prune=False)
+    assert named_values(ans.text, [f[2] for f in facts], q) == {"Horror", "Science Fiction"}, ans.text
+    assert {t.tail for t, _ in ans.citations[:2]} == {"Horror", "Science Fiction"}
+
+
+def test_a_row_another_processor_ruled_out_is_left_alone():
+    proc, tok, prompt = setup("Who was the spouse of Humphrey Bogart?", FACTS, [0.8, 0.1, 0.1])
+    ids = torch.cat([prompt, torch.tensor([tok("Lauren Bacall.")["input_ids"]])], 1)  # only the end may follow
+    scores = torch.zeros(1, len(tok.vocab) + 5)
+    scores[0, STOP] = float("-inf")  # min_new_tokens forbids it
+    out = proc(ids, scores.clone())
+    assert torch.isfinite(out).any()
