@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 
 from atlaskv.cli.common import ROUTE_HELP, TOP_K_HELP, fail, prune_options, run
-from atlaskv.defaults import PRUNE_ROUTE, PRUNE_TOP_K_TEXT, REFUSE_BELOW
+from atlaskv.defaults import PRUNE_ROUTE, PRUNE_TOP_K_TEXT, REFUSE_BELOW, VALUE_DECODING
 
 eval_app = typer.Typer(help="Evaluate grounding and answers.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks: memory and latency vs KB size.", no_args_is_help=True)
@@ -104,6 +104,10 @@ def eval_grounding_cmd(
     save_answers: Optional[Path] = typer.Option(
         None, "--save-answers", help="atlaskv/kblam: also write every answered question (answer, gold, top citation, "
                                      "the answer_exact flags) to this JSONL file."),
+    value_decoding: bool = typer.Option(
+        VALUE_DECODING, "--value-decoding/--no-value-decoding",
+        help="atlaskv/kblam: decode as ask does (a started KB value is finished as stored and ends the answer); "
+             "off: free greedy decoding."),
 ):
     """ACC@1/ACC@5 (KB attention, or the retriever for rag), pruning recall, answer exact-match with and without the gold fact."""
     from atlaskv.kb.encoder import load_encoder
@@ -135,11 +139,46 @@ def eval_grounding_cmd(
         res = run(lambda: eval_grounding(set_dir, size_list, akv, enc, questions, distractors, seed, batch_size,
                                           not no_answers, answer_questions, scale_factor=scale_factor,
                                           prune=prune, synthetic_fill=synthetic_fill,
-                                          refuse_below=refuse_below, save_answers=save_answers))
+                                          refuse_below=refuse_below, save_answers=save_answers,
+                                          value_decoding=value_decoding))
         res["method"] = method
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(res, indent=1) + "\n")
     _print_grounding(res, refuse_below)
+
+
+@eval_app.command("multi-valued")
+def eval_multi_valued_cmd(
+    set_dir: Path = typer.Option(..., "--set", help="Set folder whose keys have several values (triples.tsv + "
+                                                    "questions.jsonl; benchmarks/make_multi_valued_set.py builds one)."),
+    sizes: str = typer.Option("100,1000", help="KB sizes, comma-separated."),
+    fill: Optional[Path] = typer.Option(None, help="Another evaluation set whose triples also serve as distractors."),
+    questions: int = typer.Option(200, help="Questions (keys) asked per size."),
+    no_prune: bool = typer.Option(False, "--no-prune/--prune", help="Flat KB attention over every entry."),
+    value_decoding: bool = typer.Option(VALUE_DECODING, "--value-decoding/--no-value-decoding",
+                                        help="Decode as ask does; off: free greedy decoding."),
+    adapter: Optional[Path] = typer.Option(None, help="Adapter folder (default: the shipped one)."),
+    seed: int = typer.Option(0),
+    json_out: Path = typer.Option(..., "--json", help="Where to write the results JSON."),
+    save_answers: Optional[Path] = typer.Option(None, "--save-answers", help="Also write every answer (JSONL)."),
+):
+    """Questions with several answers: recall and precision of the values the answers name."""
+    from atlaskv.evaluation.multi_valued import eval_multi_valued
+    from atlaskv.kb.encoder import load_encoder
+    from atlaskv.model.atlaskv import AtlasKV
+    from atlaskv.model.pruning import PruneConfig
+
+    akv = run(lambda: AtlasKV.from_pretrained(adapter))
+    enc = load_encoder(akv.adapter.config.encoder)
+    res = run(lambda: eval_multi_valued(set_dir, [int(float(x)) for x in sizes.split(",")], akv, enc, fill,
+                                        questions, seed, prune=None if no_prune else PruneConfig(),
+                                        value_decoding=value_decoding, save_answers=save_answers))
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(res, indent=1) + "\n")
+    for r in res["results"]:
+        typer.echo(f"N={r['kb_size']:>6}  value recall {r['value_recall']:.3f}  precision "
+                   f"{r['value_precision'] if r['value_precision'] is None else round(r['value_precision'], 3)}  "
+                   f"all named {r['all_named']:.3f}  cited recall (top 5) {r['cited_recall']:.3f}  ({r['seconds']} s)")
 
 
 def _print_grounding(res: dict, refuse_below: Optional[float]) -> None:
@@ -151,14 +190,17 @@ def _print_grounding(res: dict, refuse_below: Optional[float]) -> None:
         typer.echo(f"N={r['kb_size']:>6}  acc1 {fmt(r['acc1'])}  acc5 {fmt(r['acc5'])}{rec}  answer_em "
                    f"{fmt(r['answer_em'])}  without gold {fmt(r['answer_em_without_gold'])}  ({r['seconds']} s){status}")
         if r.get("answer_exact") is not None:
+            prior = f"  without gold {fmt(r['answer_exact_without_gold'])}" if "answer_exact_without_gold" in r else ""
             typer.echo(f"        answer_exact {fmt(r['answer_exact'])} (the gold value, as a whole name, first, no loop, "
-                       f"ended)  loops {fmt(r['answer_loops'])}")
+                       f"ended){prior}  loops {fmt(r['answer_loops'])}")
         if r.get("own_refusals_with_gold") is not None:
             typer.echo(f"        the model's own \"I don't know.\": {fmt(r['own_refusals_with_gold'])} with gold / "
                        f"{fmt(r['own_refusals_without_gold'])} without")
         if "answer_em_with_refusal" in r:
             typer.echo(f"        with refusal below {refuse_below}: answer_em {fmt(r['answer_em_with_refusal'])}  "
-                       f"without gold {fmt(r['answer_em_without_gold_with_refusal'])}  refused "
+                       f"without gold {fmt(r['answer_em_without_gold_with_refusal'])}  answer_exact "
+                       f"{fmt(r.get('answer_exact_with_refusal'))} without gold "
+                       f"{fmt(r.get('answer_exact_without_gold_with_refusal'))}  refused "
                        f"{fmt(r['refused_with_gold'])} / {fmt(r['refused_without_gold'])}")
 
 

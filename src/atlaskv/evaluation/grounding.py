@@ -20,12 +20,15 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from transformers import LogitsProcessorList
 
-from atlaskv.defaults import EVAL_MAX_NEW_TOKENS
+from atlaskv.defaults import EVAL_MAX_NEW_TOKENS, VALUE_DECODING
 from atlaskv.evaluation.metrics import answer_flags, contains_answer, rank_hits, says_refusal
 from atlaskv.evaluation.pool import EvalPool, kb_chunks, load_pool, with_synthetic_fill
 from atlaskv.kb.index import build_hierarchy
-from atlaskv.model.atlaskv import support_of
+from atlaskv.defaults import TOP_CITATIONS
+from atlaskv.model.atlaskv import refuses
+from atlaskv.model.decoding import value_processors
 from atlaskv.model.chat import chat_text, ended_turns, left_pad, stop_token_ids
 from atlaskv.model.kb_inputs import KBInputs, use_kb
 from atlaskv.kb.view import KBView
@@ -42,7 +45,7 @@ class Asked(NamedTuple):
 @torch.no_grad()
 def ask_batch(akv, questions: list[str], kb, max_new_tokens: int, record: bool = True,
               prune: PruneConfig | None = None, question_emb: torch.Tensor | None = None,
-              scale_factor: float | None = None) -> Asked:
+              scale_factor: float | None = None, value_decoding: bool = VALUE_DECODING) -> Asked:
     """Greedy answers for a batch of questions against one KB (a KBView or KnowledgeBase): flat, or HiKVP
     with `prune`. scale_factor defaults to the adapter's."""
     tok = akv.tokenizer
@@ -50,12 +53,19 @@ def ask_batch(akv, questions: list[str], kb, max_new_tokens: int, record: bool =
     kb_in = akv.kb_inputs(kb, record=record, prune=prune or False, question_emb=question_emb, token_mask=mask,
                           scale_factor=scale_factor)
     stop = stop_token_ids(tok, akv.model)  # EOS and the chat format's end of turn (<|im_end|>, <end_of_turn>)
+    processors = LogitsProcessorList(value_processors(kb_in, tok, ids, mask, stop, value_decoding))
     with use_kb(kb_in):
         out = akv.model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id or tok.eos_token_id, eos_token_id=stop)
+                                 pad_token_id=tok.pad_token_id or tok.eos_token_id, eos_token_id=stop,
+                                 logits_processor=processors)
     new = out[:, ids.shape[1]:]
     texts = tok.batch_decode(new, skip_special_tokens=True)
     return Asked(texts, kb_in, mask, ended_turns(new, stop))
+
+
+def cited_facts(view: KBView, rows, weights, k: int = TOP_CITATIONS) -> list:
+    """The top-k cited (triple, weight) pairs of one sample, as `ask` returns them."""
+    return list(zip(view.triples(rows[:k]), weights[:k].tolist()))
 
 
 def grounding_hits(kb: KBInputs, mask: torch.Tensor, gold: torch.Tensor) -> dict:
@@ -89,11 +99,14 @@ class Tally:
     em: int = 0
     em_prior: int = 0
     exact: int = 0          # answer_exact: what the user reads names the gold value cleanly (metrics.answer_flags)
+    exact_prior: int = 0    # ... with the gold fact removed (the prior: what the KB did not give)
     loops: int = 0
     idk: int = 0            # the model's own "I don't know."
     idk_prior: int = 0
     em_r: int = 0           # with the refusal rule (refuse_below)
     em_prior_r: int = 0
+    exact_r: int = 0
+    exact_prior_r: int = 0
     refused: int = 0
     refused_prior: int = 0
     index_s: float = 0.0
@@ -116,11 +129,14 @@ class Tally:
             "answer_em": self.em / n_em if n_em else None,
             "answer_em_without_gold": self.em_prior / n_em if n_em else None,
             "answer_exact": self.exact / n_em if n_em else None,
+            "answer_exact_without_gold": self.exact_prior / n_em if n_em else None,
             "answer_loops": self.loops / n_em if n_em else None,
             "n_answer_questions": n_em,
             "own_refusals_with_gold": self.idk / n_em if n_em else None,
             "own_refusals_without_gold": self.idk_prior / n_em if n_em else None,
             **({"answer_em_with_refusal": self.em_r / n_em, "answer_em_without_gold_with_refusal": self.em_prior_r / n_em,
+                "answer_exact_with_refusal": self.exact_r / n_em,
+                "answer_exact_without_gold_with_refusal": self.exact_prior_r / n_em,
                 "refused_with_gold": self.refused / n_em, "refused_without_gold": self.refused_prior / n_em}
                if refuse_below is not None and n_em else {}),
             "acc1_by_layer": {str(l): float(h) / n for l, h in zip(kb_layers, self.layer_hits)},
@@ -145,6 +161,7 @@ class GroundingRun:
     refuse_below: float | None
     seed: int
     saved: list | None = None   # --save-answers: one row per answered question
+    value_decoding: bool = VALUE_DECODING
 
     @property
     def needs_q(self) -> bool:
@@ -169,7 +186,7 @@ class GroundingRun:
         qemb = torch.from_numpy(self.encoder.encode(qtexts)).to(akv.device) if self.needs_q else None
         want_answers = self.answers and tally.n_em < self.n_ans
         texts, kb, mask, ended = ask_batch(akv, qtexts, view, self.max_new_tokens if want_answers else 1, True,
-                                           self.prune, qemb, self.scale_factor)
+                                           self.prune, qemb, self.scale_factor, self.value_decoding)
         gold = torch.tensor([pos[self.pool.index[q.triple]] for q in bq], device=akv.device)
         tally.add_hits(grounding_hits(kb, mask, gold), len(bq))
         if not want_answers:
@@ -183,10 +200,12 @@ class GroundingRun:
         tally.idk += sum(map(says_refusal, texts[:take]))
         ranked = kb.summed_attention(mask)[:take]
         if self.refuse_below is not None:
-            kept = [support_of(w) >= self.refuse_below for _, w in ranked]
+            kept = [not refuses(q, cited_facts(view, rows, w), self.refuse_below)
+                    for q, (rows, w) in zip(qtexts, kb.cited_rows(mask))][:take]
             tally.em_r += sum(r and k for r, k in zip(right, kept))
+            tally.exact_r += sum(f["exact"] and k for f, k in zip(flags, kept))
             tally.refused += take - sum(kept)
-        prior = self.without_gold(qtexts[:take], bq[:take], view, gold.cpu().numpy(), qemb, tally)
+        prior = self.without_gold(qtexts[:take], bq[:take], view, gold.cpu().numpy(), qemb, tally, kb_values)
         if self.saved is not None:
             self.save(bq[:take], texts, flags, ranked, view, prior)
         tally.n_em += take
@@ -197,27 +216,36 @@ class GroundingRun:
             self.saved.append({"question": q.question, "gold": q.tail, "answer": t.strip(), **f,
                                "top_citation": list(top) if top else None,
                                "top_share": round(float(w[0] / w.sum()), 4) if len(pos) else None,
-                               "top_is_gold": top == q.triple, "answer_without_gold": p.strip()})
+                               "top_is_gold": top == q.triple, "answer_without_gold": p[0].strip(),
+                               "exact_without_gold": p[1]})
 
-    def without_gold(self, qtexts: list[str], bq: list, view: KBView, gold: np.ndarray, qemb, tally: Tally) -> list[str]:
+    def without_gold(self, qtexts: list[str], bq: list, view: KBView, gold: np.ndarray, qemb, tally: Tally,
+                     kb_values: list[str]) -> list[str]:
         """The same questions with the batch's own facts removed: what the model knows without them."""
         take = len(qtexts)
         rec = self.refuse_below is not None
         kb_p = None
         if view.rows <= len(set(gold.tolist())):  # nothing left: no KB
-            pt = [self.akv.generate(q, None, max_new_tokens=self.max_new_tokens) for q in qtexts]
+            pt = [self.akv.generate(q, None, max_new_tokens=self.max_new_tokens, value_decoding=self.value_decoding)
+                  for q in qtexts]
+            ended = [True] * take  # generate() strips the stop token; the exact flag then reads the text alone
         else:  # flat: the other rows; pruned: the same tree with the gold leaves tombstoned
-            pt, kb_p, mask_p, _ = ask_batch(self.akv, qtexts, view.without(gold), self.max_new_tokens, rec,
-                                            self.prune, qemb[:take] if qemb is not None else None, self.scale_factor)
+            pt, kb_p, mask_p, ended = ask_batch(self.akv, qtexts, view.without(gold), self.max_new_tokens, rec,
+                                            self.prune, qemb[:take] if qemb is not None else None, self.scale_factor,
+                                            self.value_decoding)
         right = [contains_answer(t, q.tail) for t, q in zip(pt, bq)]
         tally.em_prior += sum(right)
+        exact = [answer_flags(t, q.tail, kb_values, e, q.question)["exact"] for t, q, e in zip(pt, bq, ended)]
+        tally.exact_prior += sum(exact)
         tally.idk_prior += sum(map(says_refusal, pt))
         if rec:  # an empty KB backs nothing: refused
             kept = [False] * take if kb_p is None else \
-                [support_of(w) >= self.refuse_below for _, w in kb_p.summed_attention(mask_p)]
+                [not refuses(q, cited_facts(view, rows, w), self.refuse_below)
+                 for q, (rows, w) in zip(qtexts, kb_p.cited_rows(mask_p))]
             tally.em_prior_r += sum(r and k for r, k in zip(right, kept))
+            tally.exact_prior_r += sum(x and k for x, k in zip(exact, kept))
             tally.refused_prior += take - sum(kept)
-        return pt
+        return [(t, x) for t, x in zip(pt, exact)]
 
 
 def eval_grounding(set_dir: str | Path, sizes: list[int], akv, encoder, n_questions: int = 500,
@@ -225,13 +253,14 @@ def eval_grounding(set_dir: str | Path, sizes: list[int], akv, encoder, n_questi
                    answer_questions: int | None = None, max_new_tokens: int = EVAL_MAX_NEW_TOKENS,
                    scale_factor: float | None = None, prune: PruneConfig | None = None, progress: bool = True,
                    synthetic_fill: bool = False, refuse_below: float | None = None,
-                   save_answers: str | Path | None = None) -> dict:
+                   save_answers: str | Path | None = None, value_decoding: bool = VALUE_DECODING) -> dict:
     """`prune`: HiKVP over a tree built for each KB (its build time is reported as index_seconds).
     `synthetic_fill`: sizes past the set's pool are reached with synthetic distractors (reported per row).
-    `refuse_below`: also score the answers as `ask` / `serve` give them, with the refusal rule on: an answer
-    whose top-cited fact's weight is under this multiple of the second's (Answer.support) becomes
-    "I don't know." and counts as wrong (extra fields `*_with_refusal`, `refused*`).
-    `save_answers`: a JSONL file with every answered question: answer, gold, top citation, answer_flags."""
+    `refuse_below`: also score the answers as `ask` / `serve` give them, with the refusal rule on (atlaskv.refuses:
+    the top-cited fact is about an entity the question does not name, or its value's support is under this)
+    the answer becomes "I don't know." and counts as wrong (extra fields `*_with_refusal`, `refused*`).
+    `save_answers`: a JSONL file with every answered question: answer, gold, top citation, answer_flags.
+    `value_decoding`: answers decoded as `ask` decodes them (model/decoding.py); off: free greedy decoding."""
     from tqdm.auto import tqdm
 
     pool = real = load_pool(set_dir, encoder)
@@ -241,7 +270,7 @@ def eval_grounding(set_dir: str | Path, sizes: list[int], akv, encoder, n_questi
     qidx = rng.permutation(len(pool.questions))[: min(n_questions, len(pool.questions))]
     n_ans = len(qidx) if answer_questions is None else min(answer_questions, len(qidx))
     run = GroundingRun(akv, encoder, pool, prune, batch_size, answers, n_ans, max_new_tokens, scale_factor,
-                       refuse_below, seed, [] if save_answers else None)
+                       refuse_below, seed, [] if save_answers else None, value_decoding)
     kb_layers = akv.adapter.config.kb_layers
     results = []
     for size in sizes:
