@@ -25,18 +25,31 @@ from pathlib import Path
 
 import numpy as np
 
-from atlaskv.evaluation.metrics import contains_answer, normalize
+from atlaskv.evaluation.metrics import contains_answer, names_exactly, normalize
 from atlaskv.kb.triples import read_eval_set
 from atlaskv.model.atlaskv import AtlasKV
 from atlaskv.kb.store import KnowledgeBase
-from atlaskv.defaults import REFUSAL
+from atlaskv.defaults import REFUSAL, REFUSE_BELOW
 
 
 def is_refusal_text(text: str) -> bool:
     return normalize(REFUSAL) in normalize(text) or "don t know" in normalize(text)
 
 
+def value_support(citations) -> float:
+    """The cited facts that name the top-cited value, summed, over the heaviest one naming another value."""
+    if not citations:
+        return 0.0
+    top = normalize(citations[0][0].tail)
+    same = sum(w for t, w in citations if normalize(t.tail) == top)
+    other = max([w for t, w in citations if normalize(t.tail) != top], default=0.0)
+    return same / other if other > 0 else 1e9
+
+
 def run_questions(akv, kb, questions, by_key, max_new_tokens, log, prune=False):
+    from atlaskv.kb.encoder import load_encoder
+
+    enc = load_encoder(akv.adapter.config.encoder)
     rows = []
     for i, q in enumerate(questions):
         group = by_key[(q.head, q.relation)]
@@ -44,7 +57,14 @@ def run_questions(akv, kb, questions, by_key, max_new_tokens, log, prune=False):
             if cond == "removed":
                 kb.remove(group)
             ans = akv.ask(q.question, kb, max_new_tokens=max_new_tokens, prune=prune)
+            top = ans.citations[0][0] if ans.citations else None
+            qe, ke = enc.encode([q.question, f"the {top.relation} of {top.head}" if top else ""])
             rows.append({"question": q.question, "gold": q.tail, "condition": cond, "answer": ans.text,
+                         "top_citation": list(top) if top else None,
+                         "value_support": value_support(ans.citations),
+                         "head_named": float(bool(top) and contains_answer(q.question, top.head)),
+                         "names_top_value": float(bool(top) and names_exactly(ans.text, top.tail)),
+                         "key_cosine": float(qe @ ke / (np.linalg.norm(qe) * np.linalg.norm(ke) + 1e-12)),
                          "em": contains_answer(ans.text, q.tail), "trained_refusal": is_refusal_text(ans.text),
                          "top_weight": ans.citations[0][1] if ans.citations else 0.0,
                          "top_ratio": ans.citations[0][1] / ans.citations[1][1] if len(ans.citations) > 1 else 1e9,
@@ -81,6 +101,18 @@ def calibrate(rows, key) -> float:
     return max(cands, key=lambda t: scores(rows, lambda r: r[key] < t)["refusal_f1"])
 
 
+def calibrate_capped(rows, refuse, key, max_false: float = 0.03) -> float:
+    """The threshold of `refuse(row, t)` that refuses the most removed-fact questions while refusing at most
+    `max_false` of the answerable ones (0: the rule's other part alone)."""
+    vals = sorted({r[key] for r in rows if r[key] < 1e8})
+    best, best_rec = 0.0, -1.0
+    for t in [0.0] + [(a + b) / 2 for a, b in zip(vals, vals[1:])]:
+        sc = scores(rows, lambda r: refuse(r, t))
+        if sc["false_refusals_when_present"] <= max_false and sc["refusal_recall"] > best_rec:
+            best, best_rec = t, sc["refusal_recall"]
+    return best
+
+
 def auroc(rows, key) -> float:
     """P(signal of a present-fact question > signal of a removed-fact one): how well it separates them."""
     a = np.array([r[key] for r in rows if r["condition"] == "present"])
@@ -88,7 +120,7 @@ def auroc(rows, key) -> float:
     return float(((a[:, None] > b[None]).sum() + 0.5 * (a[:, None] == b[None]).sum()) / (len(a) * len(b)))
 
 
-SIGNALS = ("top_weight", "top_ratio", "kb_mass")
+SIGNALS = ("top_weight", "top_ratio", "kb_mass", "value_support", "key_cosine")
 
 
 def evaluate_size(akv, kb, calib, test, by_key, args, log, fixed: dict | None = None):
@@ -96,8 +128,20 @@ def evaluate_size(akv, kb, calib, test, by_key, args, log, fixed: dict | None = 
     test_rows = run_questions(akv, kb, test, by_key, args.max_new_tokens, log, args.prune)
     thresholds = {k: calibrate(cal_rows, k) for k in SIGNALS}
 
+    # value-aware rules (issue 22): the cited facts that name the top value support it; a top-cited fact about
+    # another head (the question does not name it) backs nothing. Thresholds: the most refusals of removed
+    # facts with at most 3 % of answerable questions refused, on the calibration questions.
+    vs = calibrate_capped(cal_rows, lambda r, t: r["value_support"] < t, "value_support")
+    hs = calibrate_capped(cal_rows, lambda r, t: r["head_named"] < 1 or r["value_support"] < t, "value_support")
+    thresholds.update({"value_support_capped": vs, "head_or_value_support": hs})
+
     def rules(th):
-        return {"trained": lambda r: r["trained_refusal"], **{k: (lambda r, k=k: r[k] < th[k]) for k in th}}
+        return {"trained": lambda r: r["trained_refusal"],
+                **{k: (lambda r, k=k: r[k] < th[k]) for k in SIGNALS},
+                "value_support_capped": lambda r: r["value_support"] < th["value_support_capped"],
+                "head_not_named": lambda r: r["head_named"] < 1,
+                "top_ratio_below_%s" % REFUSE_BELOW: lambda r: r["top_ratio"] < REFUSE_BELOW,
+                "head_or_value_support": lambda r: r["head_named"] < 1 or r["value_support"] < th["head_or_value_support"]}
 
     def table(th):
         return {name: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in scores(test_rows, f).items()}
