@@ -1,7 +1,8 @@
 """The Ray engine (kb/ray_build.py) against the local one: same KB from the same 2,000 real triples.
 
 One local Ray instance with 2 CPUs for the module; the KBs are built once and compared field by field:
-identical records, fp16-equal embeddings, an index of the same shape, the same pruned answers.
+identical records, fp16-equal embeddings, an index of the same shape, pruned answers that cite the same fact
+and name its value.
 """
 import json
 import sys
@@ -11,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from atlaskv.cli import app
+from atlaskv.evaluation.metrics import names_exactly
 from atlaskv.kb.ray_build import INSTALL_HINT
 from atlaskv.kb.triples import KGFormatError, read_triples, write_triples
 from atlaskv.kb.store import KBError, KnowledgeBase
@@ -124,7 +126,10 @@ def test_pruned_answers_agree(both, shared, trained_model):
         a = trained_model.ask(q["question"], local, max_new_tokens=24)
         b = trained_model.ask(q["question"], ray_kb, max_new_tokens=24)
         assert a.pruned and b.pruned
-        assert a.text == b.text, q["question"]
+        # the Ray index clusters a sample, then assigns every leaf: its clusters hold the same facts give or
+        # take a few, so the kept leaves (and the wording around the value) may differ; the fact and the value
+        # the answers give may not
+        assert names_exactly(a.text, q["tail"]) and names_exactly(b.text, q["tail"]), (q["question"], a.text, b.text)
         assert a.citations[0][0] == b.citations[0][0], q["question"]
         assert tuple(a.citations[0][0]) == (q["head"], q["relation"], q["tail"])
 

@@ -4,12 +4,13 @@ Plain constants, no imports: `atlaskv --help` shows them without loading torch.
 """
 from __future__ import annotations
 
-# What an answer says when no fact in the KB stands out, and when it says it. The adapter was trained to
-# answer REFUSAL to questions whose fact is missing (train.py); the rule below refuses an answer whose most
-# cited fact weighs under REFUSE_BELOW times the second one (calibrated on fb15k, KB of 5,887 facts, flat:
-# benchmarks/results/refusal_fb15k.json).
+# What an answer says when the KB does not hold the asked fact, and when it says it (model/atlaskv.py
+# `refuses`): the question does not name the head of the most cited fact, or the facts naming the most cited
+# value weigh under REFUSE_BELOW times the heaviest fact naming another value. Calibrated on the pruned default
+# path, fb15k, KB of 5,887 facts, 100 calibration questions (highest recall with at most 3 % of answerable
+# questions refused): benchmarks/results/refusal/fb15k_pruned.json.
 REFUSAL = "I don't know."
-REFUSE_BELOW = 3.23
+REFUSE_BELOW = 2.27
 
 # HiKVP: leaves kept per level (roots, inter, leaves) and how the tree is searched. The paper keeps 16
 # leaves; 64 cost next to nothing and answer better (benchmarks/results/pruning_answers_*); routing by the

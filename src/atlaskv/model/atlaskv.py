@@ -73,7 +73,10 @@ def _words(text: str) -> str:
 
 def refuses(question: str, citations, min_support: float = REFUSE_BELOW) -> bool:
     """The refusal rule: the most-cited fact is about an entity the question does not name, or its value does
-    not stand out by `min_support` (support_of). Without a question only the second part applies."""
+    not stand out by `min_support` (support_of). Without a question only the second part applies; a
+    `min_support` of 0 or less turns refusal off (the server's `--refuse-below 0`)."""
+    if min_support <= 0:
+        return False
     if not citations:
         return True
     return (bool(question) and not names_head(question, citations[0][0])) or support_of(citations) < min_support
