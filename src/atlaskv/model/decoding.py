@@ -13,9 +13,11 @@ the first one's weight, at most TOP_VALUES), and before every later token applie
               the sentence ends, "." then the end of the turn; unless
               the first-cited key (head and relation) has several cited values: then each one not named yet
               follows, joined by "," and "and" ("The genres of X are Drama, Comedy and Thriller.");
-  restating   the answer's last two tokens stand side by side in the question, or its last token is a
-              name-like word the question goes on from ("Jeanne" of "Jeanne Lamon"): the copy votes of this
-              step are taken back and nothing is pushed (the head is restated as asked, not with the value spliced in, and "The state of
+  restating   the answer's last two tokens stand side by side in the question (case-blind), its only token opens
+              a word pair there ("The" of "the gender of"), or its last token is a name-like word the question
+              goes on from ("Jeanne" of "Jeanne Lamon"): inside the first-cited fact's head only the head's
+              next token may follow ("Forrest G" -> "ump", not "Forrest Games"); elsewhere the copy votes of
+              this step are taken back and nothing is pushed (the head is restated as asked, not with the value spliced in, and "The state of
               Augusta" goes on with "is", not with "Maine");
   finish      the answer ends with a proper prefix of a cited value (a value opening with a word like "The"
               counts from its second token, unless it is the first-cited one): only the next tokens of such
@@ -70,17 +72,20 @@ class ValueDecoding(LogitsProcessor):
         self.and_ = and_[0] if len(and_) == 1 else self.comma
         self.questions = [(prompt_ids[b] if prompt_mask is None else prompt_ids[b][prompt_mask[b].bool()]).tolist()
                           for b in range(prompt_ids.shape[0])]
-        self.pairs = [{(q[i], q[i + 1]) for i in range(len(q) - 1)} for q in self.questions]
+        # word pairs of the question, case-blind: an answer that opens "The budget" restates "the budget currency"
+        self.pairs = [{(self._word(q[i]), self._word(q[i + 1])) for i in range(len(q) - 1)} for q in self.questions]
         # name-like words of the question that go on into another word there ("Jeanne" of "Jeanne Lamon"): an
         # answer that ends with one is restating the question's head, whatever the token before it
         self.head_words = [{self._text(q[i]) for i in range(len(q) - 1)
                             if self._text(q[i])[:1].isupper() and any(c.isalnum() for c in self._text(q[i + 1]))}
                            for q in self.questions]
         self.values: list[list[CitedValue]] | None = None
+        self.heads: list[tuple[list[int], ...]] = []  # token forms of each sample's first-cited head
 
     # ------------------------------------------------------------------ the cited values (after the prefill)
     def _cited_values(self) -> list[list[CitedValue]]:
         view = self.kb.view
+        self.heads = [() for _ in self.questions]
         if view is None or not self.kb.attention:
             return [[] for _ in self.questions]
         out = []
@@ -89,6 +94,8 @@ class ValueDecoding(LogitsProcessor):
             keep = [i for i in range(min(self.top, len(rows))) if w[i] >= self.share * w[0] and w[0] > 0]
             triples = view.triples(rows[keep])
             key = (triples[0].head.casefold(), triples[0].relation) if triples else None
+            if triples:
+                self.heads[b] = self._value(b, triples[0].head.strip()).forms
             values: dict[str, CitedValue] = {}
             for t, i in zip(triples, keep):
                 if t.tail.strip() and t.tail.strip() not in values:
@@ -112,11 +119,16 @@ class ValueDecoding(LogitsProcessor):
     def _text(self, token: int) -> str:
         return self.tokenizer.decode([token]).strip()
 
+    def _word(self, token: int) -> str:
+        return self._text(token).casefold()
+
     def _restating(self, b: int, answer: list[int]) -> bool:
         """The answer's end copies the question: its last two tokens stand there side by side, or its last
         token is a name-like word the question goes on from."""
-        if len(answer) >= 2 and (answer[-2], answer[-1]) in self.pairs[b]:
+        if len(answer) >= 2 and (self._word(answer[-2]), self._word(answer[-1])) in self.pairs[b]:
             return True
+        if len(answer) == 1 and any(self._word(answer[0]) == first for first, _ in self.pairs[b]):
+            return True  # an opening word that starts a pair of the question ("The" of "the gender of X")
         return bool(answer) and self._text(answer[-1]) in self.head_words[b]
 
     # ------------------------------------------------------------------ the rules
@@ -134,7 +146,10 @@ class ValueDecoding(LogitsProcessor):
                     ends = self.stop_ids if last[-1:] in (".", "!", "?") else [self.period]
                 self._only(scores, b, nxt | set(ends))
             elif self._restating(b, answer):
-                if added is not None and added.shape[0] == scores.shape[0]:
+                head_next = _continuations(self.heads[b], answer, self._word)
+                if head_next:  # inside the cited head's name: it is restated as stored ("Forrest G" -> "ump")
+                    self._only(scores, b, head_next)
+                elif added is not None and added.shape[0] == scores.shape[0]:
                     scores[b] -= added[b].to(scores.dtype)  # restating the question: no copy votes
             elif nxt:
                 self._only(scores, b, nxt)
@@ -185,6 +200,18 @@ class ValueDecoding(LogitsProcessor):
         masked = torch.full_like(scores[b], float("-inf"))
         masked[keep] = scores[b, keep]
         scores[b] = masked
+
+
+def _continuations(forms, answer: list[int], word) -> set[int]:
+    """The next tokens of the names in `forms` that the answer ends inside (a proper prefix; a lone opening word
+    like "The" does not count as started)."""
+    nxt = set()
+    for ids in forms:
+        for j in range(min(len(ids) - 1, len(answer)), 0, -1):
+            if answer[-j:] == ids[:j] and not (j == 1 and word(ids[0]) in _WEAK_FIRST):
+                nxt.add(ids[j])
+                break
+    return nxt
 
 
 def _said(v: CitedValue, answer: list[int]) -> bool:
