@@ -134,6 +134,14 @@ def test_a_name_of_the_question_s_head_is_restated_without_a_push():
         "Jeanne Lamon plays the violin.<stop>"
 
 
+def test_a_value_that_opens_like_the_head_is_finished_once_the_head_is_out():
+    facts = [("Bleach: Fade to Black", "prequel", "Bleach: The DiamondDust Rebellion")]
+    proc, tok, prompt = setup("What is the prequel of Bleach: Fade to Black?", facts, [1.0])
+    # the model would restate the head a second time where the value belongs
+    assert greedy(proc, tok, prompt, "The prequel of Bleach: Fade to Black is Bleach: Fade to Black", steps=20) \
+        == "The prequel of Bleach: Fade to Black is Bleach: The DiamondDust Rebellion.<stop>"
+
+
 def test_restating_the_question_takes_the_copy_votes_back():
     proc, tok, prompt = setup("Who was the spouse of Humphrey Bogart?", FACTS, [0.8, 0.1, 0.1])
     answer = tok("The spouse of")["input_ids"]

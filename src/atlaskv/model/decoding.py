@@ -19,7 +19,9 @@ the first one's weight, at most TOP_VALUES), and before every later token applie
               next token may follow ("Forrest G" -> "ump", not "Forrest Games"); elsewhere the copy votes of
               this step are taken back and nothing is pushed (the head is restated as asked, not with the value spliced in, and "The state of
               Augusta" goes on with "is", not with "Maine");
-  finish      the answer ends with a proper prefix of a cited value (a value opening with a word like "The"
+  finish      (checked before restating once the answer holds the cited head: "Bleach: Fade to Black is
+              Bleach" goes on into the value "Bleach: The DiamondDust Rebellion", not into the head again)
+              the answer ends with a proper prefix of a cited value (a value opening with a word like "The"
               counts from its second token, unless it is the first-cited one): only the next tokens of such
               values may follow, so a started value ends as stored ("Heather" -> "Heather Graham");
   push        no value is out yet: each cited value's first token gets VALUE_PUSH logits times its weight
@@ -145,6 +147,8 @@ class ValueDecoding(LogitsProcessor):
                     last = self.tokenizer.decode(answer[-1:]).strip()
                     ends = self.stop_ids if last[-1:] in (".", "!", "?") else [self.period]
                 self._only(scores, b, nxt | set(ends))
+            elif nxt and _contains(answer[:-1], self.heads[b]):
+                self._only(scores, b, nxt)  # the head is out already: a value that opens like it is the value
             elif self._restating(b, answer):
                 head_next = _continuations(self.heads[b], answer, self._word)
                 if head_next:  # inside the cited head's name: it is restated as stored ("Forrest G" -> "ump")
@@ -212,6 +216,11 @@ def _continuations(forms, answer: list[int], word) -> set[int]:
                 nxt.add(ids[j])
                 break
     return nxt
+
+
+def _contains(answer: list[int], forms) -> bool:
+    """One of the token forms occurs in the answer."""
+    return any(answer[i:i + len(ids)] == ids for ids in forms if ids for i in range(len(answer) - len(ids) + 1))
 
 
 def _said(v: CitedValue, answer: list[int]) -> bool:
