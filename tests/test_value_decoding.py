@@ -142,6 +142,14 @@ def test_a_value_that_opens_like_the_head_is_finished_once_the_head_is_out():
         == "The prequel of Bleach: Fade to Black is Bleach: The DiamondDust Rebellion.<stop>"
 
 
+def test_a_value_whose_words_the_question_also_asks_is_finished():
+    facts = [("Kampala", "time zone", "East Africa Time Zone-US")]
+    proc, tok, prompt = setup("Which time zone is Kampala in?", facts, [1.0])
+    # "time zone" stands in the question, but "East Africa Time Zone" does not: it is the value, not a restatement
+    assert greedy(proc, tok, prompt, "East Africa Time Zone: East Africa Time Zone") == \
+        "East Africa Time Zone-US.<stop>"
+
+
 def test_restating_the_question_takes_the_copy_votes_back():
     proc, tok, prompt = setup("Who was the spouse of Humphrey Bogart?", FACTS, [0.8, 0.1, 0.1])
     answer = tok("The spouse of")["input_ids"]

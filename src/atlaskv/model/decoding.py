@@ -19,8 +19,10 @@ the first one's weight, at most TOP_VALUES), and before every later token applie
               next token may follow ("Forrest G" -> "ump", not "Forrest Games"); elsewhere the copy votes of
               this step are taken back and nothing is pushed (the head is restated as asked, not with the value spliced in, and "The state of
               Augusta" goes on with "is", not with "Maine");
-  finish      (checked before restating once the answer holds the cited head: "Bleach: Fade to Black is
-              Bleach" goes on into the value "Bleach: The DiamondDust Rebellion", not into the head again)
+  finish      (checked before restating once the answer holds the cited head, "Bleach: Fade to Black is
+              Bleach" goes on into the value "Bleach: The DiamondDust Rebellion", not into the head again; or
+              when the started words of the value do not stand in the question as they are: "East Africa Time
+              Zone" goes on to "-US" though the question asks "which time zone")
               the answer ends with a proper prefix of a cited value (a value opening with a word like "The"
               counts from its second token, unless it is the first-cited one): only the next tokens of such
               values may follow, so a started value ends as stored ("Heather" -> "Heather Graham");
@@ -75,7 +77,8 @@ class ValueDecoding(LogitsProcessor):
         self.questions = [(prompt_ids[b] if prompt_mask is None else prompt_ids[b][prompt_mask[b].bool()]).tolist()
                           for b in range(prompt_ids.shape[0])]
         # word pairs of the question, case-blind: an answer that opens "The budget" restates "the budget currency"
-        self.pairs = [{(self._word(q[i]), self._word(q[i + 1])) for i in range(len(q) - 1)} for q in self.questions]
+        self.question_words = [[self._word(t) for t in q] for q in self.questions]
+        self.pairs = [set(zip(w, w[1:])) for w in self.question_words]
         # name-like words of the question that go on into another word there ("Jeanne" of "Jeanne Lamon"): an
         # answer that ends with one is restating the question's head, whatever the token before it
         self.head_words = [{self._text(q[i]) for i in range(len(q) - 1)
@@ -124,6 +127,11 @@ class ValueDecoding(LogitsProcessor):
     def _word(self, token: int) -> str:
         return self._text(token).casefold()
 
+    def _asked(self, b: int, tokens: list[int]) -> bool:
+        """These tokens' words stand in the question in a row (case-blind)."""
+        words, asked = [self._word(t) for t in tokens], self.question_words[b]
+        return any(asked[i:i + len(words)] == words for i in range(len(asked) - len(words) + 1))
+
     def _restating(self, b: int, answer: list[int]) -> bool:
         """The answer's end copies the question: its last two tokens stand there side by side, or its last
         token is a name-like word the question goes on from."""
@@ -140,15 +148,18 @@ class ValueDecoding(LogitsProcessor):
         added = self.kb.call.copy_added
         for b in range(scores.shape[0]):
             answer = input_ids[b, self.prompt_len:].tolist()
-            nxt, done, named, at_end = self._state(self.values[b], answer)
+            nxt, done, named, at_end, started = self._state(self.values[b], answer)
             if done and (at_end or not nxt):  # a value is out: the list goes on, or the sentence ends
                 ends = self._list_next(self.values[b], answer, named)
                 if ends is None:
                     last = self.tokenizer.decode(answer[-1:]).strip()
                     ends = self.stop_ids if last[-1:] in (".", "!", "?") else [self.period]
                 self._only(scores, b, nxt | set(ends))
-            elif nxt and _contains(answer[:-1], self.heads[b]):
-                self._only(scores, b, nxt)  # the head is out already: a value that opens like it is the value
+            elif nxt and (_contains(answer[:-1], self.heads[b]) or not self._asked(b, answer[-started:])):
+                # the value, not the question: the head is out already ("... is Bleach" of "Bleach: The
+                # DiamondDust Rebellion"), or the value's started words do not stand in the question as they
+                # are ("East Africa Time Zone" asked "which time zone")
+                self._only(scores, b, nxt)
             elif self._restating(b, answer):
                 head_next = _continuations(self.heads[b], answer, self._word)
                 if head_next:  # inside the cited head's name: it is restated as stored ("Forrest G" -> "ump")
@@ -172,11 +183,12 @@ class ValueDecoding(LogitsProcessor):
             return [v.forms[0][0] for v in left]
         return [self.comma] if len(left) > 1 else [self.and_]
 
-    def _state(self, values: list[CitedValue], answer: list[int]) -> tuple[set[int], bool, set[str], bool]:
+    def _state(self, values: list[CitedValue], answer: list[int]) -> tuple[set[int], bool, set[str], bool, int]:
         """(the tokens that continue a started value, whether a value is out in full more often than the
-        question holds it, the values so named, whether one of them ends the answer). Values are taken in
-        the order of their weight where they conflict."""
-        nxt, done, named, at_end = {}, False, set(), 0.0
+        question holds it, the values so named, whether one of them ends the answer, how many tokens of the
+        longest started value the answer ends with). Values are taken in the order of their weight where they
+        conflict."""
+        nxt, done, named, at_end, length = {}, False, set(), 0.0, {}
         for v in values:
             if _said(v, answer):
                 done = True
@@ -191,10 +203,11 @@ class ValueDecoding(LogitsProcessor):
                         break  # "The" starts the first-cited "The Beatles", not any cited value
                     if answer[-j:] == ids[:j]:
                         nxt[ids[j]] = max(nxt.get(ids[j], 0.0), v.weight)
+                        length[ids[j]] = max(length.get(ids[j], 0), j)
                         break
         if at_end:  # a value just ended: a longer one goes on only if it weighs more ("Google" / "Google Keep")
             nxt = {t: w for t, w in nxt.items() if w > at_end}
-        return set(nxt), done, named, at_end > 0
+        return set(nxt), done, named, at_end > 0, max((length[t] for t in nxt), default=0)
 
     @staticmethod
     def _only(scores: torch.Tensor, b: int, allowed) -> None:
