@@ -17,8 +17,8 @@ the first one's weight, at most TOP_VALUES), and before every later token applie
               a word pair there ("The" of "the gender of"), or its last token is a name-like word the question
               goes on from ("Jeanne" of "Jeanne Lamon"): inside the first-cited fact's head only the head's
               next token may follow ("Forrest G" -> "ump", not "Forrest Games"); elsewhere the copy votes of
-              this step are taken back and nothing is pushed (the head is restated as asked, not with the value spliced in, and "The state of
-              Augusta" goes on with "is", not with "Maine");
+              this step are taken back and nothing is pushed (the head is restated as asked, not with the
+              value spliced in, and "The state of Augusta" goes on with "is", not with "Maine");
   finish      (checked before restating once the answer holds the cited head, "Bleach: Fade to Black is
               Bleach" goes on into the value "Bleach: The DiamondDust Rebellion", not into the head again; or
               when the started words of the value do not stand in the question as they are: "East Africa Time
