@@ -4,6 +4,10 @@ the evaluation sets in ../shared/eval. Questions use the training templates (tra
 per fact, picked by a seeded RNG; the pool is a seeded sample of the facts. Deterministic.
 
     .venv/bin/python benchmarks/make_dev_set.py runs/dev/fb15k-train 2000
+    .venv/bin/python benchmarks/make_dev_set.py runs/dev/fb15k-train-heads 6000 0 by-head
+
+`by-head` takes whole entities (every training fact of a seeded sample of heads) instead of single facts, so
+`eval grounding --distractors same-head` finds the question's other facts in the pool, as on fb15k-para.
 The facts were seen in training (the adapter has no held-out train facts), so a dev score is optimistic
 about retrieval; it is meant for choosing settings that the training never touched.
 """
@@ -19,10 +23,21 @@ from atlaskv.train import QUESTION_TEMPLATES
 REPO = Path(__file__).resolve().parents[1]
 
 
-def main(out: str, n: int = 2000, seed: int = 0) -> None:
+def main(out: str, n: int = 2000, seed: int = 0, mode: str = "facts") -> None:
     triples = read_triples(REPO / "data" / "fb15k237-train.tsv").triples
     rng = np.random.default_rng(seed)
-    picked = [triples[i] for i in sorted(rng.permutation(len(triples))[:n])]
+    if mode == "by-head":
+        by_head: dict[str, list[int]] = {}
+        for i, t in enumerate(triples):
+            by_head.setdefault(t.head, []).append(i)
+        heads, rows = sorted(by_head), []
+        for h in rng.permutation(len(heads)):
+            if len(rows) >= n:
+                break
+            rows += by_head[heads[h]][:n - len(rows)]
+        picked = [triples[i] for i in sorted(rows)]
+    else:
+        picked = [triples[i] for i in sorted(rng.permutation(len(triples))[:n])]
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "triples.tsv", "w", encoding="utf-8") as f:
@@ -38,4 +53,4 @@ def main(out: str, n: int = 2000, seed: int = 0) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], *(int(a) for a in sys.argv[2:]))
+    main(sys.argv[1], *(int(a) for a in sys.argv[2:4]), *sys.argv[4:5])
