@@ -137,7 +137,7 @@ class ValueDecoding(LogitsProcessor):
         token is a name-like word the question goes on from."""
         if len(answer) >= 2 and (self._word(answer[-2]), self._word(answer[-1])) in self.pairs[b]:
             return True
-        if len(answer) == 1 and any(self._word(answer[0]) == first for first, _ in self.pairs[b]):
+        if len(answer) == 1 and self._word(answer[0]) in self.question_words[b][:-1]:
             return True  # an opening word that starts a pair of the question ("The" of "the gender of X")
         return bool(answer) and self._text(answer[-1]) in self.head_words[b]
 
