@@ -251,22 +251,35 @@ class AtlasKV:
                  value_decoding: bool = VALUE_DECODING, **gen_kw) -> str:
         """The answer text. `value_decoding`: a started KB value is finished as stored and ends the answer
         (decoding.py); off, the model decodes freely with the copy votes only."""
-        from transformers import LogitsProcessorList
-
         kb_in = self.kb_inputs(kb) if isinstance(kb, (KnowledgeBase, KBView)) else kb
-        ids = self.chat_ids(question)
-        needs_q = kb_in is not None and (self.adapter.config.question_input or (
-            kb_in.pruned is not None and kb_in.pruned.config.route != "kbq"))
-        if needs_q and kb_in.question_emb is None:
-            kb_in.question_emb = self.question_embedding(question)
-        processors = LogitsProcessorList(gen_kw.pop("logits_processor", None) or [])
-        processors.extend(value_processors(kb_in, self.tokenizer, ids, None, self._stop_ids, value_decoding))
+        ids, processors = self.prepare(question, kb_in, value_decoding, gen_kw.pop("logits_processor", None))
         with use_kb(kb_in):
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                       do_sample=do_sample, streamer=streamer, logits_processor=processors,
                                       pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
                                       **{"eos_token_id": self._stop_ids, **gen_kw})
         return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+    def prepare(self, question: str | Sequence[dict], kb_in: KBInputs | None, value_decoding: bool = VALUE_DECODING,
+                logits_processor=None, prompt_ids: torch.Tensor | None = None, prompt_mask: torch.Tensor | None = None):
+        """(prompt ids [1, T], logits processors) of one answer, with the question's embedding set on `kb_in`
+        where the adapter or the HiKVP route reads it: what generate() and the batching scheduler share.
+        prompt_ids / prompt_mask: the prompt as a batched prefill padded it (model/batching.py)."""
+        from transformers import LogitsProcessorList
+
+        ids = self.chat_ids(question) if prompt_ids is None else prompt_ids
+        needs_q = kb_in is not None and (self.adapter.config.question_input or (
+            kb_in.pruned is not None and kb_in.pruned.config.route != "kbq"))
+        if needs_q and kb_in.question_emb is None:
+            kb_in.question_emb = self.question_embedding(question)
+        processors = LogitsProcessorList(logits_processor or [])
+        processors.extend(value_processors(kb_in, self.tokenizer, ids, prompt_mask, self._stop_ids, value_decoding))
+        return ids, processors
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """EOS and the chat format's end of turn: generation ends at any of them."""
+        return list(self._stop_ids)
 
     def stream(self, question: str | Sequence[dict], kb: KnowledgeBase | KBView | None = None, **kw) -> Iterator[str]:
         """Yield the answer text piece by piece as it is generated."""
@@ -299,11 +312,17 @@ class AtlasKV:
         heads and prompt tokens) during the prefill. `prune`: HiKVP (default when the KB has an index)."""
         kb_in = self.kb_inputs(kb, record=True, prune=prune, prune_config=prune_config)
         text = self.generate(question, kb_in, max_new_tokens=max_new_tokens, **gen_kw)
+        return self.answer(question, kb, kb_in, text, top_citations)
+
+    def answer(self, question: str | Sequence[dict], kb: KnowledgeBase | KBView, kb_in: KBInputs, text: str,
+               top_citations: int = TOP_CITATIONS) -> Answer:
+        """The Answer of `text`, generated over `kb_in` (record=True): its citations from the prefill's KB
+        attention. The prefill alone decides them, so a caller may build the Answer before decoding."""
         pruned = kb_in.pruned is not None
         asked = question if isinstance(question, str) else [m["content"] for m in question if m["role"] == "user"][-1]
         if not kb_in.attention or kb_in.size == 0:
             return Answer(text, [], kb_in.size, 0.0, pruned, question=asked)
-        (positions, weights), = kb_in.summed_attention()
+        (positions, weights), = kb_in.summed_attention(kb_in.token_mask)
         n_heads = self.adapter.config.num_heads
         n_tokens = next(iter(kb_in.attention.values())).shape[1]
         total = float(weights.sum())

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from atlaskv.model.adapter import KBAdapter, attention_modules
-from atlaskv.model.kb_inputs import KBInputs, close_call, kb_of, open_call
+from atlaskv.model.kb_inputs import KBInputs, KBRows, close_call, kb_of, open_call
 from atlaskv.model.pruning import LayerScorer, gather, search
 
 ATTN_PREFIX = "atlaskv_"
@@ -78,6 +78,13 @@ def kb_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
                                                    dropout=dropout, **kwargs)
 
     adapter, layer, q_kb, kb = layer_ctx
+    if isinstance(kb, KBRows):  # requests batched apart: each row reads its own KB with its own state
+        def row(m, b):
+            return m[b:b + 1] if m is not None and m.shape[0] > 1 else m
+        outs = [kb_attention(module, query[b:b + 1], key[b:b + 1], value[b:b + 1], row(attention_mask, b),
+                             scaling, dropout, base=base, **kwargs, **{LAYER_KWARG: (adapter, layer, q_kb[b:b + 1], one)})[0]
+                for b, one in enumerate(kb.rows)]
+        return torch.cat(outs), None
     B, H, T, D = query.shape
     scaling = D ** -0.5 if scaling is None else scaling
     f = torch.promote_types(query.dtype, torch.float32)  # fp32 at least, whatever the model's dtype
@@ -301,12 +308,19 @@ def _kb_query_hook(module, args, kwargs, *, adapter: KBAdapter, layer: int):
     if q_norm is not None:  # Qwen3 / Gemma 3 normalise each query head before RoPE; the KB head was copied from q_proj
         q = q_norm(q)
     if adapter.config.question_input:
-        if kb.question_emb is None:
-            raise ValueError("this adapter reads the question's sentence embedding: pass KBInputs(question_emb=...)")
-        if layer not in kb.call.question_q or torch.is_grad_enabled():  # the same for every decode step
-            kb.call.question_q[layer] = adapter.question_query(kb.question_emb, layer)[:, :, None, :].to(q.dtype)
-        q = q + kb.call.question_q[layer]
+        rows = kb.rows if isinstance(kb, KBRows) else [kb]
+        terms = [_question_term(adapter, layer, one, q.dtype) for one in rows]
+        q = q + (terms[0] if len(terms) == 1 else torch.cat(terms))
     return args, {**kwargs, LAYER_KWARG: (adapter, layer, q, kb)}
+
+
+def _question_term(adapter: KBAdapter, layer: int, kb: KBInputs, dtype: torch.dtype) -> torch.Tensor:
+    """The question's KB-query term of one layer [B, H, 1, D]; the same for every decode step."""
+    if kb.question_emb is None:
+        raise ValueError("this adapter reads the question's sentence embedding: pass KBInputs(question_emb=...)")
+    if layer not in kb.call.question_q or torch.is_grad_enabled():
+        kb.call.question_q[layer] = adapter.question_query(kb.question_emb, layer)[:, :, None, :].to(dtype)
+    return kb.call.question_q[layer]
 
 
 def register(base: str) -> str:

@@ -144,7 +144,15 @@ class KBInputs:
         return self.call.inv_std
 
 
-_ACTIVE: contextvars.ContextVar[KBInputs | None] = contextvars.ContextVar("atlaskv_kb", default=None)
+@dataclass
+class KBRows:
+    """One KB per row of a batched decode step, each with its own call state: requests that started apart
+    (each prefilled alone, with its own KB snapshot and HiKVP selection) decode together (serve/scheduler.py).
+    The KB layers run row by row on it (attention.kb_attention); everything else in the model is batched."""
+    rows: list[KBInputs]
+
+
+_ACTIVE: contextvars.ContextVar[KBInputs | KBRows | None] = contextvars.ContextVar("atlaskv_kb", default=None)
 _OPEN_CALLS = threading.local()  # per thread: the context tokens of forward calls in progress
 
 
@@ -182,11 +190,12 @@ def open_call(module, args, kwargs):
         new_prompt = int(pos[0]) == 0
     else:
         new_prompt = past is None or past.get_seq_length() == 0
-    if new_prompt:
-        kb.call.copy_match.clear()
-    kb.call.ids = ids
-    kb.call.copy_boost = None
-    kb.call.copy_added = None
+    for b, one in enumerate(kb.rows if isinstance(kb, KBRows) else [kb]):
+        if new_prompt:
+            one.call.copy_match.clear()
+        one.call.ids = ids if not isinstance(kb, KBRows) else ids[b:b + 1]
+        one.call.copy_boost = None
+        one.call.copy_added = None
     return None
 
 

@@ -32,7 +32,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from atlaskv.model.kb_inputs import KBInputs, call_kb
+from atlaskv.model.kb_inputs import KBInputs, KBRows, call_kb
 
 # Adam moves a parameter by about lr per step, and the last KB layer needs an absolute gain of a few hundred
 # (benchmarks/results/answer_stage/token_values_sweep.json): gains are counted in units of 256.
@@ -313,15 +313,23 @@ class CopyValues(SentenceValues):
 
 def _copy_logits_hook(module, args, output, *, config):
     kb = call_kb()
-    if kb is None or kb.call.copy_boost is None:
+    if kb is None:
         return None
-    boost, kb.call.copy_boost = kb.call.copy_boost, None
-    if output.shape[0] != boost.shape[0] or output.shape[-1] < boost.shape[1]:
+    # a batched decode step of requests that started apart (KBRows): each row adds its own KB's votes
+    parts = list(enumerate(kb.rows)) if isinstance(kb, KBRows) else [(None, kb)]
+    if all(one.call.copy_boost is None for _, one in parts):
         return None
     output = output.clone()
-    added = (config.copy_logit_gain * boost).to(output.dtype)
-    output[:, -1, :boost.shape[1]] += added
-    kb.call.copy_added = added  # value decoding takes them back where the answer restates the question
+    for b, one in parts:
+        boost, one.call.copy_boost = one.call.copy_boost, None
+        if boost is None:
+            continue
+        out = output if b is None else output[b:b + 1]
+        if out.shape[0] != boost.shape[0] or out.shape[-1] < boost.shape[1]:
+            continue
+        added = (config.copy_logit_gain * boost).to(out.dtype)
+        out[:, -1, :boost.shape[1]] += added
+        one.call.copy_added = added  # value decoding takes them back where the answer restates the question
     return output
 
 
