@@ -178,3 +178,34 @@ def kb_questions():
     from pathlib import Path
 
     return Path(__file__).resolve().parents[1] / "examples" / "demo" / "questions.jsonl"
+
+
+def test_kb_write_does_not_wait_for_answers(client, url):
+    """Eight answers in flight: an add posted behind them is acknowledged before the last of them ends (the
+    serial server answered it after all eight), and a question asked after the acknowledgement reads it."""
+    qs = [json.loads(line)["question"] for line in open(kb_questions()).readlines()[:8]]
+    fact = {"head": "Mount Vesuvius", "relation": "country", "tail": "Italy"}
+    ended = []
+
+    def one(q):
+        c = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=300)
+        ask(c, q, max_tokens=32)
+        ended.append(time.perf_counter())
+
+    threads = [threading.Thread(target=one, args=(q,)) for q in qs]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)  # the asks are in (the first prefills alone take longer than this)
+    h = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(url + "/v1/kb/triples", json={"triples": [fact]}, headers=h, timeout=120)
+    acked = time.perf_counter()
+    for t in threads:
+        t.join()
+    try:
+        assert r.status_code == 200 and r.json()["added"] == 1
+        assert acked < max(ended), "the write waited for every answer"
+        text, extra = ask(client, "What is the country of Mount Vesuvius?")
+        assert extra["kb_version"] >= r.json()["version"]
+        assert cited(extra)[0] == ("Mount Vesuvius", "country", "Italy")
+    finally:
+        httpx.request("DELETE", url + "/v1/kb/triples", json={"triples": [fact]}, headers=h, timeout=120)

@@ -25,3 +25,7 @@ VALUE_DECODING = True
 MAX_NEW_TOKENS = 48        # ask / chat / serve: answer length budget
 EVAL_MAX_NEW_TOKENS = 32   # eval grounding and baselines: the measured answers
 TOP_CITATIONS = 5          # cited facts returned with an answer
+
+# serve: answers decoded together (continuous batching, serve/scheduler.py). On a 2-core CPU a decode step of
+# 20 rows costs about 1.8x one row; beyond the batch, requests wait in the queue (--max-queue, then 503).
+MAX_BATCH = 32

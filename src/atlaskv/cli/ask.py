@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from atlaskv.cli.common import ROUTE_HELP, TOP_K_HELP, fail, print_info, prune_options, run
-from atlaskv.defaults import MAX_NEW_TOKENS, PRUNE_ROUTE, PRUNE_TOP_K_TEXT, REFUSE_BELOW
+from atlaskv.defaults import MAX_BATCH, MAX_NEW_TOKENS, PRUNE_ROUTE, PRUNE_TOP_K_TEXT, REFUSE_BELOW
 
 REFUSE_HELP = ("Answer \"I don't know.\" when the most-cited fact has under this many times the weight of the "
                "second (0: never; calibrated in benchmarks/results/refusal_fb15k.json).")
@@ -178,7 +178,8 @@ def serve_cmd(kb_dir: Path = typer.Option(..., "--kb", help="KB directory."),
               adapter: Optional[Path] = typer.Option(None, help="Adapter folder (default: the shipped one)."),
               max_tokens: int = typer.Option(512, help="Largest max_tokens a request may ask for."),
               max_body_bytes: int = typer.Option(1 << 20, help="Largest request body (413 above)."),
-              max_queue: int = typer.Option(64, help="Requests waiting for the model before 503."),
+              max_queue: int = typer.Option(64, help="Requests waiting (beyond the batch) before 503."),
+              max_batch: int = typer.Option(MAX_BATCH, help="Answers decoded together (continuous batching)."),
               refuse_below: float = typer.Option(REFUSE_BELOW, help=REFUSE_HELP)):
     """OpenAI-compatible server: /v1/chat/completions (with citations), /v1/models, /v1/kb/triples, /v1/kb,
     /health, and the web page at /. With ATLASKV_API_KEY set, every request needs
@@ -188,7 +189,7 @@ def serve_cmd(kb_dir: Path = typer.Option(..., "--kb", help="KB directory."),
 
     _warn_if_open(host)
     app_ = _app(kb_dir, adapter, max_tokens=max_tokens, max_body_bytes=max_body_bytes, max_queue=max_queue,
-                refuse_below=refuse_below)
+                max_batch=max_batch, refuse_below=refuse_below)
     uvicorn.run(app_, host=host, port=port, log_level="info")
 
 

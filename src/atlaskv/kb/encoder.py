@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -68,6 +69,9 @@ class SentenceTransformerEncoder:
             raise EncoderError(f"cannot load sentence encoder {name!r}: {e} (atlaskv runs offline: "
                                "give a local model folder or a model already in the HF cache)") from e
         self.name = name
+        # a server encodes questions (its scheduler) and added triples (its writer) on two threads at once;
+        # one tokenizer and model between them, one call at a time
+        self.lock = threading.Lock()
         self.dim = int(self.model.get_embedding_dimension()
                        if hasattr(self.model, "get_embedding_dimension")
                        else self.model.get_sentence_embedding_dimension())
@@ -77,8 +81,9 @@ class SentenceTransformerEncoder:
             return np.zeros((0, self.dim), np.float32)
         if show_progress is None:
             show_progress = _progress_default(len(texts))
-        out = self.model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True,
-                                show_progress_bar=show_progress)
+        with self.lock:
+            out = self.model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True,
+                                    show_progress_bar=show_progress)
         return np.ascontiguousarray(out, dtype=np.float32)
 
     def encode_exact(self, texts, batch_size=256, show_progress=None):
@@ -105,24 +110,25 @@ class SentenceTransformerEncoder:
             return np.zeros((0, self.dim), np.float32)
         if show_progress is None:
             show_progress = _progress_default(len(texts))
-        tok = self.model.tokenizer
-        max_len = self.model.max_seq_length
-        lengths = np.fromiter((len(ids) for ids in tok(texts, truncation=True, max_length=max_len)["input_ids"]),
-                              np.int64, len(texts))
-        out = np.empty((len(texts), self.dim), np.float32)
-        order = np.argsort(lengths, kind="stable")
-        bounds = np.flatnonzero(np.diff(lengths[order])) + 1
-        with tqdm(total=len(texts), disable=not show_progress, desc="encoding", unit="text") as bar:
-            for group in np.split(order, bounds):
-                rows = _exact_rows(int(lengths[group[0]]))
-                for s in range(0, len(group), rows):
-                    idx = group[s:s + rows]
-                    batch = [texts[i] for i in idx]
-                    batch = (batch * -(-rows // len(batch)))[:rows]  # one shape per token count
-                    emb = self.model.encode(batch, batch_size=len(batch), convert_to_numpy=True,
-                                            show_progress_bar=False)
-                    out[idx] = emb[:len(idx)]
-                    bar.update(len(idx))
+        with self.lock:
+            tok = self.model.tokenizer
+            max_len = self.model.max_seq_length
+            lengths = np.fromiter((len(ids) for ids in tok(texts, truncation=True, max_length=max_len)["input_ids"]),
+                                  np.int64, len(texts))
+            out = np.empty((len(texts), self.dim), np.float32)
+            order = np.argsort(lengths, kind="stable")
+            bounds = np.flatnonzero(np.diff(lengths[order])) + 1
+            with tqdm(total=len(texts), disable=not show_progress, desc="encoding", unit="text") as bar:
+                for group in np.split(order, bounds):
+                    rows = _exact_rows(int(lengths[group[0]]))
+                    for s in range(0, len(group), rows):
+                        idx = group[s:s + rows]
+                        batch = [texts[i] for i in idx]
+                        batch = (batch * -(-rows // len(batch)))[:rows]  # one shape per token count
+                        emb = self.model.encode(batch, batch_size=len(batch), convert_to_numpy=True,
+                                                show_progress_bar=False)
+                        out[idx] = emb[:len(idx)]
+                        bar.update(len(idx))
         return out
 
 

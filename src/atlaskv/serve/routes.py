@@ -10,8 +10,9 @@
     GET    /health
     GET    /                      the web page (page.py; static files, no data: its every call needs the key)
 
-The routes read and check the request, call the KBService (service.py: one model, one KB, one lock, so
-every request sees all updates made before it and never a half-applied one) and shape its reply.
+The routes read and check the request, call the KBService (service.py: concurrent chat requests are answered
+together by one scheduler thread, scheduler.py; KB writes never wait for answers, and every request admitted
+after a write's acknowledgement reads it, never half of it) and shape its reply.
 Requests wait in a bounded queue (503 when full).
 With ATLASKV_API_KEY set (or api_key=...), every request needs `Authorization: Bearer <key>`.
 When no fact in the KB stands out the answer is "I don't know." (Answer.or_refusal; "refused": true).
@@ -20,6 +21,7 @@ wrong (400 unreadable JSON, 401 auth, 413 body too large, 422 invalid request, 4
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -27,7 +29,7 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Annotated, Iterator
+from typing import Annotated, AsyncIterator
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -35,7 +37,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from atlaskv.defaults import MAX_NEW_TOKENS, REFUSE_BELOW
+from atlaskv.defaults import MAX_BATCH, MAX_NEW_TOKENS, REFUSE_BELOW
 from atlaskv.kb.store import KnowledgeBase
 from atlaskv.serve.page import page_router
 from atlaskv.serve.schemas import ChatRequest, TriplesRequest
@@ -62,12 +64,13 @@ def error_response(status: int, message: str, type: str, code: str | None = None
 def create_app(model, kb: KnowledgeBase | str | Path, *, api_key: str | None = None, model_name: str | None = None,
                max_body_bytes: int = 1 << 20, max_messages: int = 64, max_tokens: int = 512,
                default_max_tokens: int = MAX_NEW_TOKENS, max_prompt_tokens: int = 2048, max_triples: int = 10_000,
-               max_queue: int = 64, refuse_below: float = REFUSE_BELOW) -> FastAPI:
+               max_queue: int = 64, max_batch: int = MAX_BATCH, refuse_below: float = REFUSE_BELOW) -> FastAPI:
     """A FastAPI app serving `model` (an AtlasKV) over `kb`. api_key None reads $ATLASKV_API_KEY.
     refuse_below: answer "I don't know." when no fact stands out (Answer.or_refusal; 0 = never)."""
     service = KBService(model, kb, model_name=model_name, max_messages=max_messages, max_tokens=max_tokens,
                         default_max_tokens=default_max_tokens, max_prompt_tokens=max_prompt_tokens,
-                        max_triples=max_triples, max_queue=max_queue, refuse_below=refuse_below)
+                        max_triples=max_triples, max_queue=max_queue, max_batch=max_batch,
+                        refuse_below=refuse_below)
     return service_app(service, api_key=api_key, max_body_bytes=max_body_bytes)
 
 
@@ -189,7 +192,7 @@ def completion(reply: Reply, cid: str, now: int, name: str) -> dict:
             "atlaskv": atlaskv_field(reply)}
 
 
-def sse_events(run: StreamRun, cid: str, now: int, name: str) -> Iterator[str]:
+async def sse_events(run: StreamRun, cid: str, now: int, name: str) -> AsyncIterator[str]:
     """The streamed completion as server-sent events: role, text pieces, final chunk with citations, [DONE]."""
     def event(delta: dict, finish: str | None = None, **more) -> str:
         chunk = {"id": cid, "object": "chat.completion.chunk", "created": now, "model": name,
@@ -197,12 +200,13 @@ def sse_events(run: StreamRun, cid: str, now: int, name: str) -> Iterator[str]:
         return f"data: {json.dumps(chunk)}\n\n"
 
     yield event({"role": "assistant", "content": ""})
-    for piece in run:
-        if piece:
-            yield event({"content": piece})
+    async for piece in run:
+        yield event({"content": piece})
     try:
-        reply = run.finish()
+        reply = await run.finish()
     except BaseException as e:  # the status line went out long ago: the error is an event
+        if isinstance(e, asyncio.CancelledError):
+            raise
         if not isinstance(e, ServiceError):
             log.error("generation failed", exc_info=e)
         msg = e.message if isinstance(e, ServiceError) else f"internal error ({type(e).__name__})"
@@ -237,10 +241,10 @@ async def chat_completions(request: Request, service: Service):
                            req.max_completion_tokens or req.max_tokens, req.temperature, req.top_p)
     cid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     if req.stream:
-        run = service.stream(job)  # before the 200 goes out: a full queue is still a clean 503
+        run = service.stream(job, asyncio.get_running_loop())  # before the 200: a full queue is still a clean 503
         return StreamingResponse(sse_events(run, cid, now, service.name), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
-    reply = await run_in_threadpool(service.answer, job)
+    reply = await service.answer_async(job)  # waits in the scheduler's batch, not on a thread
     return completion(reply, cid, now, service.name)
 
 

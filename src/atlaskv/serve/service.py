@@ -1,23 +1,29 @@
-"""The served model and KB, one call at a time: what the HTTP routes (routes.py) ask of them.
+"""The served model and KB: what the HTTP routes (routes.py) ask of them.
 
-KBService owns the model, the live KB, the lock and its bounded queue, and the request limits; it answers,
-updates the KB, and reads it for the web page (overview, search over heads). It knows nothing of HTTP: a
-request it will not serve raises ServiceError, whose `kind` the routes map to a status.
+KBService owns the model (driven by one Scheduler thread that answers chat requests together, scheduler.py),
+the live KB, and the request limits; it answers, updates the KB, and reads it for the web page (overview,
+search over heads). Reads and writes never wait for each other: an answer reads the KB snapshot of the moment
+it was admitted, and a write takes the writer lock, commits (KnowledgeBase writes new files and swaps the
+manifest) and publishes the new snapshot before it is acknowledged, so every request admitted after the
+acknowledgement sees it, and none sees half of it. It knows nothing of HTTP: a request it will not serve raises
+ServiceError, whose `kind` the routes map to a status.
 """
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal, NamedTuple
+from typing import AsyncIterator, Literal, NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from atlaskv.defaults import MAX_NEW_TOKENS, PRUNE_ROUTE, PRUNE_TOP_K, REFUSE_BELOW, TOP_CITATIONS
+from atlaskv.defaults import MAX_BATCH, MAX_NEW_TOKENS, PRUNE_ROUTE, PRUNE_TOP_K, REFUSE_BELOW, TOP_CITATIONS
 from atlaskv.kb.store import KBError, KnowledgeBase, UpdateResult
+from atlaskv.model.batching import PromptTooLong
+from atlaskv.serve.scheduler import QueueFull, Scheduler, Ticket
 
 ErrorKind = Literal["invalid", "queue_full", "kb_busy"]
 FACT_COLUMNS = ["head", "relation", "tail"]
@@ -33,47 +39,37 @@ class ServiceError(Exception):
         self.kind, self.message, self.code = kind, message, code
 
 
-class Worker:
-    """Serialises every model call and KB update (a lock), with at most `max_queue` callers waiting."""
-
-    def __init__(self, max_queue: int):
-        self.lock = threading.Lock()
-        self.slots = threading.Semaphore(max_queue + 1)
-
-    def reserve(self) -> None:
-        if not self.slots.acquire(blocking=False):
-            raise ServiceError("queue_full", "server busy: too many queued requests, retry later")
-
-    @contextmanager
-    def turn(self):
-        """Hold the model; the slot taken by reserve() is given back afterwards."""
-        try:
-            with self.lock:
-                yield
-        finally:
-            self.slots.release()
-
-    def call(self, fn):
-        self.reserve()
-        with self.turn():
-            return fn()
-
-
 class LiveKB:
-    """The served KB; reopened when another process (`atlaskv kb add`) replaced its manifest."""
+    """The served KB: the snapshot requests read. Replaced by our own writes (publish) and reopened when
+    another process (`atlaskv kb add`) replaced its manifest. A snapshot is read in (its tombstones, its tree)
+    before anyone sees it: the next write deletes the files only that version named, and an answer admitted
+    just before that write still reads it."""
 
     def __init__(self, kb: KnowledgeBase):
-        self.kb, self.stamp = kb, self.mtime(kb.path)
+        self.kb, self.stamp = self.ready(kb), self.mtime(kb.path)
+        self.lock = threading.Lock()
 
     @staticmethod
     def mtime(path: Path) -> int:
         return (Path(path) / "manifest.json").stat().st_mtime_ns
 
-    def current(self) -> KnowledgeBase:  # call with the worker lock held
-        stamp = self.mtime(self.kb.path)
-        if stamp != self.stamp:
-            self.kb, self.stamp = KnowledgeBase.open(self.kb.path), stamp
-        return self.kb
+    @staticmethod
+    def ready(kb: KnowledgeBase) -> KnowledgeBase:
+        kb.view()  # loads and keeps the table (live rows) and the HiKVP tree of this version
+        return kb
+
+    def current(self) -> KnowledgeBase:
+        """The newest committed version (a KnowledgeBase no writer changes any more)."""
+        with self.lock:
+            stamp = self.mtime(self.kb.path)
+            if stamp != self.stamp:
+                self.kb, self.stamp = self.ready(KnowledgeBase.open(self.kb.path)), stamp
+            return self.kb
+
+    def publish(self, kb: KnowledgeBase) -> None:
+        self.ready(kb)
+        with self.lock:
+            self.kb, self.stamp = kb, self.mtime(kb.path)
 
 
 @dataclass(frozen=True)
@@ -107,53 +103,72 @@ class KBChange(NamedTuple):
     triples: int          # live triples after the change
 
 
+class TextPieces:
+    """A streamed answer's text as it is decoded, handed piece by piece to an asyncio loop (the HTTP
+    server's): transformers' TextStreamer decides where a piece ends (whole words), the loop reads them."""
+
+    def __init__(self, tokenizer, loop: asyncio.AbstractEventLoop):
+        from transformers import TextStreamer
+
+        pieces = self
+
+        class Streamer(TextStreamer):
+            def on_finalized_text(self, text: str, stream_end: bool = False):
+                if text:
+                    loop.call_soon_threadsafe(pieces.queue.put_nowait, text)
+                if stream_end:
+                    loop.call_soon_threadsafe(pieces.queue.put_nowait, None)
+
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.streamer = Streamer(tokenizer, skip_prompt=False, skip_special_tokens=True)
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        while (piece := await self.queue.get()) is not None:
+            yield piece
+
+
 class StreamRun:
-    """One streamed generation, already started: iterate for its text pieces, then finish() for its Reply."""
+    """One streamed answer, already submitted: iterate (async) for its text pieces, then finish() for its Reply."""
 
-    def __init__(self, streamer, work):
-        self.streamer, self.reply, self.error = streamer, None, None
-        # started here, not when iterated: the slot is given back even if the client leaves before reading
-        self.thread = threading.Thread(target=self.run, args=(work,), daemon=True)
-        self.thread.start()
+    def __init__(self, pieces: TextPieces, ticket: Ticket, service: "KBService"):
+        self.pieces, self.ticket, self.service = pieces, ticket, service
 
-    def run(self, work) -> None:
-        try:
-            self.reply = work()
-        except BaseException as e:  # raised again by finish()
-            self.error = e
-            self.streamer.end()
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self.pieces.__aiter__()
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.streamer)
-
-    def finish(self) -> Reply:
-        """Wait for the generation; its error, if any, is raised here."""
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-        return self.reply
+    async def finish(self) -> Reply:
+        """Wait for the answer; its error, if any, is raised here."""
+        return await self.service.reply_when_done(self.ticket)
 
 
 class KBService:
-    """`model` (an AtlasKV) answering over `kb`, one call at a time, at most `max_queue` waiting.
+    """`model` (an AtlasKV) answering over `kb`: at most `max_batch` answers decoded together, at most
+    `max_queue` chat requests and as many KB writes waiting (more: ServiceError queue_full).
     refuse_below: answer "I don't know." when no fact stands out (Answer.or_refusal; 0 = never).
     top_k, route: HiKVP search when the KB has an index; top_citations: cited facts per answer."""
 
     def __init__(self, model, kb: KnowledgeBase | str | Path, *, model_name: str | None = None,
                  max_messages: int = 64, max_tokens: int = 512, default_max_tokens: int = MAX_NEW_TOKENS,
                  max_prompt_tokens: int = 2048, max_triples: int = 10_000, max_queue: int = 64,
-                 refuse_below: float = REFUSE_BELOW, top_k: tuple[int, int, int] = PRUNE_TOP_K,
-                 route: str = PRUNE_ROUTE, top_citations: int = TOP_CITATIONS):
+                 max_batch: int = MAX_BATCH, refuse_below: float = REFUSE_BELOW,
+                 top_k: tuple[int, int, int] = PRUNE_TOP_K, route: str = PRUNE_ROUTE,
+                 top_citations: int = TOP_CITATIONS):
         from atlaskv.model.pruning import PruneConfig
 
+        if max_batch < 1 or max_queue < 0:
+            raise ValueError(f"max_batch must be at least 1 and max_queue at least 0, got {max_batch}, {max_queue}")
         self.model = model
         self.live = LiveKB(kb if isinstance(kb, KnowledgeBase) else KnowledgeBase.open(kb))
         self.name = model_name or f"atlaskv-{model.adapter.config.base_model}"
         self.created = int(time.time())  # the model's "created" in /v1/models
-        self.worker = Worker(max_queue)
         self.max_messages, self.max_tokens, self.default_max_tokens = max_messages, max_tokens, default_max_tokens
         self.max_prompt_tokens, self.max_triples, self.refuse_below = max_prompt_tokens, max_triples, refuse_below
-        self.ask_options = {"prune_config": PruneConfig(top_k=top_k, route=route), "top_citations": top_citations}
+        self.scheduler = Scheduler(model, self.live.current, max_batch=max_batch, max_queue=max_queue,
+                                   refuse_below=refuse_below, max_prompt_tokens=max_prompt_tokens,
+                                   prune_config=PruneConfig(top_k=top_k, route=route), top_citations=top_citations)
+        self.writer = threading.Lock()                       # one KB write at a time
+        self.write_slots = threading.Semaphore(max_queue + 1)
+        self.facts_lock = threading.Lock()
         self.facts_cache: tuple[tuple[str, int], pa.Table] | None = None  # (KB path, version) -> its facts
 
     # ------------------------------------------------------------ chat
@@ -175,47 +190,49 @@ class KBService:
         return ChatJob(messages, gen)
 
     def answer(self, job: ChatJob) -> Reply:
-        """Wait for the model (blocking), then answer: ServiceError queue_full when too many wait."""
-        return self.worker.call(lambda: self.generate(job))
+        """Answer (blocking until done): ServiceError queue_full when too many wait."""
+        return self.reply(self.submit(job))
 
-    def stream(self, job: ChatJob) -> StreamRun:
-        """Start answering in a thread; the queue slot is taken now, so a full queue raises here."""
-        from transformers import TextIteratorStreamer
+    async def answer_async(self, job: ChatJob) -> Reply:
+        """answer() for an asyncio caller: waiting takes no thread."""
+        return await self.reply_when_done(self.submit(job))
 
-        streamer = TextIteratorStreamer(self.model.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self.worker.reserve()
+    def stream(self, job: ChatJob, loop: asyncio.AbstractEventLoop) -> StreamRun:
+        """Submit a streamed answer whose pieces `loop` reads; a full queue raises here, before any byte
+        goes out."""
+        pieces = TextPieces(self.model.tokenizer, loop)
+        return StreamRun(pieces, self.submit(job, pieces.streamer), self)
 
-        def work() -> Reply:
-            with self.worker.turn():
-                return self.generate(job, streamer)
+    def submit(self, job: ChatJob, streamer=None) -> Ticket:
+        try:
+            return self.scheduler.submit(job.messages, job.gen, streamer)
+        except QueueFull:
+            raise ServiceError("queue_full", "server busy: too many queued requests, retry later") from None
 
-        return StreamRun(streamer, work)
+    async def reply_when_done(self, ticket: Ticket) -> Reply:
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
 
-    def generate(self, job: ChatJob, streamer=None) -> Reply:
-        """Run with the worker lock held."""
-        kb = self.live.current()
-        n_prompt = self.model.chat_ids(job.messages).shape[1]
-        if n_prompt > self.max_prompt_tokens:
-            raise ServiceError("invalid", f"prompt is {n_prompt} tokens, at most {self.max_prompt_tokens}",
-                               "prompt_too_long")
-        if streamer is not None and self.refuse_below > 0:
-            # the rule reads the prefill's attention: decide before any token goes out (one prefill more)
-            pre = self.model.ask(job.messages, kb, max_new_tokens=1, **self.ask_options).or_refusal(self.refuse_below)
-            if pre.refused:
-                streamer.end()
-                return self.reply(pre, n_prompt, kb, job)
-        ans = self.model.ask(job.messages, kb, streamer=streamer, **self.ask_options, **job.gen)
-        if self.refuse_below > 0:
-            ans = ans.or_refusal(self.refuse_below)
-        return self.reply(ans, n_prompt, kb, job)
+        def wake():
+            if not done.done():  # a client that left cancelled it
+                done.set_result(None)
 
-    def reply(self, ans, n_prompt: int, kb: KnowledgeBase, job: ChatJob) -> Reply:
-        n_out = len(self.model.tokenizer(ans.text, add_special_tokens=False)["input_ids"])
-        return Reply(ans, n_prompt, n_out, kb.version, job.max_new_tokens)
+        ticket.on_done(lambda: loop.call_soon_threadsafe(wake))
+        await done
+        return self.reply(ticket)
+
+    def reply(self, ticket: Ticket) -> Reply:
+        """The Reply of a submitted request, once answered."""
+        try:
+            ticket.wait()
+        except PromptTooLong as e:
+            raise ServiceError("invalid", str(e), "prompt_too_long") from None
+        seq = ticket.seq
+        return Reply(seq.answer, seq.prompt_len, ticket.completion_tokens, ticket.kb.version, seq.max_new_tokens)
 
     # ------------------------------------------------------------ the KB
     def add(self, triples: list[tuple[str, str, str]]) -> KBChange:
-        """Add triples live (blocking, one at a time with the answers)."""
+        """Add triples live (blocking; never waits for an answer)."""
         return self.update("add", triples)
 
     def remove(self, triples: list[tuple[str, str, str]]) -> KBChange:
@@ -228,17 +245,20 @@ class KBService:
                                "too_many_triples")
         if any("\x00" in f for t in triples for f in t):  # the file readers refuse NUL too (kb/triples.py)
             raise ServiceError("invalid", "invalid request: a triple field holds a NUL character", "invalid_request")
-
-        def go() -> KBChange:
-            kb = self.live.current()
-            try:
-                res = getattr(kb, op)(triples)
-            except KBError as e:  # e.g. another process is writing the KB right now
-                raise ServiceError("kb_busy", str(e), "kb_busy") from None
-            self.live.current()  # our own write replaced the manifest: take its new stamp
-            return KBChange(res, len(kb))
-
-        return self.worker.call(go)
+        if not self.write_slots.acquire(blocking=False):
+            raise ServiceError("queue_full", "server busy: too many queued KB writes, retry later")
+        try:
+            with self.writer:
+                # a KnowledgeBase of the writer's own: the snapshot that answers read is never changed under them
+                kb = KnowledgeBase.open(self.live.current().path)
+                try:
+                    res = getattr(kb, op)(triples)
+                except KBError as e:  # e.g. another process is writing the KB right now
+                    raise ServiceError("kb_busy", str(e), "kb_busy") from None
+                self.live.publish(kb)  # before the acknowledgement: every request admitted after it reads it
+                return KBChange(res, len(kb))
+        finally:
+            self.write_slots.release()
 
     def kb_status(self) -> tuple[int, int]:
         """(version, live triples) of the KB as last read; does not wait for the model."""
@@ -247,8 +267,8 @@ class KBService:
 
     # ------------------------------------------------------------ reading the KB (the web page's KB panel)
     def overview(self) -> dict:
-        """Size, version, encoder and relations (with their fact counts) of the KB, read in turn with the
-        answers and updates: it shows every update made before it."""
+        """Size, version, encoder and relations (with their fact counts) of the KB: it shows every update
+        acknowledged before it."""
         def go() -> dict:
             kb = self.live.current()
             counts = pc.value_counts(self.facts(kb).column("relation")).to_pylist()
@@ -260,7 +280,7 @@ class KBService:
                     "indexed": info["index"] is not None, "refuse_below": self.refuse_below,
                     "relations": relations}
 
-        return self.worker.call(go)
+        return go()
 
     def search(self, text: str, limit: int = 50) -> dict:
         """Facts whose head contains `text` (any case): exact heads first, then heads that start with it,
@@ -284,13 +304,13 @@ class KBService:
             return {"query": text_, "version": kb.version, "total": facts.num_rows,
                     "triples": facts.slice(0, limit).to_pylist()}
 
-        return self.worker.call(go)
+        return go()
 
     def facts(self, kb: KnowledgeBase) -> pa.Table:
-        """The KB's live triples (head, relation, tail), each once, sorted; kept until the KB changes.
-        Call with the worker lock held."""
+        """The KB's live triples (head, relation, tail), each once, sorted; kept until the KB changes."""
         key = (str(kb.path), kb.version)
-        if self.facts_cache is None or self.facts_cache[0] != key:
-            t = kb.records().select(FACT_COLUMNS).group_by(FACT_COLUMNS).aggregate([])
-            self.facts_cache = key, t.sort_by([(c, "ascending") for c in FACT_COLUMNS])
-        return self.facts_cache[1]
+        with self.facts_lock:
+            if self.facts_cache is None or self.facts_cache[0] != key:
+                t = kb.records().select(FACT_COLUMNS).group_by(FACT_COLUMNS).aggregate([])
+                self.facts_cache = key, t.sort_by([(c, "ascending") for c in FACT_COLUMNS])
+            return self.facts_cache[1]
