@@ -484,6 +484,13 @@ def _gather(sources, format, skip_bad) -> tuple[list[Triple], dict]:
     return out, {"rows": len(out) + dup, "bad": 0, "duplicates": dup}
 
 
+def clean_triples(items: Iterable) -> tuple[list[Triple], int]:
+    """In-memory (head, relation, tail) items as add() and remove() take them: checked (KBError names the
+    bad item), whitespace collapsed, deduplicated; returns (triples, duplicates dropped)."""
+    triples, report = _gather(list(items), None, False)
+    return triples, report["duplicates"]
+
+
 def describe_sources(sources) -> list[str] | str:
     """What a build read, for the manifest's history: the file names, or "python triples"."""
     if isinstance(sources, (str, Path)):

@@ -8,6 +8,8 @@ How the KB travels (the one mechanism):
 A forward pre-hook on the model (attention.attach) opens each call: it takes the kwarg or the context
 variable (`kb_of`), makes the context variable point at that KB until the call returns (so hooks that see no
 kwargs, like the LM head's, read the same KB through `call_kb`), and starts the call's scratch state.
+A batch of answers that started apart (serving: model/batching.py) passes KBRows instead, one KBInputs per
+row: the hooks and the KB layers then work row by row, each row on its own KB and state.
 
 A KBInputs has three parts: what the caller gives (embeddings or a pruned tree, the length correction, the
 question embedding, the prompt mask), `call` (scratch state the layers share within a generate() call:

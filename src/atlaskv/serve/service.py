@@ -1,11 +1,11 @@
 """The served model and KB: what the HTTP routes (routes.py) ask of them.
 
 KBService owns the model (driven by one Scheduler thread that answers chat requests together, scheduler.py),
-the live KB, and the request limits; it answers, updates the KB, and reads it for the web page (overview,
-search over heads). Reads and writes never wait for each other: an answer reads the KB snapshot of the moment
-it was admitted, and a write takes the writer lock, commits (KnowledgeBase writes new files and swaps the
-manifest) and publishes the new snapshot before it is acknowledged, so every request admitted after the
-acknowledgement sees it, and none sees half of it. It knows nothing of HTTP: a request it will not serve raises
+the live KB, its writer (one thread applying queued adds and removes, writer.py) and the request limits; it
+answers, updates the KB, and reads it for the web page (overview, search over heads). Answers and writes never
+wait for each other: an answer reads the KB snapshot of the moment it was admitted, and a write is committed
+(KnowledgeBase writes new files and swaps the manifest) and its snapshot published before it is acknowledged,
+so every request admitted after the acknowledgement sees it, and none sees half of it. It knows nothing of HTTP: a request it will not serve raises
 ServiceError, whose `kind` the routes map to a status.
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ from atlaskv.defaults import MAX_BATCH, MAX_NEW_TOKENS, PRUNE_ROUTE, PRUNE_TOP_K
 from atlaskv.kb.store import KBError, KnowledgeBase, UpdateResult
 from atlaskv.model.batching import PromptTooLong
 from atlaskv.serve.scheduler import QueueFull, Scheduler, Ticket
+from atlaskv.serve.writer import KBWriter, WriteQueueFull
 
 ErrorKind = Literal["invalid", "queue_full", "kb_busy"]
 FACT_COLUMNS = ["head", "relation", "tail"]
@@ -166,8 +167,7 @@ class KBService:
         self.scheduler = Scheduler(model, self.live.current, max_batch=max_batch, max_queue=max_queue,
                                    refuse_below=refuse_below, max_prompt_tokens=max_prompt_tokens,
                                    prune_config=PruneConfig(top_k=top_k, route=route), top_citations=top_citations)
-        self.writer = threading.Lock()                       # one KB write at a time
-        self.write_slots = threading.Semaphore(max_queue + 1)
+        self.writer = KBWriter(self.live.current, self.live.publish, max_queue=max_queue)
         self.facts_lock = threading.Lock()
         self.facts_cache: tuple[tuple[str, int], pa.Table] | None = None  # (KB path, version) -> its facts
 
@@ -232,7 +232,8 @@ class KBService:
 
     # ------------------------------------------------------------ the KB
     def add(self, triples: list[tuple[str, str, str]]) -> KBChange:
-        """Add triples live (blocking; never waits for an answer)."""
+        """Add triples live (blocking until committed and published; never waits for an answer: the writer
+        thread, writer.py)."""
         return self.update("add", triples)
 
     def remove(self, triples: list[tuple[str, str, str]]) -> KBChange:
@@ -245,20 +246,17 @@ class KBService:
                                "too_many_triples")
         if any("\x00" in f for t in triples for f in t):  # the file readers refuse NUL too (kb/triples.py)
             raise ServiceError("invalid", "invalid request: a triple field holds a NUL character", "invalid_request")
-        if not self.write_slots.acquire(blocking=False):
-            raise ServiceError("queue_full", "server busy: too many queued KB writes, retry later")
         try:
-            with self.writer:
-                # a KnowledgeBase of the writer's own: the snapshot that answers read is never changed under them
-                kb = KnowledgeBase.open(self.live.current().path)
-                try:
-                    res = getattr(kb, op)(triples)
-                except KBError as e:  # e.g. another process is writing the KB right now
-                    raise ServiceError("kb_busy", str(e), "kb_busy") from None
-                self.live.publish(kb)  # before the acknowledgement: every request admitted after it reads it
-                return KBChange(res, len(kb))
-        finally:
-            self.write_slots.release()
+            job = self.writer.submit(op, triples)
+        except WriteQueueFull:
+            raise ServiceError("queue_full", "server busy: too many queued KB writes, retry later") from None
+        except KBError as e:
+            raise ServiceError("invalid", f"invalid request: {e}", "invalid_request") from None
+        try:
+            job.wait()
+        except KBError as e:  # e.g. another process is writing the KB right now
+            raise ServiceError("kb_busy", str(e), "kb_busy") from None
+        return KBChange(job.result, job.live_triples)
 
     def kb_status(self) -> tuple[int, int]:
         """(version, live triples) of the KB as last read; does not wait for the model."""
