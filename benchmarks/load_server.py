@@ -40,6 +40,7 @@ from atlaskv.kb.triples import Triple, read_triples, write_triples  # noqa: E402
 from atlaskv.kb.store import KnowledgeBase  # noqa: E402
 
 MIX = {"ask": 0.35, "stream": 0.25, "add": 0.2, "delete": 0.15, "hostile": 0.05}
+MIXES = {"mixed": MIX, "chat": {"ask": 0.6, "stream": 0.4}}  # --mix: chat only measures the answering alone
 
 
 def cli() -> list[str]:
@@ -81,8 +82,9 @@ def vm_hwm(pid: int) -> int | None:
 
 class Client(threading.Thread):
     def __init__(self, idx: int, url: str, key: str, n: int, base: list[Triple], own_base: list[Triple], seed: int,
-                 max_tokens: int, deadline: float):
+                 max_tokens: int, deadline: float, mix: dict | None = None):
         super().__init__(daemon=True)
+        self.mix = mix or MIX
         self.idx, self.url, self.key, self.n = idx, url, key, n
         self.base, self.own_base = base, list(own_base)
         self.rng = random.Random(seed * 1000 + idx)
@@ -106,7 +108,7 @@ class Client(threading.Thread):
             for _ in range(self.n):
                 if time.time() > self.deadline:
                     break
-                kind = self.rng.choices(list(MIX), weights=list(MIX.values()))[0]
+                kind = self.rng.choices(list(self.mix), weights=list(self.mix.values()))[0]
                 t0 = time.perf_counter()
                 rec = {"kind": kind}
                 try:
@@ -206,6 +208,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-queue", type=int, default=64, help="passed to atlaskv serve")
     ap.add_argument("--max-seconds", type=float, default=1500, help="clients stop starting requests after this")
+    ap.add_argument("--mix", choices=sorted(MIXES), default="mixed", help="request kinds: mixed (asks, streams, "
+                    "KB adds / deletes, hostile) or chat (asks and streams only)")
+    ap.add_argument("--max-batch", type=int, default=None, help="passed to atlaskv serve (default: its own)")
+    ap.add_argument("--server-src", type=Path, default=None,
+                    help="serve the atlaskv package in this src folder instead (another commit's checkout: "
+                         "benchmarks/serve_batching.py runs the serial server this way)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "load_server.json")
     a = ap.parse_args(argv)
 
@@ -221,9 +229,14 @@ def main(argv=None) -> int:
     port = free_port()
     log = open(work / "server.log", "wb")
     t_boot = time.time()
-    server = subprocess.Popen(cli() + ["serve", "--kb", str(work / "kb"), "--host", "127.0.0.1", "--port", str(port),
-                                       "--max-tokens", "64", "--max-queue", str(a.max_queue)],
-                              env={**env, "ATLASKV_API_KEY": key}, stdout=log, stderr=subprocess.STDOUT)
+    serve = cli() if a.server_src is None else [sys.executable, "-c", "from atlaskv.cli import app; app()"]
+    server_env = {**env, "ATLASKV_API_KEY": key}
+    if a.server_src is not None:
+        server_env["PYTHONPATH"] = str(a.server_src.resolve())
+    server = subprocess.Popen(serve + ["serve", "--kb", str(work / "kb"), "--host", "127.0.0.1", "--port", str(port),
+                                       "--max-tokens", "64", "--max-queue", str(a.max_queue)]
+                              + ([] if a.max_batch is None else ["--max-batch", str(a.max_batch)]),
+                              env=server_env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         while True:
@@ -245,8 +258,8 @@ def main(argv=None) -> int:
 
         own = [base[i::a.clients] for i in range(a.clients)]  # each client may delete only its own base triples
         t0 = time.time()
-        clients = [Client(i, url, key, a.requests, base, own[i][:3], a.seed, a.max_tokens, t0 + a.max_seconds)
-                   for i in range(a.clients)]
+        clients = [Client(i, url, key, a.requests, base, own[i][:3], a.seed, a.max_tokens, t0 + a.max_seconds,
+                          MIXES[a.mix]) for i in range(a.clients)]
         for c in clients:
             c.start()
         for c in clients:
@@ -294,6 +307,8 @@ def main(argv=None) -> int:
         "command": "python benchmarks/load_server.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "clients": a.clients, "requests_per_client": a.requests, "max_tokens": a.max_tokens,
         "kb_triples_at_start": len(base), "max_queue": a.max_queue, "seed": a.seed,
+        "server_src": str(a.server_src) if a.server_src else "this checkout", "max_batch": a.max_batch,
+        "mix": MIXES[a.mix],
         "requests_sent": len(results), "wall_s": round(wall, 1), "server_boot_s": round(boot_s, 1),
         "requests_per_s": round(len(results) / wall, 2),
         "status_codes": dict(sorted(codes.items())),
