@@ -76,8 +76,10 @@ class Scheduler:
     `max_batch`, with at most `max_queue` waiting. The thread starts with the first request."""
 
     def __init__(self, model, snapshot: Callable[[], object], *, max_batch: int, max_queue: int,
-                 refuse_below: float, max_prompt_tokens: int, prune_config, top_citations: int):
+                 refuse_below: float, max_prompt_tokens: int, prune_config, top_citations: int,
+                 quiet: threading.Event | None = None):
         self.model, self.snapshot = model, snapshot
+        self.quiet = quiet  # when given: a prefill or step starts only while it is set (a KB write goes first)
         self.max_batch, self.max_queue = max_batch, max_queue
         self.refuse_below, self.max_prompt_tokens = refuse_below, max_prompt_tokens
         self.prune_config, self.top_citations = prune_config, top_citations
@@ -114,8 +116,12 @@ class Scheduler:
                 admit = []
                 while self.waiting and len(self.running) + len(admit) < self.max_batch and len(admit) < PREFILL_BATCH:
                     admit.append(self.waiting.popleft())
+            if self.quiet is not None:
+                self.quiet.wait()
             if admit:
                 self._start(admit)
+            if self.quiet is not None:
+                self.quiet.wait()
             if self.decoder.rows:
                 try:
                     ended = self.decoder.step()

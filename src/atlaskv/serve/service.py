@@ -164,10 +164,13 @@ class KBService:
         self.created = int(time.time())  # the model's "created" in /v1/models
         self.max_messages, self.max_tokens, self.default_max_tokens = max_messages, max_tokens, default_max_tokens
         self.max_prompt_tokens, self.max_triples, self.refuse_below = max_prompt_tokens, max_triples, refuse_below
+        quiet = threading.Event()  # set unless a KB write is being applied: writes go first (writer.py)
+        quiet.set()
         self.scheduler = Scheduler(model, self.live.current, max_batch=max_batch, max_queue=max_queue,
                                    refuse_below=refuse_below, max_prompt_tokens=max_prompt_tokens,
-                                   prune_config=PruneConfig(top_k=top_k, route=route), top_citations=top_citations)
-        self.writer = KBWriter(self.live.current, self.live.publish, max_queue=max_queue)
+                                   prune_config=PruneConfig(top_k=top_k, route=route), top_citations=top_citations,
+                                   quiet=quiet)
+        self.writer = KBWriter(self.live.current, self.live.publish, max_queue=max_queue, quiet=quiet)
         self.facts_lock = threading.Lock()
         self.facts_cache: tuple[tuple[str, int], pa.Table] | None = None  # (KB path, version) -> its facts
 

@@ -46,8 +46,11 @@ class KBWriter:
     `max_queue` writes wait (WriteQueueFull beyond); at most `max_group` are committed together."""
 
     def __init__(self, current: Callable[[], KnowledgeBase], publish: Callable[[KnowledgeBase], None], *,
-                 max_queue: int, max_group: int = 256):
+                 max_queue: int, max_group: int = 256, quiet: threading.Event | None = None):
         self.current, self.publish = current, publish
+        # cleared while a group is applied: the scheduler holds its next step, so that a write's encoder pass
+        # runs alone on the cores instead of at half speed beside the decode (serve/scheduler.py)
+        self.quiet = quiet
         self.max_queue, self.max_group = max_queue, max_group
         self.pending: deque[WriteJob] = deque()
         self.cond = threading.Condition()
@@ -76,11 +79,16 @@ class KBWriter:
                 run = []
                 while self.pending and self.pending[0].op == op and len(run) < self.max_group:
                     run.append(self.pending.popleft())
+            if self.quiet is not None:
+                self.quiet.clear()
             try:
                 self._apply(op, run)
             except BaseException as e:  # KBError (another process writes the KB), a full disk, ...
                 for job in run:
                     job.error = e
+            finally:
+                if self.quiet is not None:
+                    self.quiet.set()
             for job in run:
                 job.event.set()
 
