@@ -1,7 +1,7 @@
 """The serial server against the batched one, side by side in one run (issue 23): `atlaskv serve` as it was
 before continuous batching (a git worktree of BASELINE_REF, same venv) and as it is, under the same mixed load
 (benchmarks/load_server.py: asks, streamed asks, KB adds / deletes, hostile requests) at 1, 5 and 20 clients,
-and asks and streamed asks only at 20 clients; 32-token answers, on the demo KB. Then the batched server alone
+and asks and streamed asks only at 20 clients and at 1 client (30 requests); 32-token answers, on the demo KB. Then the batched server alone
 for 20 x 50 mixed requests (lost / phantom updates over 1,000 mixed requests).
 
     python benchmarks/serve_batching.py                   # results/serve_batching.json + .png
@@ -50,6 +50,7 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=10, help="per client, in the side-by-side runs")
     ap.add_argument("--long-requests", type=int, default=50, help="per client, batched server alone at the most "
                                                                      "clients (0: skip)")
+    ap.add_argument("--single-requests", type=int, default=30, help="one chat-only client, both servers (0: skip)")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--baseline-ref", default=BASELINE_REF)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "serve_batching.json")
@@ -59,15 +60,17 @@ def main(argv=None) -> int:
     clients = [int(c) for c in a.clients.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="atlaskv-batching-"))
     runs = []
-    for mix in ("mixed", "chat"):
-        for n in (clients if mix == "mixed" else clients[-1:]):
-            for server, src in (("serial", serial_src), ("batched", None)):
-                out = tmp / f"{server}_{mix}_{n}.json"
-                args = ["--clients", str(n), "--requests", str(a.requests), "--max-tokens", str(a.max_tokens),
-                        "--mix", mix, "--out", str(out)] + (["--server-src", str(src)] if src else [])
-                print(f"== {server}, {mix}, {n} clients", flush=True)
-                load_server.main(args)
-                runs.append({"server": server, "mix": mix, "clients": n, **headline(json.loads(out.read_text()))})
+    # the chat-only runs: at the most clients, and one client for longer (its latency is the target's baseline)
+    plan = [("mixed", n, a.requests) for n in clients] + [("chat", clients[-1], a.requests)] \
+        + ([("chat", 1, a.single_requests)] if a.single_requests else [])
+    for mix, n, requests in plan:
+        for server, src in (("serial", serial_src), ("batched", None)):
+            out = tmp / f"{server}_{mix}_{n}.json"
+            args = ["--clients", str(n), "--requests", str(requests), "--max-tokens", str(a.max_tokens),
+                    "--mix", mix, "--out", str(out)] + (["--server-src", str(src)] if src else [])
+            print(f"== {server}, {mix}, {n} clients", flush=True)
+            load_server.main(args)
+            runs.append({"server": server, "mix": mix, "clients": n, **headline(json.loads(out.read_text()))})
     long = None
     if a.long_requests:
         out = tmp / "batched_long.json"
