@@ -123,3 +123,24 @@ def test_scheduler_answers_requests_that_arrive_while_others_decode(trained_mode
     got = [t.wait().seq.answer.text for t in tickets]
     assert got == [lone[q] for q in qs]
     assert sched.load() == (0, 0)
+
+
+def test_scheduler_survives_a_kb_it_cannot_read(trained_model, demo_kb):
+    """A request whose KB snapshot cannot be read gets the error; the next one is answered as usual."""
+    from atlaskv.serve.scheduler import Scheduler
+
+    calls = []
+
+    def snapshot():
+        calls.append(1)
+        if len(calls) == 1:
+            raise FileNotFoundError("manifest.json")
+        return demo_kb
+
+    sched = Scheduler(trained_model, snapshot, max_batch=4, max_queue=4, refuse_below=REFUSE_BELOW,
+                      max_prompt_tokens=2048, prune_config=None, top_citations=5)
+    first = sched.submit([{"role": "user", "content": "What is the capital of Canada?"}], {"max_new_tokens": 16})
+    with pytest.raises(FileNotFoundError):
+        first.wait()
+    second = sched.submit([{"role": "user", "content": "What is the capital of Canada?"}], {"max_new_tokens": 16})
+    assert "Ottawa" in second.wait().seq.answer.text

@@ -136,7 +136,13 @@ class Scheduler:
         """Prefill the admitted requests together over the KB snapshot of this moment."""
         import torch
 
-        kb = self.snapshot()
+        try:
+            kb = self.snapshot()
+        except Exception as e:  # the KB cannot be read right now (its folder gone, a broken manifest)
+            log.exception("reading the KB failed")
+            for t in tickets:
+                t.set(e)
+            return
         requests = []
         for t in tickets:
             t.kb = kb
@@ -161,15 +167,24 @@ class Scheduler:
                 self.running[id(seq)] = t
             if seq.done:
                 self._done(seq)
-            else:
+                continue
+            try:
                 self.decoder.join(seq)
+            except Exception as e:  # this answer only: the batch is as it was
+                log.exception("joining the batch failed")
+                with self.cond:
+                    self.running.pop(id(seq), None)
+                t.set(e)
 
     def _done(self, seq: Running) -> None:
         with self.cond:
             ticket = self.running.pop(id(seq))
         ticket.seq = seq
-        text = seq.answer.text
-        ticket.completion_tokens = len(self.model.tokenizer(text, add_special_tokens=False)["input_ids"])
+        try:
+            ticket.completion_tokens = len(self.model.tokenizer(seq.answer.text, add_special_tokens=False)["input_ids"])
+        except Exception:  # a count is not worth a lost answer
+            log.exception("counting the answer's tokens failed")
+            ticket.completion_tokens = len(seq.generated)
         ticket.set()
 
     def _fail_batch(self, error: BaseException) -> None:
