@@ -1,14 +1,17 @@
 """Continuous batching: answers that started apart decode together, one token per step.
 
-    decoder.start(question, kb)   prefill one answer alone: its own KB snapshot, HiKVP selection, cited facts
-                                  and first token (an answer the refusal rule refuses ends here)
+    decoder.start_many(requests)  prefill a few answers in one left-padded forward, each over its own KB
+                                  snapshot with its own HiKVP selection; their cited facts and first tokens
+                                  (an answer the refusal rule refuses ends here); start(question, kb): one
+    decoder.join(seq)             into the running batch (its left-padded text cache)
     decoder.step()                one more token for every running answer: one batched forward over the
-                                  left-padded text cache (the KB layers read each row's own KB: KBRows), then
-                                  each answer's own logits processors and choice
+                                  text cache (the KB layers read each row's own KB: KBRows), then each
+                                  answer's own logits processors and choice
 An answer leaves the batch when it ends and a new one joins at the next step, without waiting for the others
-(the iteration-level scheduling of Orca / vLLM). On a CPU a decode step is bound by reading the weights, so 20
-rows cost about 1.8x one row (docs/serving.md). A greedy answer is token for token the one AtlasKV.ask gives
-alone: the same prefill, the same processors, and padding that the mask takes out (tests/test_batching.py).
+(the iteration-level scheduling of Orca / vLLM). On a CPU a decode step is bound by reading the weights, so 16
+rows cost about 2.2x one row (docs/serving.md). A greedy answer is the one AtlasKV.ask gives alone: the same
+processors, and padding that the masks take out; not bit-identical arithmetic (other matrix shapes), so the
+tokens are checked, not assumed (tests/test_batching.py).
 """
 from __future__ import annotations
 

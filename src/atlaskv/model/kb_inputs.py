@@ -148,8 +148,8 @@ class KBInputs:
 
 @dataclass
 class KBRows:
-    """One KB per row of a batched decode step, each with its own call state: requests that started apart
-    (each prefilled alone, with its own KB snapshot and HiKVP selection) decode together (serve/scheduler.py).
+    """One KB per row of a batched forward, each with its own call state: answers that started apart (each
+    with its own KB snapshot and HiKVP selection) are prefilled and decoded together (model/batching.py).
     The KB layers run row by row on it (attention.kb_attention); everything else in the model is batched."""
     rows: list[KBInputs]
 
