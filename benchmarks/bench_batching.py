@@ -3,6 +3,8 @@
     base prefill     a 30-token prompt through the stock model, alone and in batches of 4 / 8 / 16
     decode step      BatchDecoder.step with 1 / 5 / 10 / 16 rows (value decoding off, so no row ends)
     answers          24 demo questions: AtlasKV.ask one by one against start_many (8 at a time) + step
+    KB add           KnowledgeBase.add of 1 and of 32 new triples to a copy of the KB (what one group commit of
+                     the server's writer costs: the encoder's batch-exact pass dominates)
 
     python benchmarks/bench_batching.py       # results/batching_steps.json
 """
@@ -75,6 +77,19 @@ def main(argv=None) -> int:
     same = sum(a.text == s.answer.text for a, s in zip(lone, seqs))
     out["answers"] = {"n": len(questions), "lone_s_each": round(t_lone / len(questions), 3),
                       "batched_s_each": round(t_batch / len(questions), 3), "same_text": same}
+    import shutil
+    import tempfile
+
+    adds = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copytree(a.kb, Path(tmp) / "kb")
+        KnowledgeBase.open(Path(tmp) / "kb").add([("bench warm-up", "country", "Atlantis")])  # encoder warm
+        for n in (1, 32):
+            new = [(f"bench entity {n} {i}", "country", "Atlantis") for i in range(n)]
+            t = time.perf_counter()
+            KnowledgeBase.open(Path(tmp) / "kb").add(new)
+            adds[n] = {"s": round(time.perf_counter() - t, 3)}
+    out["kb_add_triples"] = adds
     a.out.write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps(out, indent=1))
     return 0

@@ -27,5 +27,5 @@ EVAL_MAX_NEW_TOKENS = 32   # eval grounding and baselines: the measured answers
 TOP_CITATIONS = 5          # cited facts returned with an answer
 
 # serve: answers decoded together (continuous batching, serve/scheduler.py). On a 2-core CPU a decode step of
-# 16 rows costs about 2.2x one row (benchmarks/results/batching_steps.json); beyond the batch, requests wait in the queue (--max-queue, then 503).
+# 16 rows costs about 2.1x one row (benchmarks/results/batching_steps.json); beyond the batch, requests wait in the queue (--max-queue, then 503).
 MAX_BATCH = 32

@@ -9,7 +9,7 @@
                                   answer's own logits processors and choice
 An answer leaves the batch when it ends and a new one joins at the next step, without waiting for the others
 (the iteration-level scheduling of Orca / vLLM). On a CPU a decode step is bound by reading the weights, so 16
-rows cost about 2.2x one row (docs/serving.md). A greedy answer is the one AtlasKV.ask gives alone: the same
+rows cost about 2.1x one row (docs/serving.md). A greedy answer is the one AtlasKV.ask gives alone: the same
 processors, and padding that the masks take out; not bit-identical arithmetic (other matrix shapes), so the
 tokens are checked, not assumed (tests/test_batching.py).
 """

@@ -22,7 +22,7 @@ from atlaskv.model.batching import BatchDecoder, Request, Running
 log = logging.getLogger(__name__)
 
 
-# requests prefilled in one forward: on a 2-core CPU a 30-token prompt costs 121 ms alone and 49 ms each in
+# requests prefilled in one forward: on a 2-core CPU a 30-token prompt costs 120 ms alone and 51 ms each in
 # a batch of 8 (benchmarks/results/batching_steps.json)
 PREFILL_BATCH = 8
 
