@@ -197,3 +197,61 @@ def test_decode_step_equals_the_two_softmax_merge(kind, per_head):
             assert any(k[0] == "decode" for s in kb.call.selections.values() for k in s.cache), "fused path not taken"
         logits[fused] = torch.stack(rows)
     torch.testing.assert_close(logits[True], logits[False], atol=1e-5, rtol=1e-5)
+
+
+def _both_search(kb, adapter, q, qemb, memo=None):
+    from atlaskv.model.pruning import SearchMemo
+
+    scorer = LayerScorer(q, *adapter.layer_weights(0, "key"), 0.25, None)
+    return search(kb, adapter, scorer, qemb, "both", memo or SearchMemo(kb))[0]
+
+
+def test_shortlist_changes_nothing_when_it_covers_every_candidate():
+    g = torch.Generator().manual_seed(5)
+    keys, values = torch.from_numpy(clustered(3000, seed=5)), torch.randn(3000, D_IN, generator=g)
+    adapter = random_adapter(tiny_model("llama"))
+    q, qemb = torch.randn(4, 5, 16, generator=g), keys[7] + 0.01
+    for top_k in [(3, 6, 8), (10**6, 10**6, 8)]:
+        full = _both_search(pruned_kb(keys, values, top_k, route="both", shortlist=0), adapter, q, qemb)
+        wide = _both_search(pruned_kb(keys, values, top_k, route="both", shortlist=3000), adapter, q, qemb)
+        assert torch.equal(full, wide)
+
+
+def test_shortlist_kbq_reranks_the_question_nearest_candidates():
+    """Route both with a shortlist: the question's own top k_L over all candidates, united with the KB
+    query's top k_L among the `shortlist` candidates nearest the question (every leaf is a candidate here)."""
+    g = torch.Generator().manual_seed(6)
+    keys, values = torch.from_numpy(clustered(2000, seed=6)), torch.randn(2000, D_IN, generator=g)
+    adapter = random_adapter(tiny_model("llama"))
+    q, qemb = torch.randn(4, 5, 16, generator=g), keys[42] + 0.01
+    k_l, s = 6, 40
+    kb = pruned_kb(keys, values, (10**6, 10**6, k_l), route="both", shortlist=s)
+    got = _both_search(kb, adapter, q, qemb)
+    cos = torch.nn.functional.normalize(keys, dim=-1) @ torch.nn.functional.normalize(qemb, dim=-1)
+    short = cos.topk(s).indices
+    scorer = LayerScorer(q, *adapter.layer_weights(0, "key"), 0.25, None)
+    kbq = short[scorer.route_scores(keys[short], adapter.key_inv_std(keys[short]), False)[0].topk(k_l).indices]
+    expected = torch.unique(torch.cat([kbq, cos.topk(k_l).indices]))
+    assert torch.equal(torch.sort(got).values, expected)
+    assert 42 in got.tolist()
+
+
+def test_search_memo_reads_each_row_once_and_returns_the_stored_rows():
+    from atlaskv.model.pruning import SearchMemo
+
+    g = torch.Generator().manual_seed(7)
+    keys, values = torch.from_numpy(clustered(1500, seed=7)), torch.randn(1500, D_IN, generator=g)
+    kb = pruned_kb(keys, values, (3, 6, 8), route="both", shortlist=50)
+    reads = []
+    fetch = kb.fetch
+    kb.fetch = lambda pos, which: reads.append((which, len(pos))) or fetch(pos, which)
+    memo = SearchMemo(kb)
+    pos = np.array([9, 3, 1400, 3, 77])
+    assert torch.equal(memo.take(pos, "keys"), keys[pos])
+    assert torch.equal(memo.take(np.array([77, 5, 9]), "keys"), keys[[77, 5, 9]])
+    assert torch.equal(memo.take(pos, "values"), values[pos])
+    assert reads == [("keys", 4), ("keys", 1), ("values", 4)]   # repeats and earlier rows are not read again
+    # a search sharing the memo of earlier layers keeps the same leaves as a fresh one
+    adapter = random_adapter(tiny_model("llama"))
+    q, qemb = torch.randn(4, 5, 16, generator=g), keys[100] + 0.01
+    assert torch.equal(_both_search(kb, adapter, q, qemb, memo), _both_search(kb, adapter, q, qemb))

@@ -9,8 +9,8 @@ from typing import Optional
 
 import typer
 
-from atlaskv.cli.common import ROUTE_HELP, TOP_K_HELP, fail, print_info, prune_options, run
-from atlaskv.defaults import MAX_BATCH, MAX_NEW_TOKENS, PRUNE_ROUTE, PRUNE_TOP_K_TEXT, REFUSE_BELOW
+from atlaskv.cli.common import ROUTE_HELP, SHORTLIST_HELP, TOP_K_HELP, fail, print_info, prune_options, run
+from atlaskv.defaults import MAX_BATCH, MAX_NEW_TOKENS, PRUNE_ROUTE, PRUNE_SHORTLIST, PRUNE_TOP_K_TEXT, REFUSE_BELOW
 
 REFUSE_HELP = ("Answer \"I don't know.\" when the most-cited fact has under this many times the weight of the "
                "second (0: never; calibrated in benchmarks/results/refusal_fb15k.json).")
@@ -25,13 +25,14 @@ def ask_cmd(question: str = typer.Argument(..., help="The question."),
                                                                   "(default: HiKVP when the KB has an index)."),
             top_k: str = typer.Option(PRUNE_TOP_K_TEXT, "--top-k", help=TOP_K_HELP),
             route: str = typer.Option(PRUNE_ROUTE, help=ROUTE_HELP),
+            shortlist: int = typer.Option(PRUNE_SHORTLIST, min=0, help=SHORTLIST_HELP),
             json_out: bool = typer.Option(False, "--json")):
     """Answer a question from the KB and show the facts it attended to most."""
     import time
 
     if not question.strip():
         fail("empty question")
-    cfg = prune_options(top_k, route, False, True, "selected")
+    cfg = prune_options(top_k, route, False, True, "selected", shortlist)
     kb, akv = _load(kb_dir, adapter)
     t0 = time.time()
     ans = run(lambda: akv.ask(question, kb, max_new_tokens=max_new_tokens, prune=False if no_prune else None,

@@ -10,6 +10,8 @@ import typer
 
 TOP_K_HELP = "HiKVP top-k per level: roots,inter,leaves."
 ROUTE_HELP = "HiKVP routing: kbq (the LLM's KB query heads, the paper), question (sentence embedding), both."
+SHORTLIST_HELP = ("HiKVP route both: candidates per level that the KB query heads score, those nearest the question "
+                  "(0: every candidate, as the paper).")
 
 
 def fail(msg: str, code: int = 1):
@@ -43,12 +45,12 @@ def print_info(info: dict, as_json: bool) -> None:
     Console().print(t)
 
 
-def prune_options(top_k: str, route: str, per_head: bool, reuse: bool, scale_n: str):
+def prune_options(top_k: str, route: str, per_head: bool, reuse: bool, scale_n: str, shortlist: int):
     """PruneConfig from the CLI's spelling (shared by ask, eval and bench)."""
     from atlaskv.model.pruning import PruneConfig
 
     try:
         return PruneConfig(top_k=tuple(int(x) for x in top_k.split(",")), route=route, per_head=per_head,
-                           reuse=reuse, scale_n=scale_n)
+                           reuse=reuse, scale_n=scale_n, shortlist=shortlist)
     except ValueError as e:
-        fail(f"--top-k/--route/--scale-n: {e}")
+        fail(f"--top-k/--route/--scale-n/--shortlist: {e}")

@@ -8,8 +8,8 @@ from typing import List, Optional
 
 import typer
 
-from atlaskv.cli.common import ROUTE_HELP, TOP_K_HELP, fail, prune_options, run
-from atlaskv.defaults import PRUNE_ROUTE, PRUNE_TOP_K_TEXT, REFUSE_BELOW, VALUE_DECODING
+from atlaskv.cli.common import ROUTE_HELP, SHORTLIST_HELP, TOP_K_HELP, fail, prune_options, run
+from atlaskv.defaults import PRUNE_ROUTE, PRUNE_SHORTLIST, PRUNE_TOP_K_TEXT, REFUSE_BELOW, VALUE_DECODING
 
 eval_app = typer.Typer(help="Evaluate grounding and answers.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks: memory and latency vs KB size.", no_args_is_help=True)
@@ -85,6 +85,7 @@ def eval_grounding_cmd(
     no_prune: bool = typer.Option(False, "--no-prune/--prune", help="Flat KB attention over every entry."),
     top_k: str = typer.Option(PRUNE_TOP_K_TEXT, "--top-k", help=TOP_K_HELP),
     route: str = typer.Option(PRUNE_ROUTE, help=ROUTE_HELP),
+    shortlist: int = typer.Option(PRUNE_SHORTLIST, min=0, help=SHORTLIST_HELP),
     per_head: bool = typer.Option(False, "--per-head", help="Each head keeps its own leaves (default: summed)."),
     reuse: bool = typer.Option(True, "--reuse/--research", help="Decode steps reuse the prefill's selection."),
     scale_n: str = typer.Option("selected", help="N of the length correction when pruned: selected or kb."),
@@ -118,7 +119,7 @@ def eval_grounding_cmd(
         fail(f"--method {method!r}: choose atlaskv, kblam, rag, icl or zeroshot")
     if distractors not in ("random", "same-head"):
         fail("--distractors must be random or same-head")
-    prune = None if (no_prune or method == "kblam") else prune_options(top_k, route, per_head, reuse, scale_n)
+    prune = None if (no_prune or method == "kblam") else prune_options(top_k, route, per_head, reuse, scale_n, shortlist)
     akv = run(lambda: AtlasKV.from_pretrained(adapter))
     enc = load_encoder(akv.adapter.config.encoder)
     size_list = [int(float(x)) for x in sizes.split(",")]
@@ -219,6 +220,7 @@ def bench_scale_cmd(
     time_limit_s: float = typer.Option(900, help="A run with no result after this long is reported too_slow."),
     top_k: str = typer.Option(PRUNE_TOP_K_TEXT, "--top-k", help=TOP_K_HELP),
     route: str = typer.Option(PRUNE_ROUTE, help=ROUTE_HELP),
+    shortlist: int = typer.Option(PRUNE_SHORTLIST, min=0, help=SHORTLIST_HELP),
     reuse: bool = typer.Option(True, "--reuse/--research", help="Decode steps reuse the prefill's selection."),
     new_tokens: int = typer.Option(8, min=1, help="Tokens generated per timed run (two timed runs per process)."),
     rounds: int = typer.Option(1, min=1, help="Measure every method this many times, interleaved; rows report "
@@ -232,8 +234,8 @@ def bench_scale_cmd(
     if not ms or set(ms) - set(METHODS):
         fail(f"--methods: choose from {', '.join(METHODS)}")
     pool = pool or Path(os.environ.get("ATLASKV_SHARED", "../shared")) / "eval" / "fb15k-dense"
-    cfg = prune_options(top_k, route, False, reuse, "selected")
-    prune_args = {"top_k": list(cfg.top_k), "route": cfg.route, "reuse": cfg.reuse}
+    cfg = prune_options(top_k, route, False, reuse, "selected", shortlist)
+    prune_args = {"top_k": list(cfg.top_k), "route": cfg.route, "reuse": cfg.reuse, "shortlist": cfg.shortlist}
     res = run(lambda: bench_scale([int(float(x)) for x in sizes.split(",")], ms, work_dir, pool, mem_limit_mb,
                                    time_limit_s, prune_args, log=lambda m: typer.echo(m, err=True),
                                    new_tokens=new_tokens, rounds=rounds))

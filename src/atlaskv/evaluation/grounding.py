@@ -301,7 +301,7 @@ def eval_grounding(set_dir: str | Path, sizes: list[int], akv, encoder, n_questi
         out["refuse_below"] = refuse_below
     if prune is not None:
         out["prune"] = {"top_k": list(prune.top_k), "route": prune.route, "per_head": prune.per_head,
-                        "reuse": prune.reuse, "scale_n": prune.scale_n}
+                        "reuse": prune.reuse, "scale_n": prune.scale_n, "shortlist": prune.shortlist}
     if save_answers:
         Path(save_answers).parent.mkdir(parents=True, exist_ok=True)
         Path(save_answers).write_text("".join(json.dumps({"set": out["set"], **r}) + "\n" for r in run.saved),

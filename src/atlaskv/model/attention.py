@@ -30,7 +30,7 @@ from torch import nn
 
 from atlaskv.model.adapter import KBAdapter, attention_modules
 from atlaskv.model.kb_inputs import KBInputs, KBRows, close_call, kb_of, open_call
-from atlaskv.model.pruning import LayerScorer, gather, search
+from atlaskv.model.pruning import LayerScorer, SearchMemo, gather, search
 
 ATTN_PREFIX = "atlaskv_"
 LAYER_KWARG = "atlaskv_layer"   # the KB query hook hands (adapter, layer, q_kb, kb) to the kernel
@@ -78,6 +78,9 @@ def kb_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
                                                    dropout=dropout, **kwargs)
 
     adapter, layer, q_kb, kb = layer_ctx
+    if isinstance(kb, KBRows) and query.shape[2] == 1 and all(_reuses(one, layer, module) for one in kb.rows):
+        return _decode_rows(query, key, value, attention_mask, scaling or query.shape[-1] ** -0.5, adapter, layer,
+                            q_kb, kb, torch.promote_types(query.dtype, torch.float32))
     if isinstance(kb, KBRows):  # requests batched apart: each row reads its own KB with its own state
         def row(m, b):
             return m[b:b + 1] if m is not None and m.shape[0] > 1 else m
@@ -88,9 +91,7 @@ def kb_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
     B, H, T, D = query.shape
     scaling = D ** -0.5 if scaling is None else scaling
     f = torch.promote_types(query.dtype, torch.float32)  # fp32 at least, whatever the model's dtype
-    if T == 1 and kb.pruned is not None and ("question" in kb.call.selections or layer in kb.call.selections) \
-            and kb.pruned.config.reuse and not torch.is_grad_enabled() and not _softcap(module) \
-            and not (kb.record and layer not in kb.attention):  # a one-token prefill still records
+    if T == 1 and _reuses(kb, layer, module):
         return _decode_step(query, key, value, attention_mask, scaling, adapter, layer, q_kb, kb, f)
     groups = H // key.shape[1]
     k = key.to(f).repeat_interleave(groups, dim=1)
@@ -217,14 +218,15 @@ def _length_shift(kb: KBInputs, n_kb: torch.Tensor) -> torch.Tensor:
     return (math.log(kb.scale_factor) - torch.log(n_kb)).clamp_max(0)
 
 
-def _decode_step(query, key, value, attention_mask, scaling, adapter, layer, q_kb, kb, f):
-    """One generated token over a pruned KB whose selection the prefill already made: the same joint
-    softmax over [KB | text] as kb_attention, as one softmax over the concatenated logits. Decoding on a
-    CPU is bound by memory traffic, so nothing is copied to query-head width: the text scores use the
-    grouped query layout against the cache's own keys, and the kept leaves' keys/values, length shift and
-    padding mask are built once per selection (the two-softmax merge cost about twice as much per step)."""
-    sel = kb.call.selections["question" if "question" in kb.call.selections else layer]
-    B, H, _, D = query.shape
+def _reuses(kb: KBInputs, layer: int, module: nn.Module) -> bool:
+    """A one-token call at this layer can reuse the prefill's kept leaves (_decode_step)."""
+    return kb.pruned is not None and ("question" in kb.call.selections or layer in kb.call.selections) \
+        and kb.pruned.config.reuse and not torch.is_grad_enabled() and not _softcap(module) \
+        and not (kb.record and layer not in kb.attention)  # a one-token prefill still records
+
+
+def _decode_bias(kb: KBInputs, sel, layer: int, H: int, f: torch.dtype) -> torch.Tensor:
+    """[B, H, 1, n]: the length shift on the kept leaves and -inf on padding, once per selection and layer."""
     if ("decode", layer) not in sel.cache:
         valid = sel.valid                                                               # [B, G, n]
         n_kb = valid.sum(-1).clamp_min(1).float() if kb.pruned.config.scale_n == "selected" \
@@ -236,8 +238,44 @@ def _decode_step(query, key, value, attention_mask, scaling, adapter, layer, q_k
         G = bias.shape[1]
         bias = bias if G == H else bias.expand(-1, H, -1)
         sel.cache[("decode", layer)] = bias[:, :, None, :]
-    k_kb, v_kb = _projected(sel, adapter, layer, H, f)                                  # [B, H, n, D]
-    bias = sel.cache[("decode", layer)]                                                   # [B, H, 1, n]
+    return sel.cache[("decode", layer)]
+
+
+def _selection(kb: KBInputs, layer: int):
+    return kb.call.selections["question" if "question" in kb.call.selections else layer]
+
+
+def _decode_rows(query, key, value, attention_mask, scaling, adapter, layer, q_kb, rows: KBRows, f):
+    """One decode step of answers that started apart (serving), as one batch: each row's projected kept
+    leaves are stacked once per layer while the batch is the same (padding: -inf bias), so the KB part costs
+    a few batched products instead of a dozen small ones per row; the value path's write (per-row matching
+    state) runs per row on that row's part of the weights."""
+    B, H, _, D = query.shape
+    if layer not in rows.stacked:
+        parts = []
+        for one in rows.rows:
+            sel = _selection(one, layer)
+            k, v = _projected(sel, adapter, layer, H, f)                                 # [1, H, n_b, D]
+            parts.append((k, v, _decode_bias(one, sel, layer, H, f), sel))
+        n = max(k.shape[2] for k, _, _, _ in parts)
+        k_kb = torch.zeros(B, H, n, D, dtype=f, device=query.device)
+        v_kb = torch.zeros(B, H, n, D, dtype=f, device=query.device)
+        bias = torch.full((B, H, 1, n), float("-inf"), dtype=f, device=query.device)
+        for b, (k, v, bi, _) in enumerate(parts):
+            k_kb[b, :, :k.shape[2]], v_kb[b, :, :v.shape[2]], bias[b, :, :, :bi.shape[3]] = k[0], v[0], bi[0]
+        rows.stacked[layer] = (k_kb, v_kb, bias, [sel for _, _, _, sel in parts])
+    k_kb, v_kb, bias, sels = rows.stacked[layer]
+    p, out = _joint_step(query, key, value, attention_mask, scaling, q_kb, k_kb, v_kb, bias, f)
+    for b, (one, sel) in enumerate(zip(rows.rows, sels)):
+        extra = adapter.value_path.write(adapter, layer, p[b:b + 1, :, :, :sel.values.shape[2]], sel.values, one, f)
+        if extra is not None:
+            out[b:b + 1] = out[b:b + 1] + extra
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def _joint_step(query, key, value, attention_mask, scaling, q_kb, k_kb, v_kb, bias, f):
+    """One query token against [KB | text]: p [B, H, 1, n + S], out [B, H, 1, D] (no value-path write)."""
+    B, H, _, D = query.shape
     Hk = key.shape[1]
     g = H // Hk
     s_kb = (q_kb.to(f) @ k_kb.transpose(-1, -2)) * scaling + bias                       # [B, H, 1, n]
@@ -248,7 +286,22 @@ def _decode_step(query, key, value, attention_mask, scaling, adapter, layer, q_k
     p = torch.softmax(torch.cat([s_kb, s_text], -1), -1)
     n = s_kb.shape[-1]
     out = p[..., :n] @ v_kb + (p[..., n:].reshape(B, Hk, g, -1) @ value.to(f)).view(B, H, 1, D)
-    return _finish(out, p[..., :n], KBRead(s_kb, None, sel.values, sel), adapter, layer, kb, query.dtype, f)
+    return p, out
+
+
+def _decode_step(query, key, value, attention_mask, scaling, adapter, layer, q_kb, kb, f):
+    """One generated token over a pruned KB whose selection the prefill already made: the same joint
+    softmax over [KB | text] as kb_attention, as one softmax over the concatenated logits. Decoding on a
+    CPU is bound by memory traffic, so nothing is copied to query-head width: the text scores use the
+    grouped query layout against the cache's own keys, and the kept leaves' keys/values, length shift and
+    padding mask are built once per selection (the two-softmax merge cost about twice as much per step)."""
+    sel = _selection(kb, layer)
+    H = query.shape[1]
+    k_kb, v_kb = _projected(sel, adapter, layer, H, f)                                  # [B, H, n, D]
+    p, out = _joint_step(query, key, value, attention_mask, scaling, q_kb, k_kb, v_kb,
+                         _decode_bias(kb, sel, layer, H, f), f)
+    n = k_kb.shape[2]
+    return _finish(out, p[..., :n], KBRead(None, None, sel.values, sel), adapter, layer, kb, query.dtype, f)
 
 
 def _projected(sel, adapter: KBAdapter, layer: int, H: int, f: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -285,13 +338,15 @@ def _select(kb: KBInputs, adapter: KBAdapter, layer: int, q: torch.Tensor, w_k: 
     B, _, T, _ = q.shape
     tm = kb.token_mask
     tm = tm.to(q.dtype) if tm is not None and tm.shape[1] == T else None
+    if kb.call.search_memo is None:  # what every KB layer of this call shares (rows read, question cosines)
+        kb.call.search_memo = SearchMemo(kb.pruned)
     picks = []
     for b in range(B):
         scorer = None if cfg.route == "question" else \
             LayerScorer(q[b], w_kh, b_kh, scaling, None if tm is None else tm[b])
         qe = None if kb.question_emb is None else kb.question_emb[b].to(q.dtype)
-        picks.append(search(kb.pruned, adapter, scorer, qe, cfg.route))
-    sel = gather(kb.pruned, picks, max(len(p) for p in picks))
+        picks.append(search(kb.pruned, adapter, scorer, qe, cfg.route, kb.call.search_memo, b))
+    sel = gather(kb.pruned, picks, max(len(p) for p in picks), kb.call.search_memo)
     kb.call.selections[key] = sel
     return sel
 

@@ -73,6 +73,7 @@ class BatchDecoder:
         self.rows: list[Running] = []
         self.cache = None          # DynamicCache over the rows, left-padded
         self.mask: torch.Tensor | None = None  # [B, S] 1 where a row has a real token
+        self._kb_rows: KBRows | None = None    # the rows' KBs, kept while the batch is the same (it caches stacks)
 
     # ------------------------------------------------------------ answers in
     def start(self, question: str | Sequence[dict], kb: KnowledgeBase | KBView, **options) -> Running:
@@ -173,7 +174,13 @@ class BatchDecoder:
         positions = self.mask.sum(1, keepdim=True) - 1
         # a lone answer runs without a mask, as generate() does when nothing is padded
         mask = None if bool(self.mask.all()) else self.mask
-        kb = self.rows[0].kb_in if len(self.rows) == 1 else KBRows([r.kb_in for r in self.rows])
+        if len(self.rows) == 1:
+            kb = self.rows[0].kb_in
+        else:
+            if self._kb_rows is None or len(self._kb_rows.rows) != len(self.rows) or \
+                    any(a is not r.kb_in for a, r in zip(self._kb_rows.rows, self.rows)):
+                self._kb_rows = KBRows([r.kb_in for r in self.rows])
+            kb = self._kb_rows
         with use_kb(kb):
             out = self.model.model(input_ids=last, attention_mask=mask, position_ids=positions,
                                    past_key_values=self.cache, cache_position=torch.tensor([S], device=dev), use_cache=True,

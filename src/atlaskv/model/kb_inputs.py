@@ -34,6 +34,7 @@ KB_KWARG = "atlaskv_kb"
 class KBCallState:
     """Scratch state of one generate() call, shared by its KB layers and decode steps."""
     selections: dict = field(default_factory=dict)  # HiKVP: per layer (or "question") the kept leaves
+    search_memo: object = None                      # HiKVP: pruning.SearchMemo, what the layers' searches share
     inv_std: torch.Tensor | None = None             # flat: the key LayerNorm scale per entry [Bk, N]
     question_q: dict = field(default_factory=dict)  # per layer: the question's KB-query term
     ids: torch.Tensor | None = None                 # this forward's input ids (the copy values read the text)
@@ -150,8 +151,11 @@ class KBInputs:
 class KBRows:
     """One KB per row of a batched forward, each with its own call state: answers that started apart (each
     with its own KB snapshot and HiKVP selection) are prefilled and decoded together (model/batching.py).
-    The KB layers run row by row on it (attention.kb_attention); everything else in the model is batched."""
+    The KB layers run row by row on it in a prefill; in a decode step over kept HiKVP selections they run as
+    one batch over the rows' stacked leaves (attention._decode_rows), which `stacked` keeps per layer while
+    the rows stay the same; everything else in the model is batched."""
     rows: list[KBInputs]
+    stacked: dict = field(default_factory=dict, repr=False)
 
 
 _ACTIVE: contextvars.ContextVar[KBInputs | KBRows | None] = contextvars.ContextVar("atlaskv_kb", default=None)

@@ -11,9 +11,15 @@ Scoring routes (`route`):
             only, each head keeps its own top-k; the next level reads the union);
   question  the sentence encoder's embedding of the question, cosine to the base-space centroids: one
             search per forward call shared by all layers (a retriever walking the same tree);
-  both      the union of both selections at every level.
+  both      the union of both selections at every level. The KB query heads score only the `shortlist`
+            candidates of a level that are nearest the question (a cascade: the cheap cosine narrows, the
+            layer's own query re-ranks); the question's own top-k still comes from every candidate.
 Decode steps reuse the prefill's selection (`reuse`), or search again with the new token's query as the
 reference does.
+
+Within one forward call the ten KB layers walk much the same part of the tree, so what does not depend on the
+layer is done once (SearchMemo): the question's cosine to every centroid, and each leaf row read from the
+memory map. At 10^7 entries these were two thirds of the first token's time (docs/experiments.md).
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from atlaskv.defaults import PRUNE_ROUTE, PRUNE_TOP_K
+from atlaskv.defaults import PRUNE_ROUTE, PRUNE_SHORTLIST, PRUNE_TOP_K
 from atlaskv.kb.index import Hierarchy, gather_children
 
 ROUTES = ("kbq", "question", "both")
@@ -36,9 +42,13 @@ class PruneConfig:
     per_head: bool = False
     reuse: bool = True
     scale_n: str = "selected"   # N of the length correction: "selected" leaves (reference) or the whole "kb"
+    shortlist: int = PRUNE_SHORTLIST  # route both: candidates per level the KB query scores (0: all of them)
 
     def __post_init__(self):
         self.top_k = tuple(int(k) for k in self.top_k)
+        self.shortlist = int(self.shortlist)
+        if self.shortlist < 0:
+            raise ValueError(f"shortlist must be >= 0 (0: the KB query scores every candidate), got {self.shortlist}")
         if len(self.top_k) != 3 or min(self.top_k) < 1:
             raise ValueError(f"top_k must be three positive ints (roots, inter, leaves), got {self.top_k}")
         if self.route not in ROUTES:
@@ -108,9 +118,75 @@ class PrunedKB:
             cache[positions[miss]] = got[miss]
         return got
 
+    def centroid_inv_norm(self, level: str) -> torch.Tensor:
+        key = ("norm", level)
+        if key not in self._norm_cache:
+            self._norm_cache[key] = 1 / getattr(self, level).norm(dim=-1).clamp_min(1e-12)
+        return self._norm_cache[key]
+
     def fetch(self, positions: np.ndarray, which: str) -> torch.Tensor:
         src = self.keys if which == "keys" else self.values
         return torch.from_numpy(src.take(positions)).to(self.device)
+
+
+class SearchMemo:
+    """What the KB layers of one forward call share while each searches the tree: leaf rows already read
+    (keys, values) and, per sample, the question's cosine to every root and inter centroid. Lives in the
+    call's state (KBCallState), so nothing outlives the call; memory: the rows read, ~0.1 GB at 10^7."""
+
+    def __init__(self, kb: PrunedKB):
+        self.kb = kb
+        self.slots: dict[str, np.ndarray] = {}      # per kind: row position -> 1 + index into `rows`, 0 = unread
+        self.rows: dict[str, torch.Tensor] = {}
+        self.used: dict[str, int] = {}
+        self.cosines: dict[tuple, torch.Tensor] = {}
+
+    def read(self, positions: np.ndarray, which: str) -> torch.Tensor:
+        """Where the rows at `positions` sit in `self.rows[which]` (long [n]); only rows no layer has read
+        yet come from disk."""
+        positions = np.asarray(positions, np.int64)
+        if which not in self.slots:  # calloc'd: only the pages of rows actually read are touched
+            self.slots[which] = np.zeros(self.kb.rows, np.int32)
+            self.used[which] = 0
+        slot = self.slots[which]
+        missing = np.unique(positions[slot[positions] == 0])
+        if len(missing):
+            new = self.kb.fetch(missing, which)
+            used = self.used[which]
+            buf = self.rows.get(which)
+            if buf is None or used + len(new) > len(buf):
+                grown = torch.empty(max(2 * (used + len(new)), 1024), new.shape[1], dtype=new.dtype, device=new.device)
+                if buf is not None:
+                    grown[:used] = buf[:used]
+                buf = self.rows[which] = grown
+            buf[used:used + len(new)] = new
+            slot[missing] = np.arange(used + 1, used + len(new) + 1, dtype=np.int32)
+            self.used[which] = used + len(new)
+        return torch.from_numpy(slot[positions].astype(np.int64) - 1).to(self.rows[which].device)
+
+    def take(self, positions: np.ndarray, which: str) -> torch.Tensor:
+        """float32 rows at `positions` [n, d] ("keys" or "values")."""
+        index = self.read(positions, which)
+        return self.rows[which][index]
+
+    def key_cosine(self, index: torch.Tensor, sample: int, qemb: torch.Tensor) -> torch.Tensor:
+        """[n]: the question's cosine to the key rows at `index` (from read); each row's once per call."""
+        cos, done = self.cosines.get(("keys", sample), (None, 0))
+        used = self.used["keys"]
+        if done < used:
+            q = torch.nn.functional.normalize(qemb.to(torch.float32), dim=-1)
+            new = torch.nn.functional.normalize(self.rows["keys"][done:used], dim=-1) @ q
+            cos = new if cos is None else torch.cat([cos[:done], new])
+            self.cosines[("keys", sample)] = (cos, used)
+        return cos[index]
+
+    def cosine(self, level: str, sample: int, qemb: torch.Tensor) -> torch.Tensor:
+        """[n_level]: the question's cosine to every centroid of `level` ("roots" or "inters")."""
+        key = (level, sample)
+        if key not in self.cosines:
+            q = torch.nn.functional.normalize(qemb.to(torch.float32), dim=-1)
+            self.cosines[key] = (getattr(self.kb, level) @ q) * self.kb.centroid_inv_norm(level)
+        return self.cosines[key]
 
 
 class LayerScorer:
@@ -136,59 +212,66 @@ class LayerScorer:
         return p if per_head else p.sum(0, keepdim=True)
 
 
-def _cosine(qe: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-    return (torch.nn.functional.normalize(e, dim=-1) @ torch.nn.functional.normalize(qe, dim=-1))[None]
-
-
-def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """[G, n] -> candidate indices kept by any row (sorted, unique)."""
-    k = min(k, scores.shape[-1])
-    return torch.unique(scores.topk(k, -1).indices)
-
-
 def search(kb: PrunedKB, adapter, scorer: LayerScorer | None, qemb: torch.Tensor | None,
-           route: str) -> list[torch.Tensor]:
+           route: str, memo: SearchMemo | None = None, sample: int = 0) -> list[torch.Tensor]:
     """Positions of the kept leaves for one sample: one tensor [n_g] per group (1, or H if per_head)."""
     cfg = kb.config
+    memo = memo or SearchMemo(kb)
     k_r, k_i, k_l = cfg.top_k
     root_off, root_ch, inter_off, inter_ch = kb.csr
+    use_kbq, use_question = route in ("kbq", "both"), route in ("question", "both")
+    shortlist = cfg.shortlist if route == "both" else 0
 
-    def pick(e, inv_std, k, final=False):
-        rows = []
-        if route in ("kbq", "both"):
-            rows.append(scorer.route_scores(e, inv_std, cfg.per_head))
-        if route in ("question", "both"):
-            rows.append(_cosine(qemb, e))
-        if final:
-            return rows
-        return torch.unique(torch.cat([_top(r, k) for r in rows]))
+    def picks(k: int, cos: torch.Tensor | None, kbq_scores) -> list[torch.Tensor]:
+        """Each route's top k of a level's candidates, [G, k] indices into them. kbq_scores(among) scores
+        the candidates at `among` (None: all) with the layer's KB query."""
+        out = []
+        if use_kbq:
+            among = cos.topk(shortlist).indices if shortlist and len(cos) > shortlist else None
+            scores = kbq_scores(among)
+            top = scores.topk(min(k, scores.shape[-1]), -1).indices
+            out.append(top if among is None else among[top])
+        if use_question:
+            out.append(cos.topk(min(k, len(cos))).indices[None])
+        return out
 
     roots = torch.arange(len(kb.roots), device=kb.roots.device)
     if len(roots) > k_r:
-        roots = pick(kb.roots, kb.centroid_inv_std(adapter, "roots"), k_r)
+        cos = memo.cosine("roots", sample, qemb) if use_question else None
+        inv = kb.centroid_inv_std(adapter, "roots")
+        kept = picks(k_r, cos, lambda i: scorer.route_scores(
+            kb.roots if i is None else kb.roots[i], inv if i is None else inv[i], cfg.per_head))
+        roots = torch.unique(torch.cat([p.flatten() for p in kept]))
     inters = gather_children(root_off, root_ch, roots)
     if len(inters) > k_i:
-        inv = kb.centroid_inv_std(adapter, "inters")[inters]
-        inters = inters[pick(kb.inters[inters], inv, k_i)]
+        cos = memo.cosine("inters", sample, qemb)[inters] if use_question else None
+        inv = kb.centroid_inv_std(adapter, "inters")
+
+        def kbq_inters(i):
+            sub = inters if i is None else inters[i]
+            return scorer.route_scores(kb.inters[sub], inv[sub], cfg.per_head)
+        kept = picks(k_i, cos, kbq_inters)
+        inters = inters[torch.unique(torch.cat([p.flatten() for p in kept]))]
     leaves = gather_children(inter_off, inter_ch, inters)
     if kb.live_t is not None:
         leaves = leaves[kb.live_t[leaves]]
     if len(leaves) == 0:
         return [leaves]
-    e = kb.fetch(leaves.cpu().numpy(), "keys")
-    rows = pick(e, kb.leaf_inv_std(adapter, leaves, e), k_l, final=True)
-    groups = []
-    for r in rows:  # every route keeps its own k_L per group; "both" unites them
-        k = min(k_l, r.shape[-1])
-        groups.append(r.topk(k, -1).indices)                                   # [G, k]
+    at = memo.read(leaves.cpu().numpy(), "keys")
+    cos = memo.key_cosine(at, sample, qemb) if use_question else None
+
+    def kbq_leaves(i):  # only the shortlist's rows are gathered (all of them without one)
+        pos = leaves if i is None else leaves[i]
+        e = memo.rows["keys"][at if i is None else at[i]]
+        return scorer.route_scores(e, kb.leaf_inv_std(adapter, pos, e), cfg.per_head)
+    groups = picks(k_l, cos, kbq_leaves)     # every route keeps its own k_L per group
     if len(groups) == 2:  # both: kbq rows [G, k] + question row [1, k] -> per group union
         q_pick = groups[1][0]
-        groups = [torch.unique(torch.cat([g, q_pick])) for g in groups[0]]
-        return [leaves[g] for g in groups]
+        return [leaves[torch.unique(torch.cat([g, q_pick]))] for g in groups[0]]
     return [leaves[g] for g in groups[0]]
 
 
-def gather(kb: PrunedKB, picks: list[list[torch.Tensor]], n_groups: int) -> Selection:
+def gather(kb: PrunedKB, picks: list[list[torch.Tensor]], n_groups: int, memo: SearchMemo | None = None) -> Selection:
     """Pad per-sample, per-group picks into [B, G, n] and read only those rows' keys and values."""
     B = len(picks)
     n = max(1, max(len(g) for p in picks for g in p))
@@ -205,8 +288,9 @@ def gather(kb: PrunedKB, picks: list[list[torch.Tensor]], n_groups: int) -> Sele
     if len(uniq):
         vmask = valid.to(kb.device)
         inverse = torch.from_numpy(inverse).to(kb.device)
-        keys[vmask] = kb.fetch(uniq, "keys")[inverse]
-        fetched = kb.fetch(uniq, "values")  # values may be wider than keys (token-value adapters)
+        read = memo.take if memo is not None else lambda pos, which: kb.fetch(pos, which)
+        keys[vmask] = read(uniq, "keys")[inverse]
+        fetched = read(uniq, "values")  # values may be wider than keys (token-value adapters)
         values = torch.zeros(B, n_groups, n, fetched.shape[-1], device=kb.device)
         values[vmask] = fetched[inverse]
     else:
