@@ -205,6 +205,9 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=50, help="per client")
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--kb-triples", type=int, default=200)
+    ap.add_argument("--kb-from", type=Path, default=None,
+                    help="start from a copy of this KB (e.g. the scale benchmark's build/bench/kb-1000000) with the "
+                         "--kb-triples demo facts added to it, instead of a KB of the demo facts alone")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-queue", type=int, default=64, help="passed to atlaskv serve")
     ap.add_argument("--max-seconds", type=float, default=1500, help="clients stop starting requests after this")
@@ -223,8 +226,13 @@ def main(argv=None) -> int:
     base = sorted(rng.sample(facts, a.kb_triples))
     write_triples(base, work / "base.tsv")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    subprocess.run(cli() + ["kb", "build", str(work / "base.tsv"), "--out", str(work / "kb")], env=env, check=True,
-                   stdout=subprocess.DEVNULL)
+    if a.kb_from is None:
+        subprocess.run(cli() + ["kb", "build", str(work / "base.tsv"), "--out", str(work / "kb")], env=env, check=True,
+                       stdout=subprocess.DEVNULL)
+    else:  # a big KB: the asked (and deleted) facts are live additions to it
+        shutil.copytree(a.kb_from, work / "kb")
+        subprocess.run(cli() + ["kb", "add", str(work / "kb"), str(work / "base.tsv")], env=env, check=True,
+                       stdout=subprocess.DEVNULL)
     key = "sk-load-" + secrets.token_hex(16)
     port = free_port()
     log = open(work / "server.log", "wb")
@@ -282,6 +290,8 @@ def main(argv=None) -> int:
     removed = set().union(*(c.removed for c in clients))
     kb = KnowledgeBase.open(work / "kb", verify=True)
     on_disk = set(kb.triples())
+    if a.kb_from is not None:  # the copied KB's own facts are not this run's business
+        on_disk -= set(KnowledgeBase.open(a.kb_from).triples())
     expected = (set(base) | added) - removed
     lost_adds = sorted(added - on_disk)
     lost_deletes = sorted(removed & on_disk)

@@ -53,6 +53,9 @@ def main(argv=None) -> int:
     ap.add_argument("--single-requests", type=int, default=30, help="one chat-only client, both servers (0: skip)")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--baseline-ref", default=BASELINE_REF)
+    ap.add_argument("--kb-from", type=Path, default=None,
+                    help="serve a copy of this KB plus the demo facts (e.g. build/bench/kb-1000000) instead of the "
+                         "demo KB alone")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "serve_batching.json")
     a = ap.parse_args(argv)
 
@@ -67,7 +70,8 @@ def main(argv=None) -> int:
         for server, src in (("serial", serial_src), ("batched", None)):
             out = tmp / f"{server}_{mix}_{n}.json"
             args = ["--clients", str(n), "--requests", str(requests), "--max-tokens", str(a.max_tokens),
-                    "--mix", mix, "--out", str(out)] + (["--server-src", str(src)] if src else [])
+                    "--mix", mix, "--out", str(out)] + (["--server-src", str(src)] if src else []) \
+                + (["--kb-from", str(a.kb_from)] if a.kb_from else [])
             print(f"== {server}, {mix}, {n} clients", flush=True)
             load_server.main(args)
             runs.append({"server": server, "mix": mix, "clients": n, **headline(json.loads(out.read_text()))})
@@ -76,7 +80,8 @@ def main(argv=None) -> int:
         out = tmp / "batched_long.json"
         print(f"== batched, {clients[-1]} clients x {a.long_requests}", flush=True)
         load_server.main(["--clients", str(clients[-1]), "--requests", str(a.long_requests),
-                          "--max-tokens", str(a.max_tokens), "--out", str(out)])
+                          "--max-tokens", str(a.max_tokens), "--out", str(out)]
+                         + (["--kb-from", str(a.kb_from)] if a.kb_from else []))
         long = {"server": "batched", "clients": clients[-1], **headline(json.loads(out.read_text()))}
 
     def pick(server, mix, n):
@@ -89,7 +94,8 @@ def main(argv=None) -> int:
                           "ask_p50_ratio": round(b["ask_p50_s"] / s["ask_p50_s"], 3) if s["ask_p50_s"] else None,
                           "rss_peak_ratio": round(b["rss_peak_mb"] / s["rss_peak_mb"], 3)}
     result = {"what": "the serial server (commit " + a.baseline_ref + ") against the batched one, same load, one run; "
-                      "2-core CPU, SmolLM2-135M + shipped adapter, demo KB (200 facts at start)",
+                      "2-core CPU, SmolLM2-135M + shipped adapter, " + (f"{a.kb_from} + 200 demo facts" if a.kb_from
+                                                                           else "demo KB (200 facts at start)"),
               "command": "python benchmarks/serve_batching.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "max_tokens": a.max_tokens, "requests_per_client": a.requests,
               "runs": runs, "batched_vs_serial": ratios, "batched_1000_mixed": long}
