@@ -232,10 +232,19 @@ class AtlasKV:
     # ------------------------------------------------------------------ generation
     def question_embedding(self, question: str | Sequence[dict]) -> torch.Tensor:
         """[1, d_in]: the sentence encoder's view of the (last user) question, for question_input adapters."""
+        return self.question_embeddings([question])
+
+    def question_embeddings(self, questions: Sequence[str | Sequence[dict]]) -> torch.Tensor:
+        """[B, d_in]: question_embedding of several questions in one encoder call (a batched prefill)."""
         from atlaskv.kb.encoder import load_encoder
 
-        text = question if isinstance(question, str) else [m["content"] for m in question if m["role"] == "user"][-1]
-        return torch.from_numpy(load_encoder(self.adapter.config.encoder).encode([text])).to(self.device)
+        texts = [q if isinstance(q, str) else [m["content"] for m in q if m["role"] == "user"][-1] for q in questions]
+        return torch.from_numpy(load_encoder(self.adapter.config.encoder).encode(texts)).to(self.device)
+
+    def needs_question(self, kb_in: KBInputs | None) -> bool:
+        """Whether this call reads the question's sentence embedding (the adapter, or the HiKVP route)."""
+        return kb_in is not None and (self.adapter.config.question_input or (
+            kb_in.pruned is not None and kb_in.pruned.config.route != "kbq"))
 
     def chat_ids(self, question: str | Sequence[dict]) -> torch.Tensor:
         """Prompt ids as in training: ChatML without SmolLM2's default system prompt; other families in
@@ -268,9 +277,7 @@ class AtlasKV:
         from transformers import LogitsProcessorList
 
         ids = self.chat_ids(question) if prompt_ids is None else prompt_ids
-        needs_q = kb_in is not None and (self.adapter.config.question_input or (
-            kb_in.pruned is not None and kb_in.pruned.config.route != "kbq"))
-        if needs_q and kb_in.question_emb is None:
+        if self.needs_question(kb_in) and kb_in.question_emb is None:
             kb_in.question_emb = self.question_embedding(question)
         processors = LogitsProcessorList(logits_processor or [])
         processors.extend(value_processors(kb_in, self.tokenizer, ids, prompt_mask, self._stop_ids, value_decoding))

@@ -311,7 +311,8 @@ def _projected(sel, adapter: KBAdapter, layer: int, H: int, f: torch.dtype) -> t
         (w_k, b_k), (w_v, b_v) = adapter.layer_weights(layer, "key"), adapter.layer_weights(layer, "value")
         w_k, b_k, w_v, b_v = (t.to(f) for t in (w_k, b_k, w_v, b_v))
         e_k, e_v = sel.keys.to(f), sel.values.to(f)                                    # [B, G, n, d_in]
-        inv_std = adapter.key_inv_std(e_k.to(adapter.key_proj.weight.dtype)).to(f)    # [B, G, n]
+        inv_std = (sel.inv_std if sel.inv_std is not None else                          # [B, G, n]
+                   adapter.key_inv_std(e_k.to(adapter.key_proj.weight.dtype))).to(f)
         if e_k.shape[1] == 1:  # one leaf set for all heads
             k = torch.einsum("hdi,bni->bhnd", w_k, e_k[:, 0]) * inv_std[:, 0, None, :, None]
             v = torch.einsum("hdi,bni->bhnd", w_v, e_v[:, 0])
@@ -346,7 +347,7 @@ def _select(kb: KBInputs, adapter: KBAdapter, layer: int, q: torch.Tensor, w_k: 
             LayerScorer(q[b], w_kh, b_kh, scaling, None if tm is None else tm[b])
         qe = None if kb.question_emb is None else kb.question_emb[b].to(q.dtype)
         picks.append(search(kb.pruned, adapter, scorer, qe, cfg.route, kb.call.search_memo, b))
-    sel = gather(kb.pruned, picks, max(len(p) for p in picks), kb.call.search_memo)
+    sel = gather(kb.pruned, picks, max(len(p) for p in picks), kb.call.search_memo, adapter)
     kb.call.selections[key] = sel
     return sel
 

@@ -116,6 +116,11 @@ class BatchDecoder:
         for b, i in enumerate(ids_list):
             ids[b, T - len(i):], mask[b, T - len(i):] = i, 1
         padded = not bool(mask.all())
+        asking = [(r, kb_in) for _, r, kb_in in rows if m.needs_question(kb_in) and kb_in.question_emb is None]
+        if asking:  # one encoder call for the rows' questions
+            embs = m.question_embeddings([r.question for r, _ in asking])
+            for i, (_, kb_in) in enumerate(asking):
+                kb_in.question_emb = embs[i:i + 1]
         seqs = []
         for b, (_, r, kb_in) in enumerate(rows):
             row_mask = mask[b:b + 1] if padded else None

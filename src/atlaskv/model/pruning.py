@@ -69,6 +69,7 @@ class Selection:
     values: torch.Tensor      # [B, G, n, d_in]
     valid: torch.Tensor       # [B, G, n] bool
     cache: dict = field(default_factory=dict)  # per layer: the leaves' projected keys and values
+    inv_std: torch.Tensor | None = None  # [B, G, n] the keys' LayerNorm scale, when gather() knew the adapter
 
 
 @dataclass
@@ -155,7 +156,9 @@ class SearchMemo:
             used = self.used[which]
             buf = self.rows.get(which)
             if buf is None or used + len(new) > len(buf):
-                grown = torch.empty(max(2 * (used + len(new)), 1024), new.shape[1], dtype=new.dtype, device=new.device)
+                # grown by a quarter: the layers of a call add fewer rows each (peak memory, not copies, counts)
+                grown = torch.empty(max(used + len(new) + (used + len(new)) // 4, 1024), new.shape[1], dtype=new.dtype,
+                                    device=new.device)
                 if buf is not None:
                     grown[:used] = buf[:used]
                 buf = self.rows[which] = grown
@@ -271,8 +274,10 @@ def search(kb: PrunedKB, adapter, scorer: LayerScorer | None, qemb: torch.Tensor
     return [leaves[g] for g in groups[0]]
 
 
-def gather(kb: PrunedKB, picks: list[list[torch.Tensor]], n_groups: int, memo: SearchMemo | None = None) -> Selection:
-    """Pad per-sample, per-group picks into [B, G, n] and read only those rows' keys and values."""
+def gather(kb: PrunedKB, picks: list[list[torch.Tensor]], n_groups: int, memo: SearchMemo | None = None,
+           adapter=None) -> Selection:
+    """Pad per-sample, per-group picks into [B, G, n] and read only those rows' keys and values (and, given
+    the adapter, their key LayerNorm scales from the per-position cache the search filled)."""
     B = len(picks)
     n = max(1, max(len(g) for p in picks for g in p))
     pos = torch.full((B, n_groups, n), -1, dtype=torch.long)
@@ -285,14 +290,19 @@ def gather(kb: PrunedKB, picks: list[list[torch.Tensor]], n_groups: int, memo: S
     uniq, inverse = np.unique(flat, return_inverse=True)
     d = kb.roots.shape[-1]
     keys = torch.zeros(B, n_groups, n, d, device=kb.device)
+    inv_std = None if adapter is None else torch.ones(B, n_groups, n, device=kb.device)
     if len(uniq):
         vmask = valid.to(kb.device)
         inverse = torch.from_numpy(inverse).to(kb.device)
         read = memo.take if memo is not None else lambda pos, which: kb.fetch(pos, which)
-        keys[vmask] = read(uniq, "keys")[inverse]
+        unique_keys = read(uniq, "keys")
+        keys[vmask] = unique_keys[inverse]
         fetched = read(uniq, "values")  # values may be wider than keys (token-value adapters)
         values = torch.zeros(B, n_groups, n, fetched.shape[-1], device=kb.device)
         values[vmask] = fetched[inverse]
+        if adapter is not None:
+            at = torch.from_numpy(uniq).to(kb.device)
+            inv_std[vmask] = kb.leaf_inv_std(adapter, at, unique_keys)[inverse]
     else:
         values = torch.zeros_like(keys)
-    return Selection(pos.to(kb.device), keys, values, valid.to(kb.device))
+    return Selection(pos.to(kb.device), keys, values, valid.to(kb.device), inv_std=inv_std)
