@@ -14,6 +14,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
+import numpy as np
+
 from atlaskv.kb.layout import triple_hash
 from atlaskv.kb.store import KnowledgeBase, UpdateResult, clean_triples
 
@@ -94,7 +96,9 @@ class KBWriter:
 
     def _apply(self, op: Op, run: list[WriteJob]) -> None:
         kb = KnowledgeBase.open(self.current().path)  # the writer's own: the published snapshot never changes
-        live = set(kb.records(live_only=True).column("triple_hash").to_pylist())
+        asked = np.fromiter({triple_hash(t) for job in run for t in job.triples}, np.int64)
+        stored = kb.live_hashes()
+        live = set(stored[np.isin(stored, asked)].tolist())  # of the asked ones, those stored
         done: set[int] = set()  # added (or removed) by an earlier request of this run
         per_job = []
         for job in run:
