@@ -25,6 +25,7 @@ pytest.importorskip("gguf")
 import httpx
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -106,7 +107,9 @@ def by_id(driver, id_: str):
 
 
 def wait_until(driver, what, timeout: float = 20):
-    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda d: what(d))
+    # the page re-renders an element between finding it and reading its text: poll again, as for a missing one
+    return WebDriverWait(driver, timeout, poll_frequency=0.1,
+                         ignored_exceptions=(StaleElementReferenceException,)).until(lambda d: what(d))
 
 
 def type_into(driver, id_: str, text: str) -> None:
