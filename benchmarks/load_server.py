@@ -290,9 +290,8 @@ def main(argv=None) -> int:
     removed = set().union(*(c.removed for c in clients))
     kb = KnowledgeBase.open(work / "kb", verify=True)
     on_disk = set(kb.triples())
-    if a.kb_from is not None:  # the copied KB's own facts are not this run's business
-        on_disk -= set(KnowledgeBase.open(a.kb_from).triples())
-    expected = (set(base) | added) - removed
+    copied = set(KnowledgeBase.open(a.kb_from).triples()) if a.kb_from is not None else set()
+    expected = (copied | set(base) | added) - removed
     lost_adds = sorted(added - on_disk)
     lost_deletes = sorted(removed & on_disk)
     unexpected = sorted(on_disk - expected)
