@@ -153,6 +153,7 @@ class BatchDecoder:
             return
         new, seq.cache = seq.cache, None
         row_mask = seq.mask
+        self._kb_rows = None  # the batch changes: the KB layers' stacks are rebuilt at the next step
         n = row_mask.shape[1]
         if self.cache is None:
             self.rows, self.cache, self.mask = [seq], _cache_of(new), row_mask
@@ -182,8 +183,7 @@ class BatchDecoder:
         if len(self.rows) == 1:
             kb = self.rows[0].kb_in
         else:
-            if self._kb_rows is None or len(self._kb_rows.rows) != len(self.rows) or \
-                    any(a is not r.kb_in for a, r in zip(self._kb_rows.rows, self.rows)):
+            if self._kb_rows is None:  # a join or a drop changed the batch
                 self._kb_rows = KBRows([r.kb_in for r in self.rows])
             kb = self._kb_rows
         with use_kb(kb):
@@ -200,6 +200,7 @@ class BatchDecoder:
 
     def _drop(self, keep: list[int]) -> None:
         self.rows = [self.rows[i] for i in keep]
+        self._kb_rows = None
         if not self.rows:
             self.cache, self.mask = None, None
             return
