@@ -310,6 +310,15 @@ def test_write_rejects_rdf(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_a_head_starting_with_a_byte_order_mark_survives_tsv(tmp_path):
+    """Readers strip a BOM at the start of a file; a first head that starts with U+FEFF keeps it (found by
+    test_write_read_round_trip_property)."""
+    triples = [Triple("\ufeff", "0", "0"), Triple("\ufeffx", "r", "y")]
+    for name in ("t.tsv", "t.tsv.gz"):
+        write_triples(triples, tmp_path / name)
+        assert read_triples(tmp_path / name).triples == triples
+
+
 def test_duplicates_dropped_across_files(tmp_path):
     a, b = tmp_path / "a.tsv", tmp_path / "b.jsonl"
     a.write_text("x\tr\ty\nx\tr\ty\nz\tr\ty\n")

@@ -388,6 +388,8 @@ def write_text(rows: Iterator[Triple], out: io.TextIOBase, fmt: str) -> int:
     for n, t in enumerate(rows, 1):
         if n == 1 and is_header(t):
             out.write("\t".join(FIELDS) + "\n")
+        elif n == 1 and t.head.startswith("\ufeff"):  # readers strip one byte-order mark at the file's start:
+            out.write("\ufeff")                          # write one, so the head keeps its own
         out.write("\t".join(t) + "\n")
     return n
 
