@@ -82,6 +82,15 @@ def test_shipped_adapter_grounds_real_questions(shared, encoder, tmp_path):
     assert len(answers) == 8 and all(a["answer"] and a["gold"] and a["top_citation"] for a in answers)
     assert row["answer_exact"] == sum(a["exact"] for a in answers) / 8 <= row["answer_em"]
     assert row["answer_loops"] == sum(a["loop"] for a in answers) / 8
+    for a in answers:  # the refusal signals of both answers, as a refusal rule reads them (refusal_rules.py)
+        sig, without = a["signals"], a["signals_without_gold"]
+        assert sig["top_citation"] == a["top_citation"] and len(sig["key_cosine"]) == 5
+        assert sig["head_named"] == (a["top_citation"][0].casefold() in a["question"].casefold())
+        assert -1 <= without["key_cosine"][0] <= 1
+        if a["top_is_gold"]:  # removed, the gold fact cannot be cited
+            assert without["top_citation"] != a["top_citation"]
+    # the gold fact's key is its question's nearest: its cosine beats the facts cited after it
+    assert sum(a["signals"]["key_cosine"][0] == max(a["signals"]["key_cosine"]) for a in answers) >= 7
     assert row["acc1"] >= 0.9  # the trained adapter finds the fact (chance would be 0.01)
     assert set(row["acc1_by_layer"]) == {str(l) for l in akv.adapter.config.kb_layers}
     json.dumps(res)  # the contract output is plain JSON

@@ -27,7 +27,7 @@ from atlaskv.evaluation.metrics import answer_flags, contains_answer, rank_hits,
 from atlaskv.evaluation.pool import EvalPool, kb_chunks, load_pool, with_synthetic_fill
 from atlaskv.kb.index import build_hierarchy
 from atlaskv.defaults import TOP_CITATIONS
-from atlaskv.model.atlaskv import refuses
+from atlaskv.model.atlaskv import names_head, refuses, support_of
 from atlaskv.model.decoding import value_processors
 from atlaskv.model.chat import chat_text, ended_turns, left_pad, stop_token_ids
 from atlaskv.model.kb_inputs import KBInputs, use_kb
@@ -66,6 +66,22 @@ def ask_batch(akv, questions: list[str], kb, max_new_tokens: int, record: bool =
 def cited_facts(view: KBView, rows, weights, k: int = TOP_CITATIONS) -> list:
     """The top-k cited (triple, weight) pairs of one sample, as `ask` returns them."""
     return list(zip(view.triples(rows[:k]), weights[:k].tolist()))
+
+
+def refusal_signals(question: str, view: KBView, rows, weights, qvec: torch.Tensor) -> dict:
+    """What a refusal rule can read of one answer (saved with --save-answers): the top-cited fact, whether the
+    question names its head, its value's support, and the cosine between the question's and its key's
+    sentence embeddings (also for the other cited facts)."""
+    cited = cited_facts(view, rows, weights)
+    if not cited:
+        return {"top_citation": None}
+    keys = torch.from_numpy(view.keys.take(np.asarray(rows[:len(cited)], np.int64))).to(qvec)
+    cos = torch.nn.functional.cosine_similarity(keys, qvec[None], dim=-1).tolist()
+    sup = support_of(cited)
+    return {"top_citation": list(cited[0][0]), "head_named": names_head(question, cited[0][0]),
+            "support": round(sup, 4) if sup != float("inf") else None,
+            "top_share_of_cited": round(cited[0][1] / sum(w for _, w in cited), 4),
+            "key_cosine": [round(c, 4) for c in cos]}
 
 
 def grounding_hits(kb: KBInputs, mask: torch.Tensor, gold: torch.Tensor) -> dict:
@@ -199,32 +215,38 @@ class GroundingRun:
         tally.loops += sum(f["loop"] for f in flags)
         tally.idk += sum(map(says_refusal, texts[:take]))
         ranked = kb.summed_attention(mask)[:take]
+        cited = kb.cited_rows(mask)[:take]
+        qvec = qemb if qemb is not None or self.saved is None else \
+            torch.from_numpy(self.encoder.encode(qtexts)).to(akv.device)
+        signals = [refusal_signals(q, view, rows, w, qvec[i]) for i, (q, (rows, w)) in enumerate(zip(qtexts, cited))] \
+            if self.saved is not None else None
         if self.refuse_below is not None:
             kept = [not refuses(q, cited_facts(view, rows, w), self.refuse_below)
-                    for q, (rows, w) in zip(qtexts, kb.cited_rows(mask))][:take]
+                    for q, (rows, w) in zip(qtexts, cited)]
             tally.em_r += sum(r and k for r, k in zip(right, kept))
             tally.exact_r += sum(f["exact"] and k for f, k in zip(flags, kept))
             tally.refused += take - sum(kept)
-        prior = self.without_gold(qtexts[:take], bq[:take], view, gold.cpu().numpy(), qemb, tally, kb_values)
+        prior = self.without_gold(qtexts[:take], bq[:take], view, gold.cpu().numpy(), qemb, tally, kb_values, qvec)
         if self.saved is not None:
-            self.save(bq[:take], texts, flags, ranked, view, prior)
+            self.save(bq[:take], texts, flags, ranked, view, prior, signals)
         tally.n_em += take
 
-    def save(self, bq: list, texts: list[str], flags: list[dict], ranked: list, view: KBView, prior: list[str]):
-        for q, t, f, (pos, w), p in zip(bq, texts, flags, ranked, prior):
+    def save(self, bq: list, texts: list[str], flags: list[dict], ranked: list, view: KBView, prior: list,
+             signals: list[dict]):
+        for q, t, f, (pos, w), p, sig in zip(bq, texts, flags, ranked, prior, signals):
             top = view.triples(pos[:1].cpu().numpy())[0] if len(pos) else None
             self.saved.append({"question": q.question, "gold": q.tail, "answer": t.strip(), **f,
                                "top_citation": list(top) if top else None,
                                "top_share": round(float(w[0] / w.sum()), 4) if len(pos) else None,
                                "top_is_gold": top == q.triple, "answer_without_gold": p[0].strip(),
-                               "exact_without_gold": p[1]})
+                               "exact_without_gold": p[1], "signals": sig, "signals_without_gold": p[2]})
 
     def without_gold(self, qtexts: list[str], bq: list, view: KBView, gold: np.ndarray, qemb, tally: Tally,
-                     kb_values: list[str]) -> list[str]:
+                     kb_values: list[str], qvec=None) -> list[tuple]:
         """The same questions with the batch's own facts removed: what the model knows without them."""
         take = len(qtexts)
-        rec = self.refuse_below is not None
-        kb_p = None
+        rec = self.refuse_below is not None or self.saved is not None
+        kb_p, signals = None, [None] * take
         if view.rows <= len(set(gold.tolist())):  # nothing left: no KB
             pt = [self.akv.generate(q, None, max_new_tokens=self.max_new_tokens, value_decoding=self.value_decoding)
                   for q in qtexts]
@@ -238,14 +260,17 @@ class GroundingRun:
         exact = [answer_flags(t, q.tail, kb_values, e, q.question)["exact"] for t, q, e in zip(pt, bq, ended)]
         tally.exact_prior += sum(exact)
         tally.idk_prior += sum(map(says_refusal, pt))
-        if rec:  # an empty KB backs nothing: refused
+        if kb_p is not None and self.saved is not None:
+            signals = [refusal_signals(q, view, rows, w, qvec[i])
+                       for i, (q, (rows, w)) in enumerate(zip(qtexts, kb_p.cited_rows(mask_p)))]
+        if self.refuse_below is not None:  # an empty KB backs nothing: refused
             kept = [False] * take if kb_p is None else \
                 [not refuses(q, cited_facts(view, rows, w), self.refuse_below)
                  for q, (rows, w) in zip(qtexts, kb_p.cited_rows(mask_p))]
             tally.em_prior_r += sum(r and k for r, k in zip(right, kept))
             tally.exact_prior_r += sum(x and k for x, k in zip(exact, kept))
             tally.refused_prior += take - sum(kept)
-        return [(t, x) for t, x in zip(pt, exact)]
+        return [(t, x, sig) for t, x, sig in zip(pt, exact, signals)]
 
 
 def eval_grounding(set_dir: str | Path, sizes: list[int], akv, encoder, n_questions: int = 500,

@@ -1,0 +1,105 @@
+"""Refusal rules scored on saved answers (eval grounding --save-answers): each answered question once with its
+gold fact in the KB (answerable: a refusal is wrong) and once without it (a refusal is right). The thresholds
+are picked on the calibration files (dev sets of training facts): the most refusals without the gold fact
+while refusing at most --max-false of the answerable questions; then the same thresholds score every other
+file, per KB size. Nothing here runs a model.
+
+    bash benchmarks/run_refusal_signals.sh   # the dev sets' answers (calibration)
+    .venv/bin/python benchmarks/refusal_rules.py --calibrate benchmarks/results/refusal_v3/dev_*.jsonl \
+        --score benchmarks/results/refusal_v3/pararel_1000.jsonl benchmarks/results/refusal_v3/fb15k-para_1000.jsonl \
+        --json benchmarks/results/refusal_v3/rules.json
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+
+def load(paths: list[str]) -> list[dict]:
+    """Rows of signals: the answer's with the gold fact (answerable), and without it (unanswerable; an empty
+    signals dict when no KB was left: refused)."""
+    out = []
+    for p in paths:
+        for line in Path(p).read_text("utf-8").splitlines():
+            r = json.loads(line)
+            if "signals" not in r:
+                raise SystemExit(f"{p}: answers saved before the refusal signals were (rerun eval grounding)")
+            key = (r["set"], r["kb_size"])
+            out.append({"key": key, "answerable": True, **(r["signals"] or {})})
+            out.append({"key": key, "answerable": False, **(r["signals_without_gold"] or {})})
+    return out
+
+
+def cosine(r: dict) -> float:
+    return r["key_cosine"][0] if r.get("key_cosine") else -1.0
+
+
+def support(r: dict) -> float:
+    return 1e9 if r.get("support") is None else r["support"]
+
+
+# rule name -> (refuses(row, threshold), the signal its threshold is taken from)
+RULES = {
+    "head or support < 2.27 (shipped)": (lambda r, t: not r.get("head_named") or support(r) < 2.27, support),
+    "head or support (v2, recalibrated)": (lambda r, t: not r.get("head_named") or support(r) < t, support),
+    "head only": (lambda r, t: not r.get("head_named"), support),
+    "head or key cosine (v3)": (lambda r, t: not r.get("head_named") or cosine(r) < t, cosine),
+    "key cosine only": (lambda r, t: cosine(r) < t, cosine),
+    "head or share of cited": (lambda r, t: not r.get("head_named") or r.get("top_share_of_cited", 0) < t,
+                               lambda r: r.get("top_share_of_cited", 0.0)),
+}
+
+
+def refusal_scores(rows: list[dict], refuse) -> dict:
+    pos = np.array([bool(refuse(r)) for r in rows])
+    ans = np.array([r["answerable"] for r in rows])
+    return {"refused_answerable": round(float(pos[ans].mean()), 4),
+            "refused_unanswerable": round(float(pos[~ans].mean()), 4),
+            "precision": round(float((pos & ~ans).sum() / pos.sum()), 4) if pos.sum() else None}
+
+
+def calibrate(rows: list[dict], rule, signal, max_false: float) -> float | None:
+    """The threshold refusing the most unanswerable questions with at most max_false answerable ones refused."""
+    vals = sorted({signal(r) for r in rows if r.get("top_citation") and signal(r) < 1e8})
+    best, best_rec = None, -1.0
+    for t in [-2.0] + [(a + b) / 2 for a, b in zip(vals, vals[1:])]:
+        sc = refusal_scores(rows, lambda r: rule(r, t))
+        if sc["refused_answerable"] <= max_false and sc["refused_unanswerable"] > best_rec:
+            best, best_rec = t, sc["refused_unanswerable"]
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--calibrate", nargs="+", required=True)
+    ap.add_argument("--score", nargs="+", required=True)
+    ap.add_argument("--max-false", type=float, default=0.03)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    cal = load(args.calibrate)
+    thresholds = {name: calibrate(cal, rule, sig, args.max_false) for name, (rule, sig) in RULES.items()}
+    groups = defaultdict(list)
+    for r in load(args.score) + cal:
+        groups[r["key"]].append(r)
+    table = {}
+    for key, rows in sorted(groups.items()):
+        table[f"{key[0]} {key[1]}"] = {name: refusal_scores(rows, lambda r, f=rule, t=thresholds[name]: f(r, t))
+                                       for name, (rule, _) in RULES.items()}
+    print("thresholds:", {k: (round(v, 4) if v is not None else None) for k, v in thresholds.items()})
+    for k, v in table.items():
+        print(k)
+        for name, sc in v.items():
+            print(f"   {name:36s} answerable refused {sc['refused_answerable']:.3f}  unanswerable refused "
+                  f"{sc['refused_unanswerable']:.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"max_false": args.max_false, "calibration": args.calibrate,
+                                               "thresholds": thresholds, "scores": table}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
