@@ -56,3 +56,46 @@ def test_concurrent_writes_are_all_applied(tmp_path):
     final = KnowledgeBase.open(kb.path)
     assert len(final) == 10 and published[-1].version == final.version
     assert final.version <= kb.version + 8  # some were committed together
+
+
+def test_a_forward_in_flight_pauses_between_layers_while_a_write_is_applied():
+    """Writes go first inside a forward pass (scheduler.pause_between_layers): the scheduler's thread stops at
+    the next decoder layer while the writer holds `quiet`, resumes when it is set, and computes the same
+    logits; other threads are never held."""
+    import time
+
+    import torch
+    import transformers as tf
+
+    from atlaskv.serve.scheduler import pause_between_layers
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = tf.LlamaForCausalLM(cfg).eval()
+    ids = torch.arange(1, 9)[None]
+    with torch.no_grad():
+        expected = model(ids).logits
+    quiet = threading.Event()
+    out, done = {}, threading.Event()
+
+    def scheduler():
+        with torch.no_grad():
+            out["logits"] = model(ids).logits
+        done.set()
+
+    thread = threading.Thread(target=scheduler)
+    handles = pause_between_layers(model, quiet, thread)
+    try:
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, expected)  # this thread is not held, quiet or not
+        thread.start()
+        time.sleep(0.3)
+        assert not done.is_set()  # held at the first layer while the "write" runs
+        quiet.set()
+        assert done.wait(10)
+        thread.join()
+        assert torch.equal(out["logits"], expected)
+    finally:
+        for h in handles:
+            h.remove()

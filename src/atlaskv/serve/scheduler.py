@@ -27,6 +27,19 @@ log = logging.getLogger(__name__)
 PREFILL_BATCH = 8
 
 
+def pause_between_layers(model, quiet: threading.Event, thread: threading.Thread) -> list:
+    """Writes go first inside a forward pass too: on `thread`, every decoder layer waits while `quiet` is
+    clear (a KB write is being applied), so a write never waits for a whole prefill (~1 s for 8 rows) and
+    never shares the two cores with it; the pause changes nothing in the forward. Returns the hook handles."""
+    from atlaskv.model.adapter import attention_modules
+
+    def hold(module, args):
+        if not quiet.is_set() and threading.current_thread() is thread:
+            quiet.wait()
+
+    return [m.register_forward_pre_hook(hold) for m in attention_modules(model)]
+
+
 class QueueFull(Exception):
     pass
 
@@ -79,7 +92,7 @@ class Scheduler:
                  refuse_below: float, max_prompt_tokens: int, prune_config, top_citations: int,
                  quiet: threading.Event | None = None):
         self.model, self.snapshot = model, snapshot
-        self.quiet = quiet  # when given: a prefill or step starts only while it is set (a KB write goes first)
+        self.quiet = quiet  # when given: the model's layers run only while it is set (a KB write goes first)
         self.max_batch, self.max_queue = max_batch, max_queue
         self.refuse_below, self.max_prompt_tokens = refuse_below, max_prompt_tokens
         self.prune_config, self.top_citations = prune_config, top_citations
@@ -109,6 +122,8 @@ class Scheduler:
     # ------------------------------------------------------------ the loop (its own thread)
     def _loop(self) -> None:
         self.decoder = BatchDecoder(self.model, top_citations=self.top_citations, prune_config=self.prune_config)
+        if self.quiet is not None:
+            pause_between_layers(self.model.model, self.quiet, threading.current_thread())
         while True:
             with self.cond:
                 while not self.waiting and not self.running:
