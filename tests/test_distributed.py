@@ -28,14 +28,30 @@ def test_encode_exact_does_not_depend_on_batching(encoder):
         [("Ada Lovelace", "place of birth", "London"), ("Paris", "country", "France"),
          ("The Godfather", "/film/film/genre", "Crime Fiction")] +
         [(f"Entity number {i} " + "x " * (i % 7), "sibling", f"Person {i}") for i in range(120)])})
-    whole = encoder.encode_exact(texts, 256, False)
+    whole = encoder.encode_exact(texts, 256, False, reuse=False)
     rng = np.random.default_rng(0)
     for _ in range(2):
         idx = rng.permutation(len(texts))
         parts = np.empty_like(whole)
         for part in np.array_split(idx, int(rng.integers(2, 9))):
-            parts[part] = encoder.encode_exact([texts[i] for i in part], int(rng.integers(1, 64)), False)
+            parts[part] = encoder.encode_exact([texts[i] for i in part], int(rng.integers(1, 64)), False, reuse=False)
         assert np.array_equal(parts, whole)
+
+
+def test_small_exact_calls_reuse_recent_vectors_bit_for_bit(encoder, monkeypatch):
+    """A live add encodes a few texts; those the encoder gave recently are not encoded again (a pass costs
+    the same for 1 text as for 64) and come back with the same bits as a fresh pass."""
+    texts = ["the place of birth of Reuse Test Person", "Reuse Test City", "Reuse Test City"]
+    fresh = encoder.encode_exact(texts, reuse=False)
+    first = encoder.encode_exact(texts[:2])
+    calls = []
+    real = encoder.model.encode
+    monkeypatch.setattr(encoder.model, "encode", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    again = encoder.encode_exact(texts + ["the place of birth of Reuse Test Person Two"])
+    assert np.array_equal(first, fresh[:2]) and np.array_equal(again[:3], fresh)
+    assert [set(c) for c in calls] == [{"the place of birth of Reuse Test Person Two"}]  # only the new text
+    first[0] += 1  # what a caller does with its array never reaches the kept vectors
+    assert np.array_equal(encoder.encode_exact(texts[:1]), fresh[:1])
 
 
 def test_encode_exact_does_not_depend_on_threads(encoder):
