@@ -110,7 +110,7 @@ class Client(threading.Thread):
                     break
                 kind = self.rng.choices(list(self.mix), weights=list(self.mix.values()))[0]
                 t0 = time.perf_counter()
-                rec = {"kind": kind}
+                rec = {"kind": kind, "started": round(time.time(), 3)}
                 try:
                     rec.update(getattr(self, f"do_{kind}")(c))
                 except httpx.HTTPError as e:
@@ -328,6 +328,8 @@ def main(argv=None) -> int:
         "latency_s": {k: {"n": len(v), "p50": round(statistics.median(v), 3),
                           "p95": round(sorted(v)[min(len(v), math.ceil(0.95 * len(v))) - 1], 3), "max": round(max(v), 3)}
                       for k, v in sorted(lat.items()) if v},
+        "writes": [[round(r["started"] - t0, 2), r["kind"], r["seconds"]] for r in sorted(results, key=lambda r: r["started"])
+                   if r["kind"] in ("add", "delete") and r["status"] == 200],  # [start (s into the run), kind, seconds]
         "updates": {"triples_added_by_200s": sum(c.n_added for c in clients), "still_added": len(added),
                     "removed_by_200s": len(removed), "lost_adds": len(lost_adds), "lost_deletes": len(lost_deletes),
                     "unexpected_triples": len(unexpected), "kb_triples_at_end": len(on_disk),

@@ -209,3 +209,15 @@ def test_kb_write_does_not_wait_for_answers(client, url):
         assert cited(extra)[0] == ("Mount Vesuvius", "country", "Italy")
     finally:
         httpx.request("DELETE", url + "/v1/kb/triples", json={"triples": [fact]}, headers=h, timeout=120)
+
+
+def test_warm_up_changes_nothing_stored(model, tmp_path, demo_facts, encoder):
+    """`atlaskv serve` warms the first steps up before it listens (KBService.warm_up): an answer over the KB
+    and a write's encoder passes run once, and the KB stays as it was (same version, same files)."""
+    from atlaskv.serve.service import KBService
+
+    kb = KnowledgeBase.build(demo_facts, tmp_path / "kb", encoder=encoder)
+    before = (kb.version, sorted(p.name for p in kb.path.iterdir()))
+    seconds = KBService(model, kb).warm_up()
+    again = KnowledgeBase.open(kb.path)
+    assert seconds > 0 and (again.version, sorted(p.name for p in again.path.iterdir())) == before

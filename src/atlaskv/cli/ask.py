@@ -229,12 +229,14 @@ def ui_cmd(kb_dir: Path = typer.Option(DEMO_KB, "--kb", help="KB directory (buil
 
 
 def _app(kb_dir: Path, adapter: Optional[Path], **limits):
-    """The server app over the KB and the model, its KB cache warm before the first request."""
+    """The server app over the KB and the model, its KB cache and first steps warm before the first request."""
     from atlaskv.serve.routes import create_app
 
     kb, akv = _load(kb_dir, adapter)
     run(lambda: akv.kb_inputs(kb))
-    return create_app(akv, kb, **limits)
+    app = create_app(akv, kb, **limits)
+    run(app.state.service.warm_up)
+    return app
 
 
 def _warn_if_open(host: str) -> None:

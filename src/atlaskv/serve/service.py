@@ -174,6 +174,23 @@ class KBService:
         self.facts_lock = threading.Lock()
         self.facts_cache: tuple[tuple[str, int], pa.Table] | None = None  # (KB path, version) -> its facts
 
+    def warm_up(self) -> float:
+        """Run once what the first requests would run cold (an answer of two tokens over the KB, the
+        encoder's exact passes of a write, the KB's hash column), so they are not the slowest of a run: under
+        20 clients the first writes took 1.3-2.1 s against 0.2-0.8 s later (benchmarks/load_server.py
+        "writes"). Changes nothing stored. Returns the seconds it took."""
+        from atlaskv.kb.encoder import load_encoder
+        from atlaskv.model.batching import BatchDecoder, Request
+
+        t0 = time.perf_counter()
+        kb = self.live.current()
+        BatchDecoder(self.model).start_many([Request("What is the capital of Canada?", kb, max_new_tokens=2)])
+        encoder = load_encoder(kb.encoder_name)
+        if hasattr(encoder, "encode_exact"):
+            encoder.encode_exact(["the capital of Canada", "Ottawa"], reuse=False)
+        kb.live_hashes()
+        return time.perf_counter() - t0
+
     # ------------------------------------------------------------ chat
     def chat_job(self, messages: list[dict], max_tokens: int | None = None, temperature: float | None = None,
                  top_p: float | None = None) -> ChatJob:
