@@ -186,3 +186,67 @@ def test_demo_kg_builds(demo_facts, tmp_path, encoder):
     kb = KnowledgeBase.build(demo_facts, tmp_path / "demo", encoder=encoder)
     assert len(kb) == len(rep.triples) > 3000
     assert kb.bytes_on_disk() < 20 << 20
+
+
+def test_merge_segments_keeps_every_entry_id_tombstone_and_the_index(tmp_path, monkeypatch):
+    """Live adds write a segment each; merging the small ones rewrites their rows into one segment and
+    changes nothing else: the same live triples and embeddings under the same ids, removals still removed,
+    the HiKVP index still names stored entries, and a snapshot taken before the merge still reads its
+    records (its files are retired, not deleted, until RETIRED_SECONDS later)."""
+    import hash_encoder  # noqa: F401  (registers the test encoder)
+    import atlaskv.kb.store as store
+    from atlaskv.kb.view import KBView
+    import atlaskv.serve.writer as writer
+    from atlaskv.serve.writer import MERGE_AT, merge_small_segments
+
+    monkeypatch.setattr(writer, "SMALL_SEGMENT", 10)  # the build's segment (40 rows) is left alone
+
+    base = [(f"Base {i}", "place of birth", f"City {i % 7}") for i in range(40)]
+    kb = KnowledgeBase.build(base, tmp_path / "kb", encoder="test-hash-16", index=True)
+    for i in range(MERGE_AT + 1):
+        kb.add([(f"Added {i}", "country", f"Land {i % 3}")])
+    kb.remove([("Added 3", "country", "Land 0"), ("Base 5", "place of birth", "City 5")])
+    before = KnowledgeBase.open(kb.path)
+    ids, keys, values = before.embeddings()
+    old_view = KBView.of(before)
+    live_before = sorted(before.triples())
+    assert len(before.manifest["segments"]) == MERGE_AT + 2
+
+    assert merge_small_segments(kb)
+    after = KnowledgeBase.open(kb.path, verify=True)
+    assert len(after.manifest["segments"]) == 2 and after.version == before.version + 1
+    assert sorted(after.triples()) == live_before and len(after) == len(before)
+    ids2, keys2, values2 = after.embeddings()
+    assert np.array_equal(ids2, ids) and np.array_equal(keys2, keys) and np.array_equal(values2, values)
+    leaves = after.hierarchy().inter_children  # the index names entry ids: all still stored, same rows
+    assert np.array_equal(leaves, before.hierarchy().inter_children)
+    assert np.array_equal(after.table().keys.take(after.table().positions(leaves)),
+                          before.table().keys.take(before.table().positions(leaves)))
+    assert after.verify()["orphans"] == []
+    retired = list(after.manifest["retired"])
+    assert len(retired) == 3 * (MERGE_AT + 1) and all((kb.path / r).is_file() for r in retired)
+    assert old_view.triples(old_view.live_positions()[-3:])  # the old snapshot still reads its records
+    assert not merge_small_segments(kb)  # nothing more to merge
+
+    monkeypatch.setattr(store, "RETIRED_SECONDS", 0)
+    for i in range(MERGE_AT + 1):
+        kb.add([(f"More {i}", "country", "Land 1")])
+    assert merge_small_segments(kb)
+    now = KnowledgeBase.open(kb.path, verify=True)
+    assert not any((kb.path / r).exists() for r in retired)  # expired: deleted at this merge
+    assert len(now) == len(after) + MERGE_AT + 1 and len(now.manifest["segments"]) == 3  # 17 rows: not small here
+
+
+def test_merge_refuses_a_retired_path_outside_the_kb(tmp_path):
+    import hash_encoder  # noqa: F401
+
+    kb = KnowledgeBase.build([("a", "r", "1")], tmp_path / "kb", encoder="test-hash-16", index=False)
+    kb.add([("b", "r", "2")])
+    kb.add([("c", "r", "3")])
+    m = json.loads((kb.path / "manifest.json").read_text())
+    m["retired"] = {"../outside.txt": 0}
+    (kb.path / "manifest.json").write_text(json.dumps(m))
+    (tmp_path / "outside.txt").write_text("keep me")
+    with pytest.raises(KBError, match="retired file"):
+        KnowledgeBase.open(kb.path).merge_segments(keep=1)
+    assert (tmp_path / "outside.txt").read_text() == "keep me"

@@ -338,8 +338,9 @@ def check_tombstones(root: Path, m: dict) -> None:
 
 
 def orphans(root: Path, m: dict) -> list[Path]:
-    """Files in the data directories that the manifest does not list (left by a crashed writer)."""
-    listed = set(m["files"])
+    """Files in the data directories that the manifest does not list (left by a crashed writer), other than
+    those a segment merge retired and keeps a while for readers of earlier versions (m["retired"])."""
+    listed = set(m["files"]) | set(m.get("retired") or {})
     out = []
     for d in DATA_DIRS:
         if (root / d).is_dir():
