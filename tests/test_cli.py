@@ -12,6 +12,7 @@ runner = CliRunner()
 def test_every_command_has_help():
     for args in (["--help"], ["kb", "--help"], ["kb", "build", "--help"], ["kb", "info", "--help"],
                  ["kb", "add", "--help"], ["kb", "remove", "--help"], ["kb", "compact", "--help"],
+                 ["kb", "merge-segments", "--help"],
                  ["kb", "verify", "--help"], ["train", "--help"], ["eval", "grounding", "--help"],
                  ["ask", "--help"], ["kg2kv", "--help"], ["chat", "--help"], ["serve", "--help"],
                  ["ui", "--help"]):
@@ -37,6 +38,10 @@ def test_build_info_add_remove_verify(tmp_path):
                                     "triples": 1}
     r = runner.invoke(app, ["kb", "verify", str(tmp_path / "kb")])
     assert r.exit_code == 0 and r.output.startswith("ok: version 3")
+    r = runner.invoke(app, ["kb", "merge-segments", str(tmp_path / "kb"), "--keep", "0"])
+    assert r.exit_code == 0 and r.output.strip() == "2 segments -> 1, version 4", r.output
+    r = runner.invoke(app, ["kb", "info", str(tmp_path / "kb"), "--json"])
+    assert json.loads(r.output)["triples"] == 1
 
 
 def test_errors_are_one_clear_line(tmp_path):

@@ -125,6 +125,19 @@ def kb_compact(kb_dir: Path = typer.Argument(..., help="KB directory.")):
     typer.echo(f"compacted to version {res.version}")
 
 
+@kb_app.command("merge-segments")
+def kb_merge_segments(kb_dir: Path = typer.Argument(..., help="KB directory."),
+                      keep: int = typer.Option(1, help="Leading segments (the build's) left as they are.")):
+    """Rewrite the segments after the first KEEP as one (each live add writes one); ids, removals and the
+    HiKVP index stay, nothing is re-encoded. `atlaskv serve` does this itself for small segments."""
+    from atlaskv.kb.store import KnowledgeBase
+
+    kb = run(lambda: KnowledgeBase.open(kb_dir))
+    n = len(kb.manifest["segments"])
+    res = run(lambda: kb.merge_segments(keep=keep))
+    typer.echo(f"{n} segments -> {len(kb.manifest['segments'])}, version {res.version}")
+
+
 @kb_app.command("index")
 def kb_index(kb_dir: Path = typer.Argument(..., help="KB directory."),
              json_out: bool = typer.Option(False, "--json")):
