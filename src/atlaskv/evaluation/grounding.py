@@ -260,13 +260,12 @@ class GroundingRun:
         exact = [answer_flags(t, q.tail, kb_values, e, q.question)["exact"] for t, q, e in zip(pt, bq, ended)]
         tally.exact_prior += sum(exact)
         tally.idk_prior += sum(map(says_refusal, pt))
-        if kb_p is not None and self.saved is not None:
-            signals = [refusal_signals(q, view, rows, w, qvec[i])
-                       for i, (q, (rows, w)) in enumerate(zip(qtexts, kb_p.cited_rows(mask_p)))]
+        cited = kb_p.cited_rows(mask_p) if kb_p is not None else None
+        if cited is not None and self.saved is not None:
+            signals = [refusal_signals(q, view, rows, w, qvec[i]) for i, (q, (rows, w)) in enumerate(zip(qtexts, cited))]
         if self.refuse_below is not None:  # an empty KB backs nothing: refused
-            kept = [False] * take if kb_p is None else \
-                [not refuses(q, cited_facts(view, rows, w), self.refuse_below)
-                 for q, (rows, w) in zip(qtexts, kb_p.cited_rows(mask_p))]
+            kept = [False] * take if cited is None else \
+                [not refuses(q, cited_facts(view, rows, w), self.refuse_below) for q, (rows, w) in zip(qtexts, cited)]
             tally.em_prior_r += sum(r and k for r, k in zip(right, kept))
             tally.exact_prior_r += sum(x and k for x, k in zip(exact, kept))
             tally.refused_prior += take - sum(kept)

@@ -380,7 +380,7 @@ class KnowledgeBase:
     def merge_segments(self, keep: int = 1) -> UpdateResult:
         """Rewrite the segments after the first `keep` as one (an LSM-style minor compaction): every live add
         writes a segment, and a KB of hundreds of them reads hundreds of files per write and per snapshot
-        (an add went from 0.2 to 0.45 s over 200 adds). Ids, tombstones and the index stay as they are, so
+        (serving 1,000 mixed requests, the median add rose from 0.39 to 0.81 s: docs/serving.md). Ids, tombstones and the index stay as they are, so
         nothing is re-encoded or re-clustered; cheap when the merged segments are small. The merged-away
         files are retired, not deleted: a reader of an earlier version (an answer running on its snapshot)
         may still read their records; a later merge deletes them after RETIRED_SECONDS."""
