@@ -188,53 +188,53 @@ def test_demo_kg_builds(demo_facts, tmp_path, encoder):
     assert kb.bytes_on_disk() < 20 << 20
 
 
-def test_merge_segments_keeps_every_entry_id_tombstone_and_the_index(tmp_path, monkeypatch):
-    """Live adds write a segment each; merging the small ones rewrites their rows into one segment and
+def test_adds_merge_their_small_segments_keeping_every_entry_id_tombstone_and_the_index(tmp_path, monkeypatch):
+    """Each add writes a segment; the add that makes more than MERGE_AT small ones merges them into one and
     changes nothing else: the same live triples and embeddings under the same ids, removals still removed,
     the HiKVP index still names stored entries, and a snapshot taken before the merge still reads its
     records (its files are retired, not deleted, until RETIRED_SECONDS later)."""
     import hash_encoder  # noqa: F401  (registers the test encoder)
     import atlaskv.kb.store as store
     from atlaskv.kb.view import KBView
-    import atlaskv.serve.writer as writer
-    from atlaskv.serve.writer import MERGE_AT, merge_small_segments
 
-    monkeypatch.setattr(writer, "SMALL_SEGMENT", 10)  # the build's segment (40 rows) is left alone
+    monkeypatch.setattr(store, "SMALL_SEGMENT", 10)  # the build's segment (40 rows) is left alone
 
     base = [(f"Base {i}", "place of birth", f"City {i % 7}") for i in range(40)]
     kb = KnowledgeBase.build(base, tmp_path / "kb", encoder="test-hash-16", index=True)
-    for i in range(MERGE_AT + 1):
+    for i in range(store.MERGE_AT):
         kb.add([(f"Added {i}", "country", f"Land {i % 3}")])
     kb.remove([("Added 3", "country", "Land 0"), ("Base 5", "place of birth", "City 5")])
     before = KnowledgeBase.open(kb.path)
     ids, keys, values = before.embeddings()
     old_view = KBView.of(before)
     live_before = sorted(before.triples())
-    assert len(before.manifest["segments"]) == MERGE_AT + 2
+    assert len(before.manifest["segments"]) == store.MERGE_AT + 1  # not yet more than MERGE_AT small ones
 
-    assert merge_small_segments(kb)
+    last = ("Added 16", "country", "Land 1")
+    res = kb.add([last])  # the 17th small segment: this add merges them
     after = KnowledgeBase.open(kb.path, verify=True)
-    assert len(after.manifest["segments"]) == 2 and after.version == before.version + 1
-    assert sorted(after.triples()) == live_before and len(after) == len(before)
+    assert len(after.manifest["segments"]) == 2 and after.version == res.version == before.version + 2
+    assert [h["op"] for h in after.manifest["history"][-2:]] == ["add", "merge"]
+    assert sorted(after.triples()) == sorted(live_before + [Triple(*last)]) and len(after) == len(before) + 1
     ids2, keys2, values2 = after.embeddings()
-    assert np.array_equal(ids2, ids) and np.array_equal(keys2, keys) and np.array_equal(values2, values)
-    leaves = after.hierarchy().inter_children  # the index names entry ids: all still stored, same rows
-    assert np.array_equal(leaves, before.hierarchy().inter_children)
+    n = len(ids)
+    assert np.array_equal(ids2[:n], ids) and np.array_equal(keys2[:n], keys) and np.array_equal(values2[:n], values)
+    leaves = before.hierarchy().inter_children  # the index names entry ids: all still stored, same rows
+    assert np.isin(leaves, after.hierarchy().inter_children).all()
     assert np.array_equal(after.table().keys.take(after.table().positions(leaves)),
                           before.table().keys.take(before.table().positions(leaves)))
     assert after.verify()["orphans"] == []
     retired = list(after.manifest["retired"])
-    assert len(retired) == 3 * (MERGE_AT + 1) and all((kb.path / r).is_file() for r in retired)
+    assert len(retired) == 3 * (store.MERGE_AT + 1) and all((kb.path / r).is_file() for r in retired)
     assert old_view.triples(old_view.live_positions()[-3:])  # the old snapshot still reads its records
-    assert not merge_small_segments(kb)  # nothing more to merge
+    assert KnowledgeBase.open(kb.path).merge_segments(keep=2).version == after.version  # nothing to merge
 
     monkeypatch.setattr(store, "RETIRED_SECONDS", 0)
-    for i in range(MERGE_AT + 1):
+    for i in range(store.MERGE_AT + 1):
         kb.add([(f"More {i}", "country", "Land 1")])
-    assert merge_small_segments(kb)
     now = KnowledgeBase.open(kb.path, verify=True)
     assert not any((kb.path / r).exists() for r in retired)  # expired: deleted at this merge
-    assert len(now) == len(after) + MERGE_AT + 1 and len(now.manifest["segments"]) == 3  # 17 rows: not small here
+    assert len(now) == len(after) + store.MERGE_AT + 1 and len(now.manifest["segments"]) == 3  # 17 rows: not small
 
 
 def test_merge_refuses_a_retired_path_outside_the_kb(tmp_path):

@@ -30,6 +30,8 @@ from atlaskv.kb.table import EmbeddingTable
 from atlaskv.kb.view import KBView
 
 RETIRED_SECONDS = 600  # how long files a segment merge replaced stay for readers of earlier versions
+MERGE_AT = 16             # small segments at the KB's end (one per add) merged into one beyond this many
+SMALL_SEGMENT = 10_000    # rows: a build's segments are left alone, only the adds' small ones are rewritten
 
 # Build engines besides "local", by name: each is called with KnowledgeBase.build's arguments and returns
 # the KnowledgeBase it built. ray_build registers "ray" when imported (atlaskv.kb's __init__ imports it):
@@ -380,40 +382,55 @@ class KnowledgeBase:
     def merge_segments(self, keep: int = 1) -> UpdateResult:
         """Rewrite the segments after the first `keep` as one (an LSM-style minor compaction): every live add
         writes a segment, and a KB of hundreds of them reads hundreds of files per write and per snapshot
-        (serving 1,000 mixed requests, the median add rose from 0.39 to 0.81 s: docs/serving.md). Ids, tombstones and the index stay as they are, so
-        nothing is re-encoded or re-clustered; cheap when the merged segments are small. The merged-away
+        (serving 1,000 mixed requests, the median add rose from 0.39 to 0.81 s: docs/serving.md). Ids,
+        tombstones and the index stay as they are, so nothing is re-encoded or re-clustered; cheap when the
+        merged segments are small. Adds run it themselves (_merge_small_segments). The merged-away
         files are retired, not deleted: a reader of an earlier version (an answer running on its snapshot)
         may still read their records; a later merge deletes them after RETIRED_SECONDS."""
         with self._write_lock():
             self._reload()
-            segs = self.manifest["segments"]
-            tail = segs[keep:]
-            if len(tail) < 2:
-                return UpdateResult(version=self.version)
-            table = pa.concat_tables([pq.read_table(self.path / t["records"]) for t in tail])
-            keys, values = (np.concatenate([np.load(self.path / t[k], allow_pickle=False) for t in tail])
-                            for k in ("keys", "values"))
-            m = self._next_manifest()
-            gone = [t[k] for t in tail for k in ("records", "keys", "values")]
-            now = time.time()
-            retired = {}
-            for rel, at in (m.get("retired") or {}).items():  # gone for RETIRED_SECONDS: no reader is left
-                parts = Path(rel).parts  # the manifest is untrusted: only a file in a data directory
-                if len(parts) != 2 or parts[0] not in layout.DATA_DIRS or parts[1] in ("", ".", ".."):
-                    raise KBError(f"{self.path / MANIFEST}: retired file {rel!r} is not in a data directory")
-                if now - float(at) > RETIRED_SECONDS:
-                    (self.path / rel).unlink(missing_ok=True)
-                else:
-                    retired[rel] = at
-            m["retired"] = {**retired, **{rel: now for rel in gone}}
-            for rel in gone:
-                m["files"].pop(rel)
-            m["segments"] = segs[:keep]
-            layout.write_segment(self.path, m, table, keys, values, self.dim)
-            m["history"].append({"version": m["version"], "op": "merge", "segments": len(tail)})
-            self._commit(m)
-            self._remove_orphans()
+            self._merge_tail(keep)
             return UpdateResult(version=self.version)
+
+    def _merge_small_segments(self) -> None:
+        """Every add writes a segment: once more than MERGE_AT small ones (<= SMALL_SEGMENT rows) end the
+        KB, merge them, so a KB grown by many adds (the server's live writes, `atlaskv kb add` in a loop) keeps
+        reading few files. The caller holds the write lock."""
+        segs = self.manifest["segments"]
+        small = 0
+        while small < len(segs) and segs[len(segs) - 1 - small]["rows"] <= SMALL_SEGMENT:
+            small += 1
+        if small > MERGE_AT:
+            self._merge_tail(len(segs) - small)
+
+    def _merge_tail(self, keep: int) -> None:
+        segs = self.manifest["segments"]
+        tail = segs[keep:]
+        if len(tail) < 2:
+            return
+        table = pa.concat_tables([pq.read_table(self.path / t["records"]) for t in tail])
+        keys, values = (np.concatenate([np.load(self.path / t[k], allow_pickle=False) for t in tail])
+                        for k in ("keys", "values"))
+        m = self._next_manifest()
+        gone = [t[k] for t in tail for k in ("records", "keys", "values")]
+        now = time.time()
+        retired = {}
+        for rel, at in (m.get("retired") or {}).items():  # gone for RETIRED_SECONDS: no reader is left
+            parts = Path(rel).parts  # the manifest is untrusted: only a file in a data directory
+            if len(parts) != 2 or parts[0] not in layout.DATA_DIRS or parts[1] in ("", ".", ".."):
+                raise KBError(f"{self.path / MANIFEST}: retired file {rel!r} is not in a data directory")
+            if now - float(at) > RETIRED_SECONDS:
+                (self.path / rel).unlink(missing_ok=True)
+            else:
+                retired[rel] = at
+        m["retired"] = {**retired, **{rel: now for rel in gone}}
+        for rel in gone:
+            m["files"].pop(rel)
+        m["segments"] = segs[:keep]
+        layout.write_segment(self.path, m, table, keys, values, self.dim)
+        m["history"].append({"version": m["version"], "op": "merge", "segments": len(tail)})
+        self._commit(m)
+        self._remove_orphans()
 
     def verify(self) -> dict:
         """Check every file against its size and sha256 in the manifest, and row counts; raise KBError."""
@@ -471,6 +488,7 @@ class KnowledgeBase:
                 write_index(self.path, m, new_ids, keys)
             self._commit(m)
             self._remove_orphans()
+            self._merge_small_segments()
         return UpdateResult(added=n_triples, duplicates=duplicates, version=self.version)
 
     def _next_manifest(self) -> dict:

@@ -19,23 +19,6 @@ import numpy as np
 from atlaskv.kb.layout import triple_hash
 from atlaskv.kb.store import KnowledgeBase, UpdateResult, clean_triples
 
-MERGE_AT = 16             # small segments at the KB's end (one per live add) merged into one beyond this many
-SMALL_SEGMENT = 10_000    # rows: a build's segments are left alone, only the adds' small ones are rewritten
-
-
-def merge_small_segments(kb: KnowledgeBase) -> bool:
-    """Merge the run of small segments at the end of `kb` once it is longer than MERGE_AT (each live add
-    writes one; hundreds made every write and every snapshot read hundreds of files). Returns whether it
-    merged."""
-    segs = kb.manifest["segments"]
-    small = 0
-    while small < len(segs) and segs[len(segs) - 1 - small]["rows"] <= SMALL_SEGMENT:
-        small += 1
-    if small <= MERGE_AT:
-        return False
-    kb.merge_segments(keep=len(segs) - small)
-    return True
-
 Op = Literal["add", "remove"]
 
 
@@ -133,7 +116,6 @@ class KBWriter:
         version = kb.version
         if todo:
             version = (kb.add(todo) if op == "add" else kb.remove(todo)).version
-            merge_small_segments(kb)
             self.publish(kb)
         for job, (hit, miss) in zip(run, per_job):
             job.result = (UpdateResult(added=len(hit), duplicates=miss + job.duplicates, version=version)
