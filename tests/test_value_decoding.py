@@ -222,3 +222,17 @@ def test_a_row_another_processor_ruled_out_is_left_alone():
     scores[0, STOP] = float("-inf")  # min_new_tokens forbids it
     out = proc(ids, scores.clone())
     assert torch.isfinite(out).any()
+
+
+def test_an_answer_that_names_no_value_cannot_loop():
+    proc, tok, prompt = setup("How was Letters from Iwo Jima released?", [("Letters from Iwo Jima", "release medium", "DVD")],
+                              [1.0])
+    looping = "I can give a summary of the response of the response of the response"
+    answer = greedy(proc, tok, prompt, looping, steps=20)
+    words = answer.replace("<stop>", "").split()
+    grams = list(zip(words, words[1:], words[2:]))
+    assert len(grams) == len(set(grams)) and answer == "I can give a summary of the response of the<stop>"
+    # the question's own words are free to come back: restating is how answers open
+    proc, tok, prompt = setup("Who was the spouse of Humphrey Bogart?", FACTS, [0.8, 0.1, 0.1])
+    assert greedy(proc, tok, prompt, "The spouse of Humphrey Bogart was Lauren") == \
+        "The spouse of Humphrey Bogart was Lauren Bacall.<stop>"

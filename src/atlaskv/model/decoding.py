@@ -30,6 +30,12 @@ the first one's weight, at most TOP_VALUES), and before every later token applie
               (relative to the first-cited), the copy logits' job done with the prefill's citations, which
               stay sharp in large KBs where the decode step's attention spreads.
 
+While no value is out and none is being finished, a token that would repeat one of the answer's own token
+3-grams is ruled out (no_repeat_ngram_size of transformers, but over the answer only: restating the question
+is how answers open). Without it, a model that never starts a value can loop until the budget ends ("... a
+brief summary of the response in a narrative format: The response ..."). Under greedy decoding an answer
+with no repeated 3-gram is unchanged by this rule.
+
 The settings were picked on the dev set of training facts (benchmarks/make_dev_set.py; docs/results.md), never
 on the evaluation sets. Off with `value_decoding=False` (AtlasKV.generate / ask, eval grounding
 --no-value-decoding).
@@ -164,13 +170,19 @@ class ValueDecoding(LogitsProcessor):
                 head_next = _continuations(self.heads[b], answer, self._word)
                 if head_next:  # inside the cited head's name: it is restated as stored ("Forrest G" -> "ump")
                     self._only(scores, b, head_next)
-                elif added is not None and added.shape[0] == scores.shape[0]:
-                    scores[b] -= added[b].to(scores.dtype)  # restating the question: no copy votes
+                else:
+                    if added is not None and added.shape[0] == scores.shape[0]:
+                        scores[b] -= added[b].to(scores.dtype)  # restating the question: no copy votes
+                    if not done:
+                        self._ban(scores, b, _repeats(answer))
             elif nxt:
                 self._only(scores, b, nxt)
-            elif self.push and not done:  # no value yet: each cited value's first token, by its weight
-                for v in self.values[b]:
-                    scores[b, v.forms[0 if answer else 1][0]] += self.push * v.weight
+            else:
+                if self.push and not done:  # no value yet: each cited value's first token, by its weight
+                    for v in self.values[b]:
+                        scores[b, v.forms[0 if answer else 1][0]] += self.push * v.weight
+                if not done:
+                    self._ban(scores, b, _repeats(answer))
         return scores
 
     def _list_next(self, values: list[CitedValue], answer: list[int], named: set[str]) -> list[int] | None:
@@ -210,6 +222,16 @@ class ValueDecoding(LogitsProcessor):
         return set(nxt), done, named, at_end > 0, max((length[t] for t in nxt), default=0)
 
     @staticmethod
+    def _ban(scores: torch.Tensor, b: int, banned: set[int]) -> None:
+        if not banned:
+            return
+        ban = torch.tensor(sorted(banned), device=scores.device)
+        keep = torch.ones_like(scores[b], dtype=torch.bool)
+        keep[ban] = False
+        if torch.isfinite(scores[b][keep]).any():  # never leave no token at all
+            scores[b, ban] = float("-inf")
+
+    @staticmethod
     def _only(scores: torch.Tensor, b: int, allowed) -> None:
         keep = torch.tensor(sorted(set(allowed)), device=scores.device)
         if not torch.isfinite(scores[b, keep]).any():
@@ -217,6 +239,14 @@ class ValueDecoding(LogitsProcessor):
         masked = torch.full_like(scores[b], float("-inf"))
         masked[keep] = scores[b, keep]
         scores[b] = masked
+
+
+def _repeats(answer: list[int], n: int = 3) -> set[int]:
+    """The tokens that would make the answer's last n-gram one it has said before."""
+    if len(answer) < n:
+        return set()
+    tail = answer[len(answer) - n + 1:]
+    return {answer[i + n - 1] for i in range(len(answer) - n + 1) if answer[i:i + n - 1] == tail}
 
 
 def _continuations(forms, answer: list[int], word) -> set[int]:
