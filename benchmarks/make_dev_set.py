@@ -8,11 +8,17 @@ per fact, picked by a seeded RNG; the pool is a seeded sample of the facts. Dete
 
 `by-head` takes whole entities (every training fact of a seeded sample of heads) instead of single facts, so
 `eval grounding --distractors same-head` finds the question's other facts in the pool, as on fb15k-para.
+`paraphrased` asks the facts of the relations in PARAPHRASES (single-valued keys only) in phrasings the
+adapter never saw in training (written for this set, not taken from any evaluation set): a dev set for
+settings that must hold for users' own wording ("Is X a man or a woman?" for the gender of X).
+
+    .venv/bin/python benchmarks/make_dev_set.py runs/dev/fb15k-train-para 6000 0 paraphrased
 The facts were seen in training (the adapter has no held-out train facts), so a dev score is optimistic
 about retrieval; it is meant for choosing settings that the training never touched.
 """
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +27,54 @@ from atlaskv.kb.triples import read_triples
 from atlaskv.train import QUESTION_TEMPLATES
 
 REPO = Path(__file__).resolve().parents[1]
+
+PARAPHRASES = {
+    "gender": "Is {h} a man or a woman?",
+    "nationality": "Which country is {h} a citizen of?",
+    "place of birth": "{h} was born where?",
+    "place of residence": "Where does {h} live?",
+    "country of origin": "Which country does {h} come from?",
+    "release medium": "On what medium was {h} released?",
+    "budget currency": "In which currency was the budget of {h} counted?",
+    "language": "In what language is {h}?",
+    "time zone": "What time zone is {h} in?",
+    "nominated work": "For which work was {h} nominated?",
+    "profession": "What does {h} do for work?",
+    "music composer": "Who composed the music for {h}?",
+    "religion": "What faith does {h} follow?",
+    "country": "Which country is {h} located in?",
+    "release region": "Where was {h} released?",
+    "production company": "Which company made {h}?",
+    "headquarters state": "In which state does {h} have its headquarters?",
+    "headquarters city": "In which city is {h} headquartered?",
+    "place of death": "Where did {h} pass away?",
+    "producer": "Who produced {h}?",
+    "parent administrative area": "Which larger region contains {h}?",
+    "screenwriter": "Who wrote the screenplay of {h}?",
+    "language spoken": "Which language does {h} speak?",
+    "filming location": "Where was {h} shot?",
+    "place of origin": "Where did {h} originate?",
+    "sport": "What sport does {h} play?",
+    "spouse": "Who is {h} married to?",
+    "school type": "What kind of school is {h}?",
+    "cinematographer": "Who was the director of photography on {h}?",
+    "executive producer": "Who was an executive producer on {h}?",
+    "county": "Which county is {h} in?",
+    "state": "Which state is {h} part of?",
+    "story author": "Who wrote the story {h} is based on?",
+    "capital": "Where is the seat of government of {h}?",
+    "costume designer": "Who designed the costumes for {h}?",
+    "film editor": "Who edited {h}?",
+    "band": "Which band was {h} a member of?",
+    "county seat": "Which town is the county seat of {h}?",
+    "official language": "What language is official in {h}?",
+    "production designer": "Who did the production design for {h}?",
+    "prequel": "Which film came before {h}?",
+    "sports team": "Which team does {h} play for?",
+    "headquarters country": "In which country does {h} have its head office?",
+    "employer": "Who does {h} work for?",
+    "wedding location": "Where did {h} get married?",
+}
 
 
 def main(out: str, n: int = 2000, seed: int = 0, mode: str = "facts") -> None:
@@ -43,6 +97,16 @@ def main(out: str, n: int = 2000, seed: int = 0, mode: str = "facts") -> None:
     with open(out_dir / "triples.tsv", "w", encoding="utf-8") as f:
         for t in picked:
             f.write(f"{t.head}\t{t.relation}\t{t.tail}\n")
+    if mode == "paraphrased":
+        keys = Counter((t.head.casefold(), t.relation) for t in triples)
+        asked = [t for t in picked if t.relation in PARAPHRASES and keys[(t.head.casefold(), t.relation)] == 1]
+        with open(out_dir / "questions.jsonl", "w", encoding="utf-8") as f:
+            for t in asked:
+                q = PARAPHRASES[t.relation].format(h=t.head)
+                f.write(json.dumps(dict(question=q[0].upper() + q[1:], head=t.head, relation=t.relation,
+                                        tail=t.tail)) + "\n")
+        print(f"{out_dir}: {len(picked)} triples, {len(asked)} paraphrased questions (seed {seed})")
+        return
     with open(out_dir / "questions.jsonl", "w", encoding="utf-8") as f:
         for t in picked:
             key = f"the {t.relation} of {t.head}"
