@@ -35,9 +35,10 @@ class WordTok:
         return "".join(inv[i] for i in ids)
 
 
-def setup(question, facts, weights, tok=None, push=0.0):
+def setup(question, facts, weights, tok=None, push=0.0, trust=False):
     """A processor for one question over `facts` whose prefill attention is `weights` (most first); no push
-    unless asked (the fake model's preferences are only 5 logits strong)."""
+    unless asked (the fake model's preferences are only 5 logits strong); the refusal rule's trust only if
+    asked (it needs the question's text)."""
     tok = tok or WordTok()
     n = len(facts)
     view = KBView.from_arrays(np.zeros((n, 4), np.float32), np.zeros((n, 4), np.float32),
@@ -45,7 +46,7 @@ def setup(question, facts, weights, tok=None, push=0.0):
     kb = KBInputs(torch.zeros(n, 4), torch.zeros(n, 4), view=view, flat_rows=np.arange(n), record=True)
     kb.recorded.attention[0] = torch.tensor(weights, dtype=torch.float32)[None, None, :]
     prompt = torch.tensor([tok(question)["input_ids"]])
-    return ValueDecoding(kb, tok, prompt, None, [STOP], push=push), tok, prompt
+    return ValueDecoding(kb, tok, prompt, None, [STOP], push=push, questions=[question] if trust else None), tok, prompt
 
 
 def greedy(proc, tok, prompt, prefer: str, steps=12, strength=5.0):
@@ -232,7 +233,38 @@ def test_an_answer_that_names_no_value_cannot_loop():
     words = answer.replace("<stop>", "").split()
     grams = list(zip(words, words[1:], words[2:]))
     assert len(grams) == len(set(grams)) and answer == "I can give a summary of the response of the<stop>"
+    # tokens compare by their words: " The country is" repeats "The country is"
+    proc, tok, prompt = setup("Which country is Bret McKenzie a citizen of?", [("Bret McKenzie", "nationality", "New Zealand")],
+                              [1.0])
+    answer = greedy(proc, tok, prompt, "The country is Canada. The country is Australia", steps=20)
+    assert answer == "The country is Canada. The country<stop>"
     # the question's own words are free to come back: restating is how answers open
     proc, tok, prompt = setup("Who was the spouse of Humphrey Bogart?", FACTS, [0.8, 0.1, 0.1])
     assert greedy(proc, tok, prompt, "The spouse of Humphrey Bogart was Lauren") == \
         "The spouse of Humphrey Bogart was Lauren Bacall.<stop>"
+
+
+def test_an_answer_whose_top_fact_the_refusal_rule_accepts_names_a_value():
+    """The model's own "I don't know." (learned for facts the KB lacks) may not open an answer the refusal
+    rule accepts, nor may the turn end before a value is named; where the rule would refuse, both stay free."""
+    proc, tok, prompt = setup("Who was the spouse of Humphrey Bogart?", FACTS, [0.8, 0.1, 0.1], push=8.0, trust=True)
+    assert proc.refusal_first == tok("I")["input_ids"][0]
+    assert greedy(proc, tok, prompt, "I don't know.", strength=9.0) == "Lauren Bacall.<stop>"
+    proc, tok, prompt = setup("Who was the spouse of Humphrey Bogart?", FACTS, [0.8, 0.1, 0.1], push=8.0, trust=True)
+    assert greedy(proc, tok, prompt, "His spouse was", strength=9.0) == "His spouse was Lauren Bacall.<stop>"
+    # the question names no cited head (Cary Grant): the rule would refuse, the model may say so itself
+    proc, tok, prompt = setup("Who was the spouse of Cary Grant?", FACTS, [0.8, 0.1, 0.1], push=8.0, trust=True)
+    assert greedy(proc, tok, prompt, "I don't know.", strength=9.0).startswith("I don't know.")
+    # two values about as cited: no support, no trust
+    proc, tok, prompt = setup("Who was the spouse of Humphrey Bogart?", FACTS, [0.5, 0.45, 0.05], push=8.0, trust=True)
+    proc.values = proc._cited_values()
+    assert proc.trusted == [False]
+
+
+def test_a_value_started_in_one_token_form_is_not_restarted_in_the_other():
+    """A value is matched in both its forms (after a space, at the start of a line); once the answer is deep
+    in one form, the other form's first token must not restart it (SmolLM2 wrote "S.S. Robur S.S. Robur Siena":
+    " Siena" opens with " S", the spaced form's first token)."""
+    facts = [("Walla Walla College", "location", "Walla Walla Valley")]
+    proc, tok, prompt = setup("Where is the college?", facts, [1.0])
+    assert greedy(proc, tok, prompt, "Walla Walla Walla Walla Valley") == "Walla Walla Valley.<stop>"

@@ -27,7 +27,7 @@ from atlaskv.evaluation.metrics import answer_flags, contains_answer, rank_hits,
 from atlaskv.evaluation.pool import EvalPool, kb_chunks, load_pool, with_synthetic_fill
 from atlaskv.kb.index import build_hierarchy
 from atlaskv.defaults import TOP_CITATIONS
-from atlaskv.model.atlaskv import names_head, refuses, support_of
+from atlaskv.model.refusal import names_head, refuses, support_of
 from atlaskv.model.decoding import value_processors
 from atlaskv.model.chat import chat_text, ended_turns, left_pad, stop_token_ids
 from atlaskv.model.kb_inputs import KBInputs, use_kb
@@ -53,7 +53,7 @@ def ask_batch(akv, questions: list[str], kb, max_new_tokens: int, record: bool =
     kb_in = akv.kb_inputs(kb, record=record, prune=prune or False, question_emb=question_emb, token_mask=mask,
                           scale_factor=scale_factor)
     stop = stop_token_ids(tok, akv.model)  # EOS and the chat format's end of turn (<|im_end|>, <end_of_turn>)
-    processors = LogitsProcessorList(value_processors(kb_in, tok, ids, mask, stop, value_decoding))
+    processors = LogitsProcessorList(value_processors(kb_in, tok, ids, mask, stop, value_decoding, questions=questions))
     with use_kb(kb_in):
         out = akv.model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id or tok.eos_token_id, eos_token_id=stop,

@@ -27,6 +27,7 @@ from atlaskv.model.decoding import value_processors
 from atlaskv.model.kb_inputs import KBInputs, use_kb
 from atlaskv.model.llm import DEFAULT_LLM, canonical_name, load_base_model
 from atlaskv.model.pruning import PruneConfig, PrunedKB
+from atlaskv.model.refusal import names_head, refuses, support_of  # noqa: F401  (the public names)
 from atlaskv.model.values import value_rows
 
 
@@ -45,41 +46,9 @@ def adapter_base_model(path: str | Path) -> str:
     return name or DEFAULT_LLM
 
 
-def support_of(citations) -> float:
-    """How far the most-cited value stands out, from the cited facts ((triple, weight), most attended first):
-    the weight of the facts that name the first one's value (they agree: John F. Kennedy's and Robert F.
-    Kennedy's burial facts both back "Arlington National Cemetery") over the heaviest fact naming another
-    value. inf when no cited fact disagrees, 0 without citations. The refusal rule's signal (Answer.support,
-    eval grounding --refuse-below)."""
-    if not citations:
-        return 0.0
-    top = _words(citations[0][0].tail)
-    same = sum(float(w) for t, w in citations if _words(t.tail) == top)
-    other = max((float(w) for t, w in citations if _words(t.tail) != top), default=0.0)
-    return same / other if other > 0 else float("inf")
-
-
-def names_head(question: str, triple: Triple) -> bool:
-    """The question names the fact's head (its words in a row, case and punctuation aside): a fact about
-    another entity backs no answer, however much attention it draws ("the country of Mount Kilimanjaro"
-    before the KB knows it cites Petaluma's country)."""
-    h, q = _words(triple.head), _words(question)
-    return bool(h) and f" {h} " in f" {q} "
-
-
-def _words(text: str) -> str:
-    return " ".join("".join(c if c.isalnum() else " " for c in text.casefold()).split())
-
-
-def refuses(question: str, citations, min_support: float = REFUSE_BELOW) -> bool:
-    """The refusal rule: the most-cited fact is about an entity the question does not name, or its value does
-    not stand out by `min_support` (support_of). Without a question only the second part applies; a
-    `min_support` of 0 or less turns refusal off (the server's `--refuse-below 0`)."""
-    if min_support <= 0:
-        return False
-    if not citations:
-        return True
-    return (bool(question) and not names_head(question, citations[0][0])) or support_of(citations) < min_support
+def asked_text(question: str | Sequence[dict]) -> str:
+    """The question asked: the text itself, or a chat's last user message."""
+    return question if isinstance(question, str) else [m["content"] for m in question if m["role"] == "user"][-1]
 
 
 @dataclass
@@ -280,7 +249,8 @@ class AtlasKV:
         if self.needs_question(kb_in) and kb_in.question_emb is None:
             kb_in.question_emb = self.question_embedding(question)
         processors = LogitsProcessorList(logits_processor or [])
-        processors.extend(value_processors(kb_in, self.tokenizer, ids, prompt_mask, self._stop_ids, value_decoding))
+        processors.extend(value_processors(kb_in, self.tokenizer, ids, prompt_mask, self._stop_ids, value_decoding,
+                                           questions=[asked_text(question)]))
         return ids, processors
 
     @property
@@ -326,7 +296,7 @@ class AtlasKV:
         """The Answer of `text`, generated over `kb_in` (record=True): its citations from the prefill's KB
         attention. The prefill alone decides them, so a caller may build the Answer before decoding."""
         pruned = kb_in.pruned is not None
-        asked = question if isinstance(question, str) else [m["content"] for m in question if m["role"] == "user"][-1]
+        asked = asked_text(question)
         if not kb_in.attention or kb_in.size == 0:
             return Answer(text, [], kb_in.size, 0.0, pruned, question=asked)
         (positions, weights), = kb_in.summed_attention(kb_in.token_mask)

@@ -30,11 +30,16 @@ the first one's weight, at most TOP_VALUES), and before every later token applie
               (relative to the first-cited), the copy logits' job done with the prefill's citations, which
               stay sharp in large KBs where the decode step's attention spreads.
 
-While no value is out and none is being finished, a token that would repeat one of the answer's own token
-3-grams is ruled out (no_repeat_ngram_size of transformers, but over the answer only: restating the question
+While no value is out and none is being finished, a token that would repeat one of the answer's own word
+3-grams is ruled out (tokens compare by their words, case-blind) (no_repeat_ngram_size of transformers, but over the answer only: restating the question
 is how answers open). Without it, a model that never starts a value can loop until the budget ends ("... a
 brief summary of the response in a narrative format: The response ..."). Under greedy decoding an answer
 with no repeated 3-gram is unchanged by this rule.
+
+An answer whose top fact the refusal rule accepts (model/refusal.py, at REFUSE_BELOW) names a value: it may
+not open with the model's own "I don't know." (learned in training for facts the KB lacks, it also fires on
+phrasings training never used: 9 of the 20 answers that were not exact on the dev set of training facts in
+held-out phrasings), nor end its turn before a value is out (TRUSTED_MUST_NAME).
 
 The settings were picked on the dev set of training facts (benchmarks/make_dev_set.py; docs/results.md), never
 on the evaluation sets. Off with `value_decoding=False` (AtlasKV.generate / ask, eval grounding
@@ -47,15 +52,18 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor
 
+from atlaskv.defaults import REFUSAL, REFUSE_BELOW, TOP_CITATIONS
 from atlaskv.model.kb_inputs import KBInputs
+from atlaskv.model.refusal import refuses
 
 # a value that opens with one of these words counts as started from its second token: an answer opening
 # "The ..." has not started "The Beatles"
 _WEAK_FIRST = {"the", "a", "an", "in", "of", "on", "at", "to", "is", "it", "and", "for", "by", "from", "with"}
 TOP_VALUES = 5      # cited entries whose values may steer an answer
 VALUE_SHARE = 0.25  # ... each weighing at least this share of the first-cited entry's prefill attention
-VALUE_PUSH = 8.0   # logits added to a cited value's first token while no value is out, times its weight
+VALUE_PUSH = 12.0  # logits added to a cited value's first token while no value is out, times its weight
 FLAT_RECORD_MAX = 1 << 17  # flat KBs above this size decode freely unless the caller records (ask does)
+TRUSTED_MUST_NAME = True   # a trusted answer (the refusal rule accepts its top fact) may not end before a value
 
 
 @dataclass
@@ -70,8 +78,12 @@ class CitedValue:
 
 class ValueDecoding(LogitsProcessor):
     def __init__(self, kb: KBInputs, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None,
-                 stop_ids: list[int], top: int | None = None, share: float | None = None, push: float | None = None):
+                 stop_ids: list[int], top: int | None = None, share: float | None = None, push: float | None = None,
+                 questions: list[str] | None = None):
         self.kb, self.tokenizer, self.stop_ids = kb, tokenizer, list(stop_ids)
+        self.question_texts = questions  # per sample, for the refusal rule (None: trust is never given)
+        self.refusal_first = tokenizer(REFUSAL, add_special_tokens=False)["input_ids"][0]
+        self._texts: dict[int, str] = {}
         self.top = TOP_VALUES if top is None else top
         self.share = VALUE_SHARE if share is None else share
         self.push = VALUE_PUSH if push is None else push
@@ -92,18 +104,24 @@ class ValueDecoding(LogitsProcessor):
                            for q in self.questions]
         self.values: list[list[CitedValue]] | None = None
         self.heads: list[tuple[list[int], ...]] = []  # token forms of each sample's first-cited head
+        self.trusted: list[bool] = []  # the refusal rule accepts the sample's top fact
 
     # ------------------------------------------------------------------ the cited values (after the prefill)
     def _cited_values(self) -> list[list[CitedValue]]:
         view = self.kb.view
         self.heads = [() for _ in self.questions]
+        self.trusted = [False for _ in self.questions]
         if view is None or not self.kb.attention:
             return [[] for _ in self.questions]
         out = []
         for b, (rows, w) in enumerate(self.kb.cited_rows(self.prompt_mask)):
             w = w.float().cpu()
+            n = max(self.top, TOP_CITATIONS)
+            cited = view.triples(rows[:n])
+            if self.question_texts is not None:
+                self.trusted[b] = not refuses(self.question_texts[b], list(zip(cited, w[:n].tolist())), REFUSE_BELOW)
             keep = [i for i in range(min(self.top, len(rows))) if w[i] >= self.share * w[0] and w[0] > 0]
-            triples = view.triples(rows[keep])
+            triples = [cited[i] for i in keep]
             key = (triples[0].head.casefold(), triples[0].relation) if triples else None
             if triples:
                 self.heads[b] = self._value(b, triples[0].head.strip()).forms
@@ -128,7 +146,10 @@ class ValueDecoding(LogitsProcessor):
         return CitedValue(text, (spaced, bare), after, weak)
 
     def _text(self, token: int) -> str:
-        return self.tokenizer.decode([token]).strip()
+        text = self._texts.get(token)
+        if text is None:
+            text = self._texts[token] = self.tokenizer.decode([token]).strip()
+        return text
 
     def _word(self, token: int) -> str:
         return self._text(token).casefold()
@@ -155,6 +176,10 @@ class ValueDecoding(LogitsProcessor):
         for b in range(scores.shape[0]):
             answer = input_ids[b, self.prompt_len:].tolist()
             nxt, done, named, at_end, started = self._state(self.values[b], answer)
+            if self.trusted[b] and not done:  # the rule accepts the top fact: the answer names a value
+                self._ban(scores, b, {self.refusal_first} if not answer else set())
+                if TRUSTED_MUST_NAME:
+                    self._ban(scores, b, set(self.stop_ids))
             if done and (at_end or not nxt):  # a value is out: the list goes on, or the sentence ends
                 ends = self._list_next(self.values[b], answer, named)
                 if ends is None:
@@ -174,7 +199,7 @@ class ValueDecoding(LogitsProcessor):
                     if added is not None and added.shape[0] == scores.shape[0]:
                         scores[b] -= added[b].to(scores.dtype)  # restating the question: no copy votes
                     if not done:
-                        self._ban(scores, b, _repeats(answer))
+                        self._ban(scores, b, _repeats(answer, word=self._word))
             elif nxt:
                 self._only(scores, b, nxt)
             else:
@@ -182,7 +207,7 @@ class ValueDecoding(LogitsProcessor):
                     for v in self.values[b]:
                         scores[b, v.forms[0 if answer else 1][0]] += self.push * v.weight
                 if not done:
-                    self._ban(scores, b, _repeats(answer))
+                    self._ban(scores, b, _repeats(answer, word=self._word))
         return scores
 
     def _list_next(self, values: list[CitedValue], answer: list[int], named: set[str]) -> list[int] | None:
@@ -208,15 +233,20 @@ class ValueDecoding(LogitsProcessor):
                 if any(answer[-len(ids):] == ids for ids in v.forms):
                     at_end = max(at_end, v.weight)
                 continue
-            for ids in v.forms:
+            best = (0, None)  # the value's longest started form: "S.S. Robur S" goes on into "iena", it does
+            for ids in v.forms:  # not start over at its spaced form's " S"
                 for j in range(min(len(ids) - 1, len(answer)), 0, -1):
                     listed = v.listed and len(answer) > j and answer[-j - 1] in (self.comma, self.and_)
                     if j == 1 and v.weak_first and not (listed or v.weight >= 1.0):
                         break  # "The" starts the first-cited "The Beatles", not any cited value
                     if answer[-j:] == ids[:j]:
-                        nxt[ids[j]] = max(nxt.get(ids[j], 0.0), v.weight)
-                        length[ids[j]] = max(length.get(ids[j], 0), j)
+                        if j > best[0]:
+                            best = (j, ids[j])
                         break
+            j, token = best
+            if token is not None:
+                nxt[token] = max(nxt.get(token, 0.0), v.weight)
+                length[token] = max(length.get(token, 0), j)
         if at_end:  # a value just ended: a longer one goes on only if it weighs more ("Google" / "Google Keep")
             nxt = {t: w for t, w in nxt.items() if w > at_end}
         return set(nxt), done, named, at_end > 0, max((length[t] for t in nxt), default=0)
@@ -241,12 +271,15 @@ class ValueDecoding(LogitsProcessor):
         scores[b] = masked
 
 
-def _repeats(answer: list[int], n: int = 3) -> set[int]:
-    """The tokens that would make the answer's last n-gram one it has said before."""
+def _repeats(answer: list[int], n: int = 3, word=None) -> set[int]:
+    """The tokens that would make the answer's last n-gram one it has said before; with `word` (token ->
+    its text, case-blind) tokens compare by their words, so " The country is" repeats "The country is"."""
     if len(answer) < n:
         return set()
-    tail = answer[len(answer) - n + 1:]
-    return {answer[i + n - 1] for i in range(len(answer) - n + 1) if answer[i:i + n - 1] == tail}
+    key = answer if word is None else [word(t) for t in answer]
+    tail = key[len(key) - n + 1:]
+    nxt = {key[i + n - 1] for i in range(len(key) - n + 1) if key[i:i + n - 1] == tail}
+    return nxt if word is None else {t for t, k in zip(answer, key) if k in nxt}
 
 
 def _continuations(forms, answer: list[int], word) -> set[int]:
@@ -277,7 +310,7 @@ def _said(v: CitedValue, answer: list[int]) -> bool:
 
 
 def value_processors(kb: KBInputs | None, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None,
-                     stop_ids: list[int], enabled: bool = True) -> list:
+                     stop_ids: list[int], enabled: bool = True, questions: list[str] | None = None) -> list:
     """The logits processors of one generate() call: [ValueDecoding] when a KB is read (its prefill attention
     is recorded for it: always for pruned KBs, whose record holds only the kept leaves), else none."""
     if not enabled or kb is None:
@@ -285,4 +318,4 @@ def value_processors(kb: KBInputs | None, tokenizer, prompt_ids: torch.Tensor, p
     if not kb.record and kb.pruned is None and kb.size > FLAT_RECORD_MAX:
         return []  # recording a large flat KB's prefill attention ([B, T, N] per KB layer) costs too much memory
     kb.record = True
-    return [ValueDecoding(kb, tokenizer, prompt_ids, prompt_mask, stop_ids)]
+    return [ValueDecoding(kb, tokenizer, prompt_ids, prompt_mask, stop_ids, questions=questions)]
