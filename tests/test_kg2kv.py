@@ -23,6 +23,9 @@ from atlaskv.kb.records import (FB15K_RELATIONS, RelationNouns, clean_noun, noun
     ("/people/person/spouse_s./people/marriage/spouse", "tail", "the spouse of {entity}"),
     ("collaborates with", "tail", "the entity that {entity} collaborates with"),  # unknown verb: grammatical
     ("located in", "head", "the entity located in {entity}"),
+    ("followedBy", "tail", "the successor of {entity}"),                  # DBpedia sequences
+    ("precededBy", "tail", "the predecessor of {entity}"),
+    ("followedBy", "head", "the predecessor of {entity}"),                # A followedBy B: A is B's predecessor
 ])
 def test_rule_templates(relation, side, template):
     assert rule_template(relation, side) == template

@@ -111,6 +111,9 @@ KNOWN_VERB_PHRASES: dict[str, tuple[str, str]] = {
     "achieved": ("achievement", "achiever"), "achieves": ("achievement", "achiever"),
     "advises": ("advisee", "advisor"), "teaches": ("subject taught", "teacher"),
     "is participated by": ("participant", "participation"), "has purpose": ("purpose", "origin"),
+    # sequences: "A followed by B" names A's successor ("the entity that A followed by" read as nothing)
+    "followed by": ("successor", "predecessor"), "succeeded by": ("successor", "predecessor"),
+    "preceded by": ("predecessor", "successor"), "follows": ("predecessor", "successor"),
 }
 
 # base verb -> (agent noun, object noun); used for "<verb>s X" and "<verb>ed by X"
