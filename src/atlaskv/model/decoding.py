@@ -31,18 +31,18 @@ the first one's weight, at most TOP_VALUES), and before every later token applie
               stay sharp in large KBs where the decode step's attention spreads.
 
 While no value is out and none is being finished, a token that would repeat one of the answer's own word
-3-grams is ruled out (tokens compare by their words, case-blind) (no_repeat_ngram_size of transformers, but over the answer only: restating the question
-is how answers open). Without it, a model that never starts a value can loop until the budget ends ("... a
-brief summary of the response in a narrative format: The response ..."). Under greedy decoding an answer
-with no repeated 3-gram is unchanged by this rule.
+3-grams is ruled out (tokens compare by their words, case-blind): transformers' no_repeat_ngram_size, but over
+the answer only, since restating the question is how answers open. Without it, a model that never starts a
+value can loop until the budget ends ("... a brief summary of the response in a narrative format: The
+response ..."). Under greedy decoding an answer with no repeated 3-gram is unchanged by this rule.
 
 An answer whose top fact the refusal rule accepts (model/refusal.py, at REFUSE_BELOW) names a value: it may
 not open with the model's own "I don't know." (learned in training for facts the KB lacks, it also fires on
 phrasings training never used: 9 of the 20 answers that were not exact on the dev set of training facts in
 held-out phrasings), nor end its turn before a value is out (TRUSTED_MUST_NAME).
 
-The settings were picked on the dev set of training facts (benchmarks/make_dev_set.py; docs/results.md), never
-on the evaluation sets. Off with `value_decoding=False` (AtlasKV.generate / ask, eval grounding
+The settings were picked on the dev sets of training facts (benchmarks/make_dev_set.py, the guards and the push
+on its held-out phrasings; docs/results.md), never on the evaluation sets. Off with `value_decoding=False` (AtlasKV.generate / ask, eval grounding
 --no-value-decoding).
 """
 from __future__ import annotations
