@@ -11,7 +11,8 @@ import torch
 from atlaskv.defaults import REFUSE_BELOW
 from atlaskv.kb.store import KnowledgeBase
 from atlaskv.kb.triples import read_triples
-from atlaskv.model.batching import BatchDecoder, PromptTooLong
+from atlaskv.model.batching import BatchDecoder, PromptTooLong, Request
+from atlaskv.model.kb_inputs import merged
 
 pytestmark = pytest.mark.slow
 EXTRA = ["Who is the spouse of Humphrey Bogart?", "Where was Michael Jackson born?", "What is the capital of Mars?"]
@@ -80,6 +81,37 @@ def test_batched_answers_over_pruned_fb15k(trained_model, fb15k_kb, shared):
     # the rows read different leaves, and each cites its own gold fact first
     cited = [s.answer.citations[0][0] for s in seqs]
     assert sum((c.head, c.relation, c.tail) == (q["head"], q["relation"], q["tail"]) for c, q in zip(cited, qs)) >= 7
+
+
+def test_a_group_prefilled_over_one_snapshot_answers_as_alone(trained_model, fb15k_kb, shared):
+    """Serving admits a group over one KB snapshot: its KB layers run once for the batch (kb_inputs.merged), then
+    each row gets its own part. Every row's answer, citations and kept leaves are those of the question alone."""
+    kb, triples = fb15k_kb
+    facts = {tuple(t) for t in triples}
+    qs = [q for q in map(json.loads, (shared / "eval" / "fb15k" / "questions.jsonl").read_text().splitlines())
+          if (q["head"], q["relation"], q["tail"]) in facts][8:14]
+    texts = [q["question"] for q in qs] + ["What is the capital of Mars?"]
+    assert len({len(trained_model.chat_ids(t)[0]) for t in texts}) > 1  # prompts of several lengths: left padding
+    lone = [trained_model.ask(t, kb, max_new_tokens=24) for t in texts]
+    assert merged([trained_model.kb_inputs(kb) for _ in range(2)], None) is not None  # the path under test
+    decoder = BatchDecoder(trained_model)
+    seqs = decoder.start_many([Request(t, kb, max_new_tokens=24) for t in texts])
+    alone = [BatchDecoder(trained_model).start(t, kb, max_new_tokens=1) for t in texts]
+    for seq, one in zip(seqs, alone):
+        mine, its = seq.kb_in.call.selections, one.kb_in.call.selections
+        assert mine.keys() == its.keys()
+        for key in its:
+            assert torch.equal(mine[key].positions, its[key].positions)
+        assert seq.kb_in.recorded.selected.keys() == one.kb_in.recorded.selected.keys()
+        for layer, a in one.kb_in.recorded.attention.items():
+            torch.testing.assert_close(seq.kb_in.recorded.attention[layer][..., -a.shape[1]:, :], a,
+                                       atol=1e-4, rtol=1e-3)
+    for seq in seqs:
+        decoder.join(seq)
+    while decoder.rows:
+        decoder.step()
+    assert [s.answer.text for s in seqs] == [a.text for a in lone]
+    assert all(same(a, s) for a, s in zip(lone, seqs))
 
 
 def test_refusal_ends_at_the_prefill(trained_model, demo_kb):

@@ -310,6 +310,9 @@ def _projected(sel, adapter: KBAdapter, layer: int, H: int, f: torch.dtype) -> t
     if ("proj", layer) not in sel.cache:
         (w_k, b_k), (w_v, b_v) = adapter.layer_weights(layer, "key"), adapter.layer_weights(layer, "value")
         w_k, b_k, w_v, b_v = (t.to(f) for t in (w_k, b_k, w_v, b_v))
+        if sel.unique is not None:
+            sel.cache[("proj", layer)] = _projected_unique(sel, w_k, b_k, w_v, b_v, f)
+            return sel.cache[("proj", layer)]
         e_k, e_v = sel.keys.to(f), sel.values.to(f)                                    # [B, G, n, d_in]
         inv_std = (sel.inv_std if sel.inv_std is not None else                          # [B, G, n]
                    adapter.key_inv_std(e_k.to(adapter.key_proj.weight.dtype))).to(f)
@@ -323,6 +326,20 @@ def _projected(sel, adapter: KBAdapter, layer: int, H: int, f: torch.dtype) -> t
             inv_b = inv_std[..., None]
         sel.cache[("proj", layer)] = (k + b_k[None, :, None, :] * inv_b, v + b_v[None, :, None, :])
     return sel.cache[("proj", layer)]
+
+
+def _projected_unique(sel, w_k, b_k, w_v, b_v, f) -> tuple[torch.Tensor, torch.Tensor]:
+    """_projected through the selection's distinct leaves: one GEMM each for keys and values over the U leaves
+    any sample kept (a batch of questions over one KB keeps many of the same), then every slot takes its row."""
+    e_k, e_v, inv = (t.to(f) for t in sel.unique)                                      # [U, d_in], [U, d_v], [U]
+    H, D = w_k.shape[:2]
+    k_u = ((e_k @ w_k.reshape(H * D, -1).T).view(-1, H, D) + b_k) * inv[:, None, None]  # [U, H, D]
+    v_u = (e_v @ w_v.reshape(H * D, -1).T).view(-1, H, D) + b_v
+    if sel.index.shape[1] == 1:  # one leaf set for all heads: [B, n, H, D] -> [B, H, n, D]
+        at = sel.index[:, 0]
+        return k_u[at].transpose(1, 2), v_u[at].transpose(1, 2)
+    heads = torch.arange(H, device=sel.index.device)[None, :, None]                    # head h reads its own leaves
+    return k_u[sel.index, heads], v_u[sel.index, heads]
 
 
 def _select(kb: KBInputs, adapter: KBAdapter, layer: int, q: torch.Tensor, w_k: torch.Tensor,

@@ -23,7 +23,7 @@ import torch
 from atlaskv.defaults import MAX_NEW_TOKENS, TOP_CITATIONS, VALUE_DECODING
 from atlaskv.kb.store import KnowledgeBase
 from atlaskv.kb.view import KBView
-from atlaskv.model.kb_inputs import KBInputs, KBRows, use_kb
+from atlaskv.model.kb_inputs import KBInputs, KBRows, merged, rows_from, use_kb
 from atlaskv.model.pruning import PruneConfig
 
 
@@ -130,12 +130,17 @@ class BatchDecoder:
             seqs.append(Running(r.question, kb_in, processors, _warpers(r.do_sample, r.temperature, r.top_p),
                                 r.do_sample, ids[b].tolist(), T, r.max_new_tokens, None, r.on_token,
                                 mask=mask[b:b + 1]))
-        kb = rows[0][2] if len(rows) == 1 else KBRows([kb_in for _, _, kb_in in rows])
+        row_kbs = [kb_in for _, _, kb_in in rows]
+        # rows over one snapshot (a serving group) run the KB layers once for the batch, then split
+        batch_kb = merged(row_kbs, mask if padded else None)
+        kb = row_kbs[0] if len(rows) == 1 else batch_kb or KBRows(row_kbs)
         position_ids = (mask.cumsum(1) - 1).clamp_min(0) if padded else None
         cache = DynamicCache()
         with use_kb(kb):
             res = m.model(input_ids=ids, attention_mask=mask if padded else None, position_ids=position_ids,
                           past_key_values=cache, use_cache=True, logits_to_keep=1)
+        if batch_kb is not None:
+            rows_from(batch_kb, row_kbs)
         cache = res.past_key_values
         for b, ((slot, r, kb_in), seq) in enumerate(zip(rows, seqs)):
             seq.answer = m.answer(r.question, r.kb, kb_in, "", self.top_citations)

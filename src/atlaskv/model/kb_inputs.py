@@ -158,6 +158,70 @@ class KBRows:
     stacked: dict = field(default_factory=dict, repr=False)
 
 
+def merged(rows: list[KBInputs], token_mask: torch.Tensor | None) -> KBInputs | None:
+    """One KBInputs for a batched prefill whose rows read the same KB snapshot in the same way (serving admits a
+    group over one snapshot): the KB layers then run once for the batch, each sample still searching the tree
+    with its own question, instead of once per row (KBRows). None when the rows differ; `rows_from` hands each
+    row its part afterwards."""
+    first = rows[0]
+
+    def same(r: KBInputs) -> bool:
+        if r.view is not first.view or (r.pruned is None) != (first.pruned is None) or r.mode != first.mode \
+                or (r.scale_factor, r.record, r.keep_grad) != (first.scale_factor, first.record, first.keep_grad) \
+                or (r.question_emb is None) != (first.question_emb is None) or r.call.selections:
+            return False
+        if r.pruned is None:
+            return r.keys is first.keys and r.values is first.values and r.mask is None
+        p, q = r.pruned, first.pruned
+        return p.hierarchy is q.hierarchy and p.keys is q.keys and p.values is q.values and p.live is q.live \
+            and p.config == q.config
+    if len(rows) < 2 or not all(same(r) for r in rows):
+        return None
+    qemb = None if first.question_emb is None else torch.cat([r.question_emb for r in rows])
+    if first.pruned is not None:
+        return KBInputs(pruned=first.pruned, scale_factor=first.scale_factor, record=first.record, mode=first.mode,
+                        question_emb=qemb, token_mask=token_mask, view=first.view, keep_grad=first.keep_grad)
+    return KBInputs(first.keys, first.values, scale_factor=first.scale_factor, record=first.record, mode=first.mode,
+                    question_emb=qemb, token_mask=token_mask, key_inv_std=first.call.inv_std, view=first.view,
+                    flat_rows=first.flat_rows, keep_grad=first.keep_grad)
+
+
+def rows_from(batch: KBInputs, rows: list[KBInputs]) -> None:
+    """After a merged prefill: row b's call state and recording, as a prefill of that row alone leaves them
+    (its kept leaves trimmed to its own width), so its decode steps, value decoding and citations read only
+    its own part."""
+    def cut(t: torch.Tensor | None, b: int, n: int | None = None, width: int | None = None, G: int = 1):
+        """[B, ..., G * width] -> [1, ..., G * n] (the last axis holds G groups of `width` leaves)."""
+        if t is None:
+            return None
+        t = t[b:b + 1]
+        if n is None or n == width:
+            return t
+        return t.unflatten(-1, (G, width))[..., :n].flatten(-2)
+
+    for b, one in enumerate(rows):
+        sels = {key: sel.row(b) for key, sel in batch.call.selections.items()}
+        one.call.selections = sels
+        one.call.search_memo = None
+        one.call.inv_std = batch.call.inv_std
+        one.call.question_q = {l: q[b:b + 1] for l, q in batch.call.question_q.items()}
+        one.call.ids = cut(batch.call.ids, b)
+        one.call.copy_boost = cut(batch.call.copy_boost, b)
+        one.call.copy_added = cut(batch.call.copy_added, b)
+        for layer, (state, done) in batch.call.copy_match.items():
+            sel = batch.call.selections.get("question", batch.call.selections.get(layer))
+            n = sels[layer if layer in sels else "question"].width if sel is not None else None
+            one.call.copy_match[layer] = (state[b:b + 1, :, :n], done[b:b + 1, :, :n])
+        for layer, a in batch.recorded.attention.items():
+            sel = batch.call.selections.get("question", batch.call.selections.get(layer))
+            if sel is None:  # flat: every row attends to every entry
+                one.recorded.attention[layer] = a[b:b + 1]
+                continue
+            G, width = sel.positions.shape[1:]
+            n = sels[layer if layer in sels else "question"].width
+            one.recorded.attention[layer] = cut(a, b, n, width, G)
+            one.recorded.selected[layer] = cut(batch.recorded.selected[layer], b, n, width, G)
+
 _ACTIVE: contextvars.ContextVar[KBInputs | KBRows | None] = contextvars.ContextVar("atlaskv_kb", default=None)
 _OPEN_CALLS = threading.local()  # per thread: the context tokens of forward calls in progress
 

@@ -70,6 +70,30 @@ class Selection:
     valid: torch.Tensor       # [B, G, n] bool
     cache: dict = field(default_factory=dict)  # per layer: the leaves' projected keys and values
     inv_std: torch.Tensor | None = None  # [B, G, n] the keys' LayerNorm scale, when gather() knew the adapter
+    # the distinct leaves behind keys / values / inv_std ([U, d_in], [U, d_in], [U]) and where each slot reads
+    # them ([B, G, n], 0 at padding): a layer projects each distinct leaf once, however many samples kept it
+    unique: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    index: torch.Tensor | None = None
+
+    @property
+    def width(self) -> int:
+        return self.positions.shape[-1]
+
+    def row(self, b: int) -> "Selection":
+        """Sample b's selection as a prefill of that sample alone lays it out: its leaves, padded only to its
+        own longest group, with what the layers cached for it (projected leaves, decode bias)."""
+        n = max(1, int(self.valid[b].sum(-1).max()))
+
+        def cut(t: torch.Tensor, axis: int) -> torch.Tensor:
+            return t[b:b + 1].narrow(axis, 0, n)
+        cache = {}
+        for key, got in self.cache.items():
+            if key[0] == "proj":       # ([B, H, n, D], [B, H, n, D])
+                cache[key] = tuple(cut(t, 2) for t in got)
+            elif key[0] == "decode":   # [B, H, 1, n]
+                cache[key] = cut(got, 3)
+        return Selection(cut(self.positions, 2), cut(self.keys, 2), cut(self.values, 2), cut(self.valid, 2), cache,
+                         None if self.inv_std is None else cut(self.inv_std, 2))  # its projections are cached
 
 
 @dataclass
@@ -291,6 +315,7 @@ def gather(kb: PrunedKB, picks: list[list[torch.Tensor]], n_groups: int, memo: S
     d = kb.roots.shape[-1]
     keys = torch.zeros(B, n_groups, n, d, device=kb.device)
     inv_std = None if adapter is None else torch.ones(B, n_groups, n, device=kb.device)
+    unique = index = None
     if len(uniq):
         vmask = valid.to(kb.device)
         inverse = torch.from_numpy(inverse).to(kb.device)
@@ -302,7 +327,11 @@ def gather(kb: PrunedKB, picks: list[list[torch.Tensor]], n_groups: int, memo: S
         values[vmask] = fetched[inverse]
         if adapter is not None:
             at = torch.from_numpy(uniq).to(kb.device)
-            inv_std[vmask] = kb.leaf_inv_std(adapter, at, unique_keys)[inverse]
+            unique_inv = kb.leaf_inv_std(adapter, at, unique_keys)
+            inv_std[vmask] = unique_inv[inverse]
+            unique = (unique_keys, fetched, unique_inv)
+            index = torch.zeros(B, n_groups, n, dtype=torch.long, device=kb.device)
+            index[vmask] = inverse
     else:
         values = torch.zeros_like(keys)
-    return Selection(pos.to(kb.device), keys, values, valid.to(kb.device), inv_std=inv_std)
+    return Selection(pos.to(kb.device), keys, values, valid.to(kb.device), inv_std=inv_std, unique=unique, index=index)
