@@ -2,6 +2,8 @@
 request still gets its own counts; an acknowledged write is in the published snapshot."""
 import threading
 
+import pytest
+
 from atlaskv.kb.store import KnowledgeBase
 from atlaskv.serve.writer import KBWriter, WriteJob
 
@@ -99,3 +101,18 @@ def test_a_forward_in_flight_pauses_between_layers_while_a_write_is_applied():
     finally:
         for h in handles:
             h.remove()
+
+
+def test_passing_thread_returns_or_raises_in_the_caller():
+    """Loading and KB writes run in a thread that ends with them (serve/threads.py): the caller gets the result,
+    or the error itself, and the work did run in another thread."""
+    import threading
+
+    from atlaskv.serve.threads import in_passing_thread
+
+    caller = threading.get_ident()
+    assert in_passing_thread(threading.get_ident) != caller
+    assert in_passing_thread(lambda: 41 + 1) == 42
+    with pytest.raises(KeyError, match="missing"):
+        in_passing_thread(lambda: {}["missing"])
+    assert not [t for t in threading.enumerate() if t.name == "atlaskv-passing"]  # it ended

@@ -229,14 +229,18 @@ def ui_cmd(kb_dir: Path = typer.Option(DEMO_KB, "--kb", help="KB directory (buil
 
 
 def _app(kb_dir: Path, adapter: Optional[Path], **limits):
-    """The server app over the KB and the model, its KB cache and first steps warm before the first request."""
+    """The server app over the KB and the model, its KB cache and first steps warm before the first request;
+    loaded in a thread that ends, so that only the model's thread keeps torch's worker pool (serve/threads.py)."""
     from atlaskv.serve.routes import create_app
+    from atlaskv.serve.threads import in_passing_thread
 
-    kb, akv = _load(kb_dir, adapter)
-    run(lambda: akv.kb_inputs(kb))
-    app = create_app(akv, kb, **limits)
-    run(app.state.service.warm_up)
-    return app
+    def build():
+        kb, akv = _load(kb_dir, adapter)
+        run(lambda: akv.kb_inputs(kb))
+        app = create_app(akv, kb, **limits)
+        run(app.state.service.warm_up)
+        return app
+    return in_passing_thread(build, name="atlaskv-load")
 
 
 def _warn_if_open(host: str) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 
 from atlaskv.kb.layout import triple_hash
 from atlaskv.kb.store import KnowledgeBase, UpdateResult, clean_triples
+from atlaskv.serve.threads import in_passing_thread
 
 Op = Literal["add", "remove"]
 
@@ -83,8 +84,8 @@ class KBWriter:
                     run.append(self.pending.popleft())
             if self.quiet is not None:
                 self.quiet.clear()
-            try:
-                self._apply(op, run)
+            try:  # in a thread of its own: only the model's thread keeps torch's worker pool (threads.py)
+                in_passing_thread(lambda: self._apply(op, run), name="atlaskv-write")
             except BaseException as e:  # KBError (another process writes the KB), a full disk, ...
                 for job in run:
                     job.error = e
