@@ -114,6 +114,23 @@ def test_a_group_prefilled_over_one_snapshot_answers_as_alone(trained_model, fb1
     assert all(same(a, s) for a, s in zip(lone, seqs))
 
 
+def test_a_group_over_a_flat_kb_answers_as_alone(trained_model, tmp_path, demo_facts, encoder):
+    """The same over a KB without a HiKVP tree (every row attends to every entry)."""
+    facts = read_triples(demo_facts).triples[:60]
+    kb = KnowledgeBase.build(facts, tmp_path / "flat", encoder=encoder, index=False)
+    assert kb.info()["index"] is None
+    texts = [f"What is the {t.relation} of {t.head}?" for t in facts[:5:2]] + ["Where was Michael Jackson born?"]
+    lone = [trained_model.ask(t, kb, max_new_tokens=16) for t in texts]
+    assert merged([trained_model.kb_inputs(kb) for _ in range(2)], None) is not None
+    decoder = BatchDecoder(trained_model)
+    seqs = decoder.start_many([Request(t, kb, max_new_tokens=16) for t in texts])
+    for seq in seqs:
+        decoder.join(seq)
+    while decoder.rows:
+        decoder.step()
+    assert all(same(a, s) for a, s in zip(lone, seqs))
+
+
 def test_refusal_ends_at_the_prefill(trained_model, demo_kb):
     decoder = BatchDecoder(trained_model)
     seq = decoder.start("What is the country of Mount Kilimanjaro?", demo_kb, refuse_below=REFUSE_BELOW)

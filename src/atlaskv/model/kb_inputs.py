@@ -170,8 +170,9 @@ def merged(rows: list[KBInputs], token_mask: torch.Tensor | None) -> KBInputs | 
                 or (r.scale_factor, r.record, r.keep_grad) != (first.scale_factor, first.record, first.keep_grad) \
                 or (r.question_emb is None) != (first.question_emb is None) or r.call.selections:
             return False
-        if r.pruned is None:
-            return r.keys is first.keys and r.values is first.values and r.mask is None
+        if r.pruned is None:  # the same loaded tensors (each KBInputs holds its own view of them)
+            return all(a.shape == b.shape and a.data_ptr() == b.data_ptr()
+                       for a, b in ((r.keys, first.keys), (r.values, first.values))) and r.mask is None
         p, q = r.pruned, first.pruned
         return p.hierarchy is q.hierarchy and p.keys is q.keys and p.values is q.values and p.live is q.live \
             and p.config == q.config
