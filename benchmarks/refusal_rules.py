@@ -8,6 +8,11 @@ file, per KB size. Nothing here runs a model.
     .venv/bin/python benchmarks/refusal_rules.py --calibrate benchmarks/results/refusal_v3/dev_*.jsonl \
         --score benchmarks/results/refusal_v3/pararel_1000.jsonl benchmarks/results/refusal_v3/fb15k-para_1000.jsonl \
         --json benchmarks/results/refusal_v3/rules.json
+    # the answers of the shipped decoding (a rule that reads the answer: "head or (support and not named)")
+    .venv/bin/python benchmarks/refusal_rules.py --calibrate benchmarks/results/answer_targets/dev_*.jsonl \
+        --score benchmarks/results/answer_targets/atlaskv_*.jsonl --json benchmarks/results/answer_targets/refusal_rules.json
+The answers were decoded with the shipped rule's trust guards (model/decoding.py), so a rule that reads the
+answer is scored on answers its own guards did not shape.
 """
 from __future__ import annotations
 
@@ -30,9 +35,23 @@ def load(paths: list[str]) -> list[dict]:
             if "signals" not in r:
                 raise SystemExit(f"{p}: answers saved before the refusal signals were (rerun eval grounding)")
             key = (r["set"], r["kb_size"])
-            out.append({"key": key, "answerable": True, **(r["signals"] or {})})
-            out.append({"key": key, "answerable": False, **(r["signals_without_gold"] or {})})
+            for answerable, signals, answer in ((True, r["signals"], r.get("answer")),
+                                                (False, r["signals_without_gold"], r.get("answer_without_gold"))):
+                signals = signals or {}
+                top = signals.get("top_citation")
+                out.append({"key": key, "answerable": answerable, **signals,
+                            "names_top": bool(top and answer and _named(top[2], answer))})
     return out
+
+
+def _words(text: str) -> str:
+    return " ".join("".join(c if c.isalnum() else " " for c in text.casefold()).split())
+
+
+def _named(value: str, answer: str) -> bool:
+    """The answer names the value as a whole (its words in a row)."""
+    v = _words(value)
+    return bool(v) and f" {v} " in f" {_words(answer)} "
 
 
 def cosine(r: dict) -> float:
@@ -47,6 +66,8 @@ def support(r: dict) -> float:
 RULES = {
     "head or support < 2.27 (before)": (lambda r, t: not r.get("head_named") or support(r) < 2.27, support),
     "head or support (v2, calibrated: shipped)": (lambda r, t: not r.get("head_named") or support(r) < t, support),
+    "head or (support and not named)": (  # issue 22's "an answer naming the top value is not refused for support"
+        lambda r, t: not r.get("head_named") or (support(r) < t and not r.get("names_top")), support),
     "head only": (lambda r, t: not r.get("head_named"), support),
     "head or key cosine (v3)": (lambda r, t: not r.get("head_named") or cosine(r) < t, cosine),
     "key cosine only": (lambda r, t: cosine(r) < t, cosine),
