@@ -125,7 +125,8 @@ class Client(threading.Thread):
     def do_ask(self, c) -> dict:
         r = c.post("/v1/chat/completions", json=self.chat_body(False), headers=self.headers())
         ok = r.status_code != 200 or ("choices" in r.json() and "atlaskv" in r.json())
-        return {"status": r.status_code, "well_formed": ok}
+        tokens = r.json().get("usage", {}).get("completion_tokens") if r.status_code == 200 and ok else None
+        return {"status": r.status_code, "well_formed": ok, "completion_tokens": tokens}
 
     def do_stream(self, c) -> dict:
         with c.stream("POST", "/v1/chat/completions", json=self.chat_body(True), headers=self.headers()) as r:
@@ -218,6 +219,8 @@ def main(argv=None) -> int:
                     help="serve the atlaskv package in this src folder instead (another commit's checkout: "
                          "benchmarks/serve_batching.py runs the serial server this way)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "load_server.json")
+    ap.add_argument("--requests-out", type=Path, default=None,
+                    help="also write every request (kind, start, seconds, status, answer tokens) as JSONL")
     a = ap.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="atlaskv-load-"))
@@ -352,6 +355,8 @@ def main(argv=None) -> int:
     out["all_held"] = ok
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(out, indent=1) + "\n")
+    if a.requests_out is not None:
+        a.requests_out.write_text("".join(json.dumps(r) + "\n" for r in sorted(results, key=lambda r: r["started"])))
     print(json.dumps({k: v for k, v in out.items() if k != "examples_of_problems"}, indent=1))
     if ok:
         shutil.rmtree(work, ignore_errors=True)
