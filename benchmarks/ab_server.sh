@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 REF=$1; ROUNDS=${2:-2}; shift; [ $# -gt 0 ] && shift
 WT=/tmp/atlaskv-ab-$REF
 [ -d $WT ] || git worktree add --detach $WT $REF >/dev/null
-OUT=benchmarks/results/ab_server
+OUT=${AB_OUT:-benchmarks/results/ab_server}
 mkdir -p $OUT
 for r in $(seq 1 $ROUNDS); do
   order="this $REF"; [ $((r % 2)) -eq 0 ] && order="$REF this"

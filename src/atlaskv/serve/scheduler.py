@@ -1,18 +1,20 @@
 """The serving loop: one thread owns the model and answers every chat request together (continuous batching).
 
     submit(job)  -> Ticket       a bounded queue (QueueFull beyond max_queue waiting)
-    loop:  admit waiting requests while the batch has room: prefill each alone over the KB snapshot of that
-           moment (BatchDecoder.start; a refused answer ends there), then one decode step for the whole batch;
-           an answer that ends leaves, its Ticket is set
+    loop:  admit up to PREFILL_BATCH waiting requests while the batch has room, once the running answers have
+           decoded as long as the last prefill took (at once when none runs): prefill them together over the KB
+           snapshot of that moment (BatchDecoder.start_many; a refused answer ends there), then one decode step
+           for the whole batch; an answer that ends leaves, its Ticket is set
 
 Streamed requests get their text pieces as tokens are chosen (a transformers TextIteratorStreamer per
-request). KB writes never come here: they take the service's writer lock and publish a new snapshot, which
-the next admitted request reads (service.py).
+request). KB writes never come here: the writer thread applies them and publishes a new snapshot, which the
+next admitted request reads (service.py, writer.py).
 """
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -101,6 +103,11 @@ class Scheduler:
         self.cond = threading.Condition()
         self.thread: threading.Thread | None = None
         self.decoder: BatchDecoder | None = None
+        # seconds of decoding owed to the running answers since the last prefill: requests waiting while
+        # answers decode are admitted once the answers have decoded as long as that prefill took. Admitting
+        # at every turn made every token of a running answer wait for a prefill (0.6-0.7 s per token under
+        # 20 clients, docs/results.md); an idle batch admits at once.
+        self.decode_owed = 0.0
 
     def submit(self, messages: list[dict], gen: dict, streamer=None) -> Ticket:
         ticket = Ticket(messages, gen, streamer)
@@ -129,21 +136,26 @@ class Scheduler:
                 while not self.waiting and not self.running:
                     self.cond.wait()
                 admit = []
-                while self.waiting and len(self.running) + len(admit) < self.max_batch and len(admit) < PREFILL_BATCH:
-                    admit.append(self.waiting.popleft())
+                if not self.decoder.rows or self.decode_owed <= 0:
+                    while self.waiting and len(self.running) + len(admit) < self.max_batch and len(admit) < PREFILL_BATCH:
+                        admit.append(self.waiting.popleft())
             if self.quiet is not None:
                 self.quiet.wait()
             if admit:
+                t0 = time.perf_counter()
                 self._start(admit)
+                self.decode_owed = time.perf_counter() - t0
             if self.quiet is not None:
                 self.quiet.wait()
             if self.decoder.rows:
+                t0 = time.perf_counter()
                 try:
                     ended = self.decoder.step()
                 except Exception as e:  # every answer of the batch is lost; the server goes on
                     log.exception("decode step failed")
                     self._fail_batch(e)
                     continue
+                self.decode_owed -= time.perf_counter() - t0
                 for seq in ended:
                     self._done(seq)
 
