@@ -1,7 +1,7 @@
 """Where a batched prefill and a batched decode step spend their time (cProfile, demo KB, shipped adapter):
 the evidence for what to speed up in serving next. Prints the wall time of each and its top functions.
 
-    python benchmarks/profile_batching.py [PREFILL_ROWS] [DECODE_ROWS]     # default 8 and 16
+    python benchmarks/profile_batching.py [PREFILL_ROWS] [DECODE_ROWS] [KB]   # default 8, 16, build/demo_kb
 """
 from __future__ import annotations
 
@@ -30,9 +30,9 @@ def profiled(label: str, fn, top: int = 12) -> None:
     pstats.Stats(pr).sort_stats("tottime").print_stats(top)
 
 
-def main(prefill_rows: int = 8, decode_rows: int = 16) -> None:
+def main(prefill_rows: int = 8, decode_rows: int = 16, kb_path: str | None = None) -> None:
     m = AtlasKV.from_pretrained()
-    kb = KnowledgeBase.open(REPO / "build" / "demo_kb")
+    kb = KnowledgeBase.open(kb_path or REPO / "build" / "demo_kb")
     qs = [json.loads(line)["question"] for line in (REPO / "examples/demo/questions.jsonl").read_text().splitlines()]
     qs = qs * (1 + (prefill_rows + decode_rows) // len(qs))
     d = BatchDecoder(m)
@@ -47,4 +47,4 @@ def main(prefill_rows: int = 8, decode_rows: int = 16) -> None:
 
 
 if __name__ == "__main__":
-    main(*(int(a) for a in sys.argv[1:3]))
+    main(*(int(a) for a in sys.argv[1:3]), *sys.argv[3:4])

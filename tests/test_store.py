@@ -6,6 +6,7 @@ import sys
 import time
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from atlaskv.kb.triples import KGFormatError, Triple, read_triples
@@ -250,3 +251,32 @@ def test_merge_refuses_a_retired_path_outside_the_kb(tmp_path):
     with pytest.raises(KBError, match="retired file"):
         KnowledgeBase.open(kb.path).merge_segments(keep=1)
     assert (tmp_path / "outside.txt").read_text() == "keep me"
+
+
+def test_fields_by_position_read_from_many_row_groups_and_not_from_a_replaced_file(small_kb):
+    """EmbeddingTable.columns across row groups, positions repeated and out of order, through the shared
+    cache of decoded row groups; a records file written anew is read anew."""
+    import pyarrow.parquet as pq
+
+    kb = KnowledgeBase.open(small_kb.path)
+    rel = kb.manifest["segments"][0]["records"]
+    records = kb.path / rel
+
+    def rewrite(table, rows_per_group):  # and the manifest's size of the file, which open() checks
+        pq.write_table(table, records, row_group_size=rows_per_group)
+        manifest = json.loads((kb.path / "manifest.json").read_text())
+        manifest["files"][rel]["bytes"] = records.stat().st_size
+        (kb.path / "manifest.json").write_text(json.dumps(manifest))
+
+    table = pq.read_table(records)
+    rewrite(table, 1)  # 4 row groups of 1 row (a build writes 64Ki rows per group)
+    assert pq.ParquetFile(records).num_row_groups == 4
+    view = KnowledgeBase.open(small_kb.path).table()
+    want = [3, 0, 3, 1, 2]
+    assert view.triples(np.array(want)) == [Triple(*FACTS[i]) for i in want]
+    assert view.value_texts(np.array([2, 2])) == ["London", "London"]
+    table = table.set_column(table.schema.get_field_index("value_text"), "value_text",
+                             pa.array(["a", "b", "c", "d"]))
+    time.sleep(0.01)  # a new mtime even on coarse clocks
+    rewrite(table, 2)
+    assert KnowledgeBase.open(small_kb.path).table().value_texts(np.array([3, 0, 2])) == ["d", "a", "c"]

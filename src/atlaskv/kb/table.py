@@ -9,9 +9,12 @@ KB never holds the KB in memory.
 from __future__ import annotations
 
 import mmap
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from atlaskv.kb.layout import KBError
@@ -88,23 +91,81 @@ class EmbeddingTable:
         return [row[0] for row in self.columns(positions, ("value_text",))]
 
     def columns(self, positions: np.ndarray, names: tuple[str, ...]) -> list[tuple]:
-        """Record fields at these positions, reading only the row groups that hold them."""
+        """Record fields at these positions, reading only the row groups that hold them (kept decoded for
+        the next call: row_groups)."""
         out: dict[int, tuple] = {}
         positions = np.asarray(positions, np.int64)
         for si, seg in enumerate(self.kb.manifest["segments"]):
             lo, hi = self.starts[si], self.starts[si + 1]
-            want = positions[(positions >= lo) & (positions < hi)]
+            want = np.unique(positions[(positions >= lo) & (positions < hi)]) - lo
             if not len(want):
                 continue
-            f = pq.ParquetFile(self.kb.path / seg["records"])
-            bounds = np.cumsum([0] + [f.metadata.row_group(g).num_rows for g in range(f.num_row_groups)])
-            for g in np.unique(np.searchsorted(bounds, want - lo, side="right") - 1):
-                t = f.read_row_group(int(g), columns=list(names))
-                cols = [t.column(c).to_pylist() for c in names]
-                for p in want[(want - lo >= bounds[g]) & (want - lo < bounds[g + 1])]:
-                    r = int(p - lo - bounds[g])
-                    out[int(p)] = tuple(c[r] for c in cols)
+            path = self.kb.path / seg["records"]
+            bounds = row_groups.bounds(path)
+            group = np.searchsorted(bounds, want, side="right") - 1
+            for g in np.unique(group):
+                local = want[group == g]
+                cols = [c.take(pa.array(local - bounds[g])).to_pylist() for c in row_groups.read(path, int(g), names)]
+                for i, p in enumerate(local + lo):
+                    out[int(p)] = tuple(c[i] for c in cols)
         return [out[int(p)] for p in positions]
+
+
+class RowGroupCache:
+    """Decoded Parquet row groups of records files, shared by every KB version of the process, newest kept
+    up to `max_bytes`. A prefill reads the fields of a few hundred scattered rows (citations, the kept
+    entries' values), so each call used to decode the same 64Ki-row groups again: 159 group reads and
+    their conversion to Python took 1.4 s of a 3.7 s prefill of 8 questions at 10^6 entries
+    (benchmarks/profile_batching.py). A records file is never rewritten in place (a new version writes new
+    files), and the key holds its size and mtime besides, so an entry cannot outlive its file's content."""
+
+    def __init__(self, max_bytes: int = 64 << 20):
+        self.max_bytes = max_bytes
+        self.lock = threading.Lock()
+        self.groups: OrderedDict[tuple, list[pa.ChunkedArray]] = OrderedDict()
+        self.nbytes = 0
+        self.meta: OrderedDict[tuple, np.ndarray] = OrderedDict()
+
+    @staticmethod
+    def _file_key(path: Path) -> tuple:
+        st = path.stat()
+        return str(path), st.st_size, st.st_mtime_ns
+
+    def bounds(self, path: Path) -> np.ndarray:
+        """Row offsets of the file's row groups ([0, n0, n0 + n1, ...]), from its footer."""
+        key = self._file_key(path)
+        with self.lock:
+            if key in self.meta:
+                self.meta.move_to_end(key)
+                return self.meta[key]
+        meta = pq.ParquetFile(path).metadata
+        b = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+        with self.lock:
+            self.meta[key] = b
+            while len(self.meta) > 1024:
+                self.meta.popitem(last=False)
+        return b
+
+    def read(self, path: Path, group: int, names: tuple[str, ...]) -> list[pa.ChunkedArray]:
+        key = (*self._file_key(path), group, tuple(names))
+        with self.lock:
+            if key in self.groups:
+                self.groups.move_to_end(key)
+                return self.groups[key]
+        t = pq.ParquetFile(path).read_row_group(group, columns=list(names))
+        cols = [t.column(c) for c in names]
+        size = sum(c.nbytes for c in cols)
+        with self.lock:
+            if key not in self.groups and size <= self.max_bytes:
+                self.groups[key] = cols
+                self.nbytes += size
+                while self.nbytes > self.max_bytes:
+                    _, old = self.groups.popitem(last=False)
+                    self.nbytes -= sum(c.nbytes for c in old)
+        return cols
+
+
+row_groups = RowGroupCache()
 
 
 def _id_range(records: Path) -> tuple[int, int]:
