@@ -24,6 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from atlaskv.defaults import REFUSE_BELOW
+from atlaskv.model.refusal import names_value
+
 
 def load(paths: list[str]) -> list[dict]:
     """Rows of signals: the answer's with the gold fact (answerable), and without it (unanswerable; an empty
@@ -44,14 +47,9 @@ def load(paths: list[str]) -> list[dict]:
     return out
 
 
-def _words(text: str) -> str:
-    return " ".join("".join(c if c.isalnum() else " " for c in text.casefold()).split())
-
-
 def _named(value: str, answer: str) -> bool:
-    """The answer names the value as a whole (its words in a row)."""
-    v = _words(value)
-    return bool(v) and f" {v} " in f" {_words(answer)} "
+    """The answer names the value as a whole (its words in a row): the shipped rule's own test."""
+    return names_value(answer, value)
 
 
 def cosine(r: dict) -> float:
@@ -68,6 +66,9 @@ RULES = {
     "head or support (v2, calibrated: shipped)": (lambda r, t: not r.get("head_named") or support(r) < t, support),
     "head or (support and not named)": (  # issue 22's "an answer naming the top value is not refused for support"
         lambda r, t: not r.get("head_named") or (support(r) < t and not r.get("names_top")), support),
+    # the rule ask / chat / serve apply (model/refusal.py), at its shipped threshold: not calibrated here
+    f"shipped: head or (support < {REFUSE_BELOW} and not named)": (
+        lambda r, t: not r.get("head_named") or (support(r) < REFUSE_BELOW and not r.get("names_top")), support),
     "head only": (lambda r, t: not r.get("head_named"), support),
     "head or key cosine (v3)": (lambda r, t: not r.get("head_named") or cosine(r) < t, cosine),
     "key cosine only": (lambda r, t: cosine(r) < t, cosine),

@@ -121,7 +121,8 @@ def test_bench_scale_interleaved_rounds_report_medians(tiny_set, tmp_path):
 
 def test_refusal_rule_scoring_bounds(tiny_set, trained_model, encoder):
     """--refuse-below: threshold 0 refuses nothing (scores equal the raw ones), an infinite one refuses
-    every answer (nothing counts as right), and a real one lies in between."""
+    every answer that does not name its top-cited value (those that do still count), and a real one lies in
+    between: a higher bar refuses a superset."""
     from atlaskv.evaluation.grounding import eval_grounding
 
     kw = dict(n_questions=6, answer_questions=4, max_new_tokens=12, progress=False)
@@ -131,10 +132,11 @@ def test_refusal_rule_scoring_bounds(tiny_set, trained_model, encoder):
     assert r0["refused_with_gold"] == 0 and r0["refused_without_gold"] == 0
     assert r0["answer_em_with_refusal"] == r0["answer_em"]
     assert r0["answer_em_without_gold_with_refusal"] == r0["answer_em_without_gold"]
-    assert rinf["refused_with_gold"] == 1 and rinf["refused_without_gold"] == 1
-    assert rinf["answer_em_with_refusal"] == 0 and rinf["answer_em_without_gold_with_refusal"] == 0
-    assert r["answer_em"] == r0["answer_em"]  # the rule never changes the generated text
-    assert 0 <= r["answer_em_with_refusal"] <= r["answer_em"]
+    assert r0["refused_with_gold"] <= r["refused_with_gold"] <= rinf["refused_with_gold"] < 1
+    assert r0["refused_without_gold"] <= r["refused_without_gold"] <= rinf["refused_without_gold"]
+    # with the gold fact cited first, a right answer names it: kept under any support bar
+    assert 0 < rinf["answer_em_with_refusal"] <= r["answer_em_with_refusal"] <= r["answer_em"]
+    assert r["answer_em"] == r0["answer_em"] == rinf["answer_em"]  # the rule never changes the generated text
     assert 0 <= r["refused_without_gold"] <= 1
     for row in rows.values():  # the model's own refusals are read from the text: the same under any rule
         assert row["own_refusals_with_gold"] == r0["own_refusals_with_gold"]

@@ -8,11 +8,12 @@ import threading
 import pytest
 import torch
 
-from atlaskv.defaults import REFUSE_BELOW
+from atlaskv.defaults import REFUSAL, REFUSE_BELOW
 from atlaskv.kb.store import KnowledgeBase
 from atlaskv.kb.triples import read_triples
 from atlaskv.model.batching import BatchDecoder, PromptTooLong, Request
 from atlaskv.model.kb_inputs import merged
+from atlaskv.model.refusal import names_value
 
 pytestmark = pytest.mark.slow
 EXTRA = ["Who is the spouse of Humphrey Bogart?", "Where was Michael Jackson born?", "What is the capital of Mars?"]
@@ -193,3 +194,31 @@ def test_scheduler_survives_a_kb_it_cannot_read(trained_model, demo_kb):
         first.wait()
     second = sched.submit([{"role": "user", "content": "What is the capital of Canada?"}], {"max_new_tokens": 16})
     assert "Ottawa" in second.wait().seq.answer.text
+
+
+def test_a_low_support_answer_streams_once_it_names_the_top_value(trained_model, demo_kb):
+    """The refusal rule's "if_unnamed" verdict (here every answer's: a support bar no fact reaches): the
+    answer's tokens are held back until it names the most-cited value, then streamed at once; an answer that
+    ends without naming it is refused and has streamed nothing."""
+    tok = trained_model.tokenizer
+    decoder = BatchDecoder(trained_model)
+    step, got = [0], []
+    seq = decoder.start("What is the capital of Canada?", demo_kb, max_new_tokens=32, refuse_below=1e9,
+                        on_token=lambda t: got.append((t, step[0])))
+    decoder.join(seq)
+    while decoder.rows:
+        step[0] += 1
+        decoder.step()
+    top = seq.answer.citations[0][0].tail
+    assert top == "Ottawa" and not seq.answer.refused and "Ottawa" in seq.answer.text
+    assert [t for t, _ in got] == seq.generated
+    named_at = next(i for i in range(1, len(seq.generated) + 1)
+                    if names_value(tok.decode(seq.generated[:i], skip_special_tokens=True), top))
+    assert named_at > 1  # something was held back
+    # token i is chosen at step i (token 0 by the prefill); those before the value come out with its last token
+    assert [s for _, s in got] == [max(i, named_at - 1) for i in range(len(got))]
+
+    got.clear()
+    seq = decoder.start("What is the capital of Canada?", demo_kb, max_new_tokens=1, refuse_below=1e9,
+                        on_token=lambda t: got.append((t, 0)))
+    assert seq.done and len(seq.generated) == 1 and seq.answer.refused and seq.answer.text == REFUSAL and got == []

@@ -4,14 +4,20 @@ Plain constants, no imports: `atlaskv --help` shows them without loading torch.
 """
 from __future__ import annotations
 
-# What an answer says when the KB does not hold the asked fact, and when it says it (model/atlaskv.py
+# What an answer says when the KB does not hold the asked fact, and when it says it (model/refusal.py
 # `refuses`): the question does not name the head of the most cited fact, or the facts naming the most cited
-# value weigh under REFUSE_BELOW times the heaviest fact naming another value. Calibrated on training facts only
-# (the two dev sets of benchmarks/run_refusal_signals.sh, KB of 1,000, pruned default path): the most refusals
-# without the gold fact while refusing at most 3 % of the answerable questions of each dev set
-# (benchmarks/results/refusal_v3/rules.json). 2.27 before, picked on a calibration split of the fb15k eval set.
+# value weigh under REFUSE_BELOW times the heaviest fact naming another value and the answer does not name that
+# value. Calibrated on training facts only (the answers of the three dev sets of benchmarks/make_dev_set.py,
+# pruned default path, shipped decoding): the most refusals without the gold fact while refusing at most 3 % of
+# each dev set's answerable questions (benchmarks/refusal_rules.py -> results/answer_targets/refusal_rules.json).
+# Before 2026-12-07 the rule read the prefill alone, at 1.86 (2.27 before that, picked on the fb15k eval set).
 REFUSAL = "I don't know."
-REFUSE_BELOW = 1.86
+REFUSE_BELOW = 5.88
+# Value decoding trusts an answer whose top fact's value stands out by this much (and whose head the question
+# names): it must name a value and may not open with the model's own "I don't know." (model/decoding.py). The
+# prefill-only refusal rule's calibration (benchmarks/results/refusal_v3/rules.json), which the guards were
+# picked with; kept apart from REFUSE_BELOW so that the rule reading the answer does not change the answers.
+TRUSTED_SUPPORT = 1.86
 
 # HiKVP: leaves kept per level (roots, inter, leaves) and how the tree is searched. The paper keeps 16
 # leaves; 64 cost next to nothing and answer better (benchmarks/results/pruning_answers_*); routing by the

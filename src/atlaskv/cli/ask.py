@@ -12,8 +12,10 @@ import typer
 from atlaskv.cli.common import ROUTE_HELP, SHORTLIST_HELP, TOP_K_HELP, fail, print_info, prune_options, run
 from atlaskv.defaults import MAX_BATCH, MAX_NEW_TOKENS, PRUNE_ROUTE, PRUNE_SHORTLIST, PRUNE_TOP_K_TEXT, REFUSE_BELOW
 
-REFUSE_HELP = ("Answer \"I don't know.\" when the most-cited fact has under this many times the weight of the "
-               "second (0: never; calibrated in benchmarks/results/refusal_fb15k.json).")
+REFUSE_HELP = ("Answer \"I don't know.\" when the question does not name the most-cited fact's entity, or the "
+               "facts naming the most-cited value weigh under this many times the heaviest fact naming another "
+               "value and the answer does not name it (0: never; calibrated in "
+               "benchmarks/results/answer_targets/refusal_rules.json).")
 
 
 def ask_cmd(question: str = typer.Argument(..., help="The question."),

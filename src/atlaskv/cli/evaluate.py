@@ -98,9 +98,10 @@ def eval_grounding_cmd(
     synthetic_fill: bool = typer.Option(False, "--synthetic-fill", help="atlaskv/kblam: reach sizes past the set's "
                                         "pool with synthetic distractors (real embeddings + noise; counted per row)."),
     refuse_below: Optional[float] = typer.Option(
-        None, help="atlaskv/kblam: also score answers with the refusal rule of ask/serve (an answer whose top cited "
-                   "fact is under this multiple of the second's becomes \"I don't know.\"; the default rule is "
-                   f"{REFUSE_BELOW}): adds *_with_refusal and refused_* fields."),
+        None, help="atlaskv/kblam: also score answers with the refusal rule of ask/serve (the question does not name "
+                   "the top cited fact's entity, or its value's support is under this and the answer does not name "
+                   f"it: \"I don't know.\"; the default rule is {REFUSE_BELOW}): adds *_with_refusal and refused_* "
+                   "fields."),
     json_out: Path = typer.Option(..., "--json", help="Where to write the results JSON."),
     save_answers: Optional[Path] = typer.Option(
         None, "--save-answers", help="atlaskv/kblam: also write every answered question (answer, gold, top citation, "

@@ -221,8 +221,8 @@ class GroundingRun:
         signals = [refusal_signals(q, view, rows, w, qvec[i]) for i, (q, (rows, w)) in enumerate(zip(qtexts, cited))] \
             if self.saved is not None else None
         if self.refuse_below is not None:
-            kept = [not refuses(q, cited_facts(view, rows, w), self.refuse_below)
-                    for q, (rows, w) in zip(qtexts, cited)]
+            kept = [not refuses(q, cited_facts(view, rows, w), self.refuse_below, answer=t)
+                    for q, (rows, w), t in zip(qtexts, cited, texts)]
             tally.em_r += sum(r and k for r, k in zip(right, kept))
             tally.exact_r += sum(f["exact"] and k for f, k in zip(flags, kept))
             tally.refused += take - sum(kept)
@@ -265,7 +265,8 @@ class GroundingRun:
             signals = [refusal_signals(q, view, rows, w, qvec[i]) for i, (q, (rows, w)) in enumerate(zip(qtexts, cited))]
         if self.refuse_below is not None:  # an empty KB backs nothing: refused
             kept = [False] * take if cited is None else \
-                [not refuses(q, cited_facts(view, rows, w), self.refuse_below) for q, (rows, w) in zip(qtexts, cited)]
+                [not refuses(q, cited_facts(view, rows, w), self.refuse_below, answer=t)
+                 for q, (rows, w), t in zip(qtexts, cited, pt)]
             tally.em_prior_r += sum(r and k for r, k in zip(right, kept))
             tally.exact_prior_r += sum(x and k for x, k in zip(exact, kept))
             tally.refused_prior += take - sum(kept)
@@ -281,8 +282,8 @@ def eval_grounding(set_dir: str | Path, sizes: list[int], akv, encoder, n_questi
     """`prune`: HiKVP over a tree built for each KB (its build time is reported as index_seconds).
     `synthetic_fill`: sizes past the set's pool are reached with synthetic distractors (reported per row).
     `refuse_below`: also score the answers as `ask` / `serve` give them, with the refusal rule on (atlaskv.refuses:
-    the top-cited fact is about an entity the question does not name, or its value's support is under this)
-    the answer becomes "I don't know." and counts as wrong (extra fields `*_with_refusal`, `refused*`).
+    the top-cited fact is about an entity the question does not name, or its value's support is under this and
+    the answer does not name it) the answer becomes "I don't know." and counts as wrong (extra fields `*_with_refusal`, `refused*`).
     `save_answers`: a JSONL file with every answered question: answer, gold, top citation, answer_flags.
     `value_decoding`: answers decoded as `ask` decodes them (model/decoding.py); off: free greedy decoding."""
     from tqdm.auto import tqdm

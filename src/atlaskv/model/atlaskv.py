@@ -77,9 +77,9 @@ class Answer:
 
     def or_refusal(self, min_support: float = REFUSE_BELOW) -> "Answer":
         """This answer, or REFUSAL (citations kept) when the most-cited fact does not back it: it is about an
-        entity the question does not name, or its value does not stand out (`refuses`; calibration in
-        defaults.py)."""
-        if not refuses(self.question, self.citations, min_support):
+        entity the question does not name, or its value does not stand out and the answer does not name it
+        (`refuses`; calibration in defaults.py)."""
+        if not refuses(self.question, self.citations, min_support, answer=self.text):
             return self
         return Answer(REFUSAL, self.citations, self.kb_size, self.kb_attention_mass, self.pruned, refused=True,
                       question=self.question)

@@ -25,6 +25,7 @@ from atlaskv.kb.store import KnowledgeBase
 from atlaskv.kb.view import KBView
 from atlaskv.model.kb_inputs import KBInputs, KBRows, merged, rows_from, use_kb
 from atlaskv.model.pruning import PruneConfig
+from atlaskv.model.refusal import names_value, verdict
 
 
 @dataclass
@@ -44,6 +45,11 @@ class Running:
     cache: object = None               # its own text cache, (keys, values) per layer, until it joins the batch
     done: bool = False
     generator: torch.Generator | None = field(default=None, repr=False)
+    # refused unless the answer names this value (the refusal rule's "if_unnamed" verdict, model/refusal.py):
+    # its tokens are held back from on_token until it does, so a refused answer streams nothing
+    must_name: str | None = None
+    refuse_below: float = 0.0          # the refusal rule's support bar (0: off)
+    held: list[int] = field(default_factory=list)
 
     @property
     def generated(self) -> list[int]:
@@ -146,9 +152,12 @@ class BatchDecoder:
             seq.answer = m.answer(r.question, r.kb, kb_in, "", self.top_citations)
             seq.cache = [(l.keys[b:b + 1], l.values[b:b + 1]) for l in cache.layers]
             out[slot] = seq
-            if r.refuse_below > 0 and seq.answer.or_refusal(r.refuse_below).refused:
-                self._finish(seq, refused=r.refuse_below)
+            seq.refuse_below = r.refuse_below
+            v = verdict(seq.answer.question, seq.answer.citations, r.refuse_below)
+            if v == "refuse":
+                self._finish(seq)
             else:
+                seq.must_name = seq.answer.citations[0][0].tail if v == "if_unnamed" else None
                 self._take(seq, res.logits[b:b + 1, -1, :])
         return out
 
@@ -228,19 +237,25 @@ class BatchDecoder:
         else:
             token = int(scores.argmax(-1)[0])
         seq.tokens.append(token)
-        if seq.on_token is not None:
+        if seq.must_name is not None:  # held back until the answer names the value
+            seq.held.append(token)
+            if names_value(self.model.tokenizer.decode(seq.generated, skip_special_tokens=True), seq.must_name):
+                seq.must_name, held, seq.held = None, seq.held, []
+                for t in held if seq.on_token is not None else ():
+                    seq.on_token(t)
+        elif seq.on_token is not None:
             seq.on_token(token)
         if token in self.model.stop_ids or len(seq.generated) >= seq.max_new_tokens:
             self._finish(seq)
 
-    def _finish(self, seq: Running, refused: float = 0.0) -> Running:
+    def _finish(self, seq: Running) -> Running:
         seq.done = True
         seq.mask = None
         text = self.model.tokenizer.decode(seq.generated, skip_special_tokens=True).strip()
         seq.answer.text = text
-        if refused:
-            seq.answer = seq.answer.or_refusal(refused)
-        seq.processors, seq.cache = [], None  # what they hold is not needed any more
+        if seq.refuse_below > 0:
+            seq.answer = seq.answer.or_refusal(seq.refuse_below)
+        seq.processors, seq.cache, seq.held = [], None, []  # what they hold is not needed any more
         return seq
 
 

@@ -36,7 +36,7 @@ the answer only, since restating the question is how answers open. Without it, a
 value can loop until the budget ends ("... a brief summary of the response in a narrative format: The
 response ..."). Under greedy decoding an answer with no repeated 3-gram is unchanged by this rule.
 
-An answer whose top fact the refusal rule accepts (model/refusal.py, at REFUSE_BELOW) names a value: it may
+An answer whose top fact the prefill's refusal rule accepts (model/refusal.py, at TRUSTED_SUPPORT) names a value: it may
 not open with the model's own "I don't know." (learned in training for facts the KB lacks, it also fires on
 phrasings training never used: 9 of the 20 answers that were not exact on the dev set of training facts in
 held-out phrasings), nor end its turn before a value is out (TRUSTED_MUST_NAME).
@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor
 
-from atlaskv.defaults import REFUSAL, REFUSE_BELOW, TOP_CITATIONS
+from atlaskv.defaults import REFUSAL, TOP_CITATIONS, TRUSTED_SUPPORT
 from atlaskv.model.kb_inputs import KBInputs
 from atlaskv.model.refusal import refuses
 
@@ -119,7 +119,8 @@ class ValueDecoding(LogitsProcessor):
             n = max(self.top, TOP_CITATIONS)
             cited = view.triples(rows[:n])
             if self.question_texts is not None:
-                self.trusted[b] = not refuses(self.question_texts[b], list(zip(cited, w[:n].tolist())), REFUSE_BELOW)
+                self.trusted[b] = not refuses(self.question_texts[b], list(zip(cited, w[:n].tolist())),
+                                             TRUSTED_SUPPORT)
             keep = [i for i in range(min(self.top, len(rows))) if w[i] >= self.share * w[0] and w[0] > 0]
             triples = [cited[i] for i in keep]
             key = (triples[0].head.casefold(), triples[0].relation) if triples else None
