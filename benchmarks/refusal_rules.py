@@ -38,11 +38,12 @@ def load(paths: list[str]) -> list[dict]:
             if "signals" not in r:
                 raise SystemExit(f"{p}: answers saved before the refusal signals were (rerun eval grounding)")
             key = (r["set"], r["kb_size"])
-            for answerable, signals, answer in ((True, r["signals"], r.get("answer")),
-                                                (False, r["signals_without_gold"], r.get("answer_without_gold"))):
+            for answerable, signals, answer, exact in (
+                    (True, r["signals"], r.get("answer"), r.get("exact")),
+                    (False, r["signals_without_gold"], r.get("answer_without_gold"), r.get("exact_without_gold"))):
                 signals = signals or {}
                 top = signals.get("top_citation")
-                out.append({"key": key, "answerable": answerable, **signals,
+                out.append({"key": key, "answerable": answerable, **signals, "exact": bool(exact),
                             "names_top": bool(top and answer and _named(top[2], answer))})
     return out
 
@@ -64,6 +65,8 @@ def support(r: dict) -> float:
 RULES = {
     "head or support < 2.27 (before)": (lambda r, t: not r.get("head_named") or support(r) < 2.27, support),
     "head or support (v2, calibrated: shipped)": (lambda r, t: not r.get("head_named") or support(r) < t, support),
+    # the prefill-only rule as it shipped until the rule read the answer (2026-12-07)
+    "head or support < 1.86 (shipped before)": (lambda r, t: not r.get("head_named") or support(r) < 1.86, support),
     "head or (support and not named)": (  # issue 22's "an answer naming the top value is not refused for support"
         lambda r, t: not r.get("head_named") or (support(r) < t and not r.get("names_top")), support),
     # the rule ask / chat / serve apply (model/refusal.py), at its shipped threshold: not calibrated here
@@ -80,9 +83,13 @@ RULES = {
 def refusal_scores(rows: list[dict], refuse) -> dict:
     pos = np.array([bool(refuse(r)) for r in rows])
     ans = np.array([r["answerable"] for r in rows])
+    exact = np.array([r["exact"] for r in rows])
     return {"refused_answerable": round(float(pos[ans].mean()), 4),
             "refused_unanswerable": round(float(pos[~ans].mean()), 4),
-            "precision": round(float((pos & ~ans).sum() / pos.sum()), 4) if pos.sum() else None}
+            "precision": round(float((pos & ~ans).sum() / pos.sum()), 4) if pos.sum() else None,
+            # answer_exact as the user gets it with the rule on: exact and not refused (with / without gold)
+            "exact_with_rule": round(float((exact & ~pos)[ans].mean()), 4),
+            "exact_without_gold_with_rule": round(float((exact & ~pos)[~ans].mean()), 4)}
 
 
 def calibrate(rows: list[dict], rule, signal, max_false: float) -> float | None:
