@@ -49,7 +49,7 @@ def main():
             bq = [pool.questions[q] for q in qs[s:s + 16]]
             texts = [q.question for q in bq]
             qemb = torch.from_numpy(enc.encode(texts))
-            answers, kb, mask, _ = ask_batch(akv, texts, view, 32, True, None, qemb)
+            answers, kb, mask = ask_batch(akv, texts, view, 32, True, None, qemb)[:3]
             for q, a, (pos, w) in zip(bq, answers, kb.summed_attention(mask)):
                 top = pool.triples[rows[int(pos[0])]]
                 rows_out.append({"question": q.question, "gold": q.tail, "answer": a.strip(),

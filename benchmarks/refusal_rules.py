@@ -53,6 +53,15 @@ def _named(value: str, answer: str) -> bool:
     return names_value(answer, value)
 
 
+def value_logprob(r: dict) -> float:
+    """The model's own log-prob of the top value's first token before value decoding pushed it (-1e9: none)."""
+    return -1e9 if r.get("value_logprob") is None else r["value_logprob"]
+
+
+def shipped(r: dict) -> bool:
+    return not r.get("head_named") or (support(r) < REFUSE_BELOW and not r.get("names_top"))
+
+
 def cosine(r: dict) -> float:
     return r["key_cosine"][0] if r.get("key_cosine") else -1.0
 
@@ -73,6 +82,10 @@ RULES = {
     f"shipped: head or (support < {REFUSE_BELOW} and not named)": (
         lambda r, t: not r.get("head_named") or (support(r) < REFUSE_BELOW and not r.get("names_top")), support),
     "head only": (lambda r, t: not r.get("head_named"), support),
+    # refusal v4 candidates: the value the answer would be pushed to is one the model itself finds unlikely
+    # ("Is X male or female?" -> "The United States of America." from X's nationality)
+    "head or value logprob": (lambda r, t: not r.get("head_named") or value_logprob(r) < t, value_logprob),
+    "shipped or value logprob": (lambda r, t: shipped(r) or value_logprob(r) < t, value_logprob),
     "head or key cosine (v3)": (lambda r, t: not r.get("head_named") or cosine(r) < t, cosine),
     "key cosine only": (lambda r, t: cosine(r) < t, cosine),
     "head or share of cited": (lambda r, t: not r.get("head_named") or r.get("top_share_of_cited", 0) < t,

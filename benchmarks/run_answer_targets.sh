@@ -16,7 +16,7 @@ for set in ${SETS:-fb15k pararel fb15k-para}; do
   for m in ${METHODS:-atlaskv rag}; do
     if [ $m = atlaskv ]; then
       .venv/bin/atlaskv eval grounding --set $S/$set --sizes $sizes --questions $Q --answer-questions $Q \
-        --distractors $d --prune --refuse-below ${REFUSE_BELOW:-1.86} --json $OUT/atlaskv_${set}.json --save-answers $OUT/atlaskv_${set}.jsonl
+        --distractors $d --prune --refuse-below ${REFUSE_BELOW:-5.88} --json $OUT/atlaskv_${set}.json --save-answers $OUT/atlaskv_${set}.jsonl
     else
       .venv/bin/atlaskv eval grounding --set $S/$set --sizes $sizes --questions $Q --answer-questions $Q \
         --distractors $d --method $m --json $OUT/${m}_${set}.json

@@ -268,3 +268,19 @@ def test_a_value_started_in_one_token_form_is_not_restarted_in_the_other():
     facts = [("Walla Walla College", "location", "Walla Walla Valley")]
     proc, tok, prompt = setup("Where is the college?", facts, [1.0])
     assert greedy(proc, tok, prompt, "Walla Walla Walla Walla Valley") == "Walla Walla Valley.<stop>"
+
+
+def test_the_models_own_logprob_of_the_top_value_is_noted_before_any_push():
+    """value_logprob (a refusal signal): the best log-probability the model itself gave the top-cited value's
+    first token while the value was not yet said, read before the push; a value the model wants scores high,
+    one it has to be pushed to scores low."""
+    def noted(prefer):
+        proc, tok, prompt = setup("Who was the spouse of Humphrey Bogart?", FACTS, [0.8, 0.1, 0.1], push=12.0)
+        answer = greedy(proc, tok, prompt, prefer)
+        return proc.value_logprob[0], answer
+
+    wanted, answer = noted("Lauren Bacall .")
+    pushed, pushed_answer = noted("Sometimes people")
+    assert "Lauren Bacall" in answer and "Lauren Bacall" in pushed_answer  # pushed there either way
+    # preferred by 5 logits among ~60 tokens: log(e^5 / (e^5 + 60)) = -0.3; another preferred: -log(e^5 + 60) = -5.3
+    assert wanted > -1.0 and pushed < -5.0

@@ -40,6 +40,7 @@ class Asked(NamedTuple):
     kb: KBInputs              # with the prefill attention recorded
     mask: torch.Tensor        # the prompt mask [B, T] (left padding 0)
     ended: list[bool]         # the answer closed its turn within the token budget
+    value_logprob: list | None = None  # per answer: the model's own log-prob of the top value (ValueDecoding)
 
 
 @torch.no_grad()
@@ -60,7 +61,8 @@ def ask_batch(akv, questions: list[str], kb, max_new_tokens: int, record: bool =
                                  logits_processor=processors)
     new = out[:, ids.shape[1]:]
     texts = tok.batch_decode(new, skip_special_tokens=True)
-    return Asked(texts, kb_in, mask, ended_turns(new, stop))
+    lp = next((p.value_logprob for p in processors if hasattr(p, "value_logprob")), None)
+    return Asked(texts, kb_in, mask, ended_turns(new, stop), lp or None)
 
 
 def cited_facts(view: KBView, rows, weights, k: int = TOP_CITATIONS) -> list:
@@ -68,10 +70,12 @@ def cited_facts(view: KBView, rows, weights, k: int = TOP_CITATIONS) -> list:
     return list(zip(view.triples(rows[:k]), weights[:k].tolist()))
 
 
-def refusal_signals(question: str, view: KBView, rows, weights, qvec: torch.Tensor) -> dict:
+def refusal_signals(question: str, view: KBView, rows, weights, qvec: torch.Tensor,
+                    value_logprob: float | None = None) -> dict:
     """What a refusal rule can read of one answer (saved with --save-answers): the top-cited fact, whether the
-    question names its head, its value's support, and the cosine between the question's and its key's
-    sentence embeddings (also for the other cited facts)."""
+    question names its head, its value's support, the cosine between the question's and its key's
+    sentence embeddings (also for the other cited facts), and the model's own log-probability of the top
+    value's first token before value decoding's rules (its best step; ValueDecoding.value_logprob)."""
     cited = cited_facts(view, rows, weights)
     if not cited:
         return {"top_citation": None}
@@ -81,7 +85,8 @@ def refusal_signals(question: str, view: KBView, rows, weights, qvec: torch.Tens
     return {"top_citation": list(cited[0][0]), "head_named": names_head(question, cited[0][0]),
             "support": round(sup, 4) if sup != float("inf") else None,
             "top_share_of_cited": round(cited[0][1] / sum(w for _, w in cited), 4),
-            "key_cosine": [round(c, 4) for c in cos]}
+            "key_cosine": [round(c, 4) for c in cos],
+            "value_logprob": None if value_logprob is None else round(value_logprob, 4)}
 
 
 def grounding_hits(kb: KBInputs, mask: torch.Tensor, gold: torch.Tensor) -> dict:
@@ -201,8 +206,10 @@ class GroundingRun:
         qtexts = [q.question for q in bq]
         qemb = torch.from_numpy(self.encoder.encode(qtexts)).to(akv.device) if self.needs_q else None
         want_answers = self.answers and tally.n_em < self.n_ans
-        texts, kb, mask, ended = ask_batch(akv, qtexts, view, self.max_new_tokens if want_answers else 1, True,
-                                           self.prune, qemb, self.scale_factor, self.value_decoding)
+        asked = ask_batch(akv, qtexts, view, self.max_new_tokens if want_answers else 1, True, self.prune, qemb,
+                          self.scale_factor, self.value_decoding)
+        texts, kb, mask, ended = asked.texts, asked.kb, asked.mask, asked.ended
+        lps = asked.value_logprob or [None] * len(bq)
         gold = torch.tensor([pos[self.pool.index[q.triple]] for q in bq], device=akv.device)
         tally.add_hits(grounding_hits(kb, mask, gold), len(bq))
         if not want_answers:
@@ -218,8 +225,8 @@ class GroundingRun:
         cited = kb.cited_rows(mask)[:take]
         qvec = qemb if qemb is not None or self.saved is None else \
             torch.from_numpy(self.encoder.encode(qtexts)).to(akv.device)
-        signals = [refusal_signals(q, view, rows, w, qvec[i]) for i, (q, (rows, w)) in enumerate(zip(qtexts, cited))] \
-            if self.saved is not None else None
+        signals = [refusal_signals(q, view, rows, w, qvec[i], lps[i])
+                   for i, (q, (rows, w)) in enumerate(zip(qtexts, cited))] if self.saved is not None else None
         if self.refuse_below is not None:
             kept = [not refuses(q, cited_facts(view, rows, w), self.refuse_below, answer=t)
                     for q, (rows, w), t in zip(qtexts, cited, texts)]
@@ -246,15 +253,16 @@ class GroundingRun:
         """The same questions with the batch's own facts removed: what the model knows without them."""
         take = len(qtexts)
         rec = self.refuse_below is not None or self.saved is not None
-        kb_p, signals = None, [None] * take
+        kb_p, signals, lps = None, [None] * take, [None] * take
         if view.rows <= len(set(gold.tolist())):  # nothing left: no KB
             pt = [self.akv.generate(q, None, max_new_tokens=self.max_new_tokens, value_decoding=self.value_decoding)
                   for q in qtexts]
             ended = [True] * take  # generate() strips the stop token; the exact flag then reads the text alone
         else:  # flat: the other rows; pruned: the same tree with the gold leaves tombstoned
-            pt, kb_p, mask_p, ended = ask_batch(self.akv, qtexts, view.without(gold), self.max_new_tokens, rec,
-                                            self.prune, qemb[:take] if qemb is not None else None, self.scale_factor,
-                                            self.value_decoding)
+            asked = ask_batch(self.akv, qtexts, view.without(gold), self.max_new_tokens, rec, self.prune,
+                              qemb[:take] if qemb is not None else None, self.scale_factor, self.value_decoding)
+            pt, kb_p, mask_p, ended = asked.texts, asked.kb, asked.mask, asked.ended
+            lps = asked.value_logprob or lps
         right = [contains_answer(t, q.tail) for t, q in zip(pt, bq)]
         tally.em_prior += sum(right)
         exact = [answer_flags(t, q.tail, kb_values, e, q.question)["exact"] for t, q, e in zip(pt, bq, ended)]
@@ -262,7 +270,8 @@ class GroundingRun:
         tally.idk_prior += sum(map(says_refusal, pt))
         cited = kb_p.cited_rows(mask_p) if kb_p is not None else None
         if cited is not None and self.saved is not None:
-            signals = [refusal_signals(q, view, rows, w, qvec[i]) for i, (q, (rows, w)) in enumerate(zip(qtexts, cited))]
+            signals = [refusal_signals(q, view, rows, w, qvec[i], lps[i])
+                       for i, (q, (rows, w)) in enumerate(zip(qtexts, cited))]
         if self.refuse_below is not None:  # an empty KB backs nothing: refused
             kept = [False] * take if cited is None else \
                 [not refuses(q, cited_facts(view, rows, w), self.refuse_below, answer=t)

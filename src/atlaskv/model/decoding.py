@@ -105,12 +105,17 @@ class ValueDecoding(LogitsProcessor):
         self.values: list[list[CitedValue]] | None = None
         self.heads: list[tuple[list[int], ...]] = []  # token forms of each sample's first-cited head
         self.trusted: list[bool] = []  # the refusal rule accepts the sample's top fact
+        # per sample: the model's own log-probability (before these rules) of the top-cited value's first
+        # token, its highest over the steps before the answer names that value; None if it never could.
+        # A refusal signal (eval grounding --save-answers): how much the value had to be pushed
+        self.value_logprob: list[float | None] = []
 
     # ------------------------------------------------------------------ the cited values (after the prefill)
     def _cited_values(self) -> list[list[CitedValue]]:
         view = self.kb.view
         self.heads = [() for _ in self.questions]
         self.trusted = [False for _ in self.questions]
+        self.value_logprob = [None for _ in self.questions]
         if view is None or not self.kb.attention:
             return [[] for _ in self.questions]
         out = []
@@ -176,6 +181,8 @@ class ValueDecoding(LogitsProcessor):
         added = self.kb.call.copy_added
         for b in range(scores.shape[0]):
             answer = input_ids[b, self.prompt_len:].tolist()
+            if self.values[b] and not _said(self.values[b][0], answer):
+                self._note_logprob(b, scores[b])
             nxt, done, named, at_end, started = self._state(self.values[b], answer)
             if self.trusted[b] and not done:  # the rule accepts the top fact: the answer names a value
                 self._ban(scores, b, {self.refusal_first} if not answer else set())
@@ -210,6 +217,14 @@ class ValueDecoding(LogitsProcessor):
                 if not done:
                     self._ban(scores, b, _repeats(answer, word=self._word))
         return scores
+
+    def _note_logprob(self, b: int, scores: torch.Tensor) -> None:
+        firsts = sorted({ids[0] for ids in self.values[b][0].forms if ids})
+        if not firsts:
+            return
+        lp = float(torch.log_softmax(scores.float(), -1)[firsts].max())
+        if self.value_logprob[b] is None or lp > self.value_logprob[b]:
+            self.value_logprob[b] = lp
 
     def _list_next(self, values: list[CitedValue], answer: list[int], named: set[str]) -> list[int] | None:
         """While values of a listed key are unnamed: "," or " and" after a value, then the first token of one of
