@@ -81,6 +81,10 @@ class Answer:
         (`refuses`; calibration in defaults.py)."""
         if not refuses(self.question, self.citations, min_support, answer=self.text):
             return self
+        return self.refusal()
+
+    def refusal(self) -> "Answer":
+        """REFUSAL in this answer's place, its citations kept."""
         return Answer(REFUSAL, self.citations, self.kb_size, self.kb_attention_mass, self.pruned, refused=True,
                       question=self.question)
 

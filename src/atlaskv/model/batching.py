@@ -48,7 +48,6 @@ class Running:
     # refused unless the answer names this value (the refusal rule's "if_unnamed" verdict, model/refusal.py):
     # its tokens are held back from on_token until it does, so a refused answer streams nothing
     must_name: str | None = None
-    refuse_below: float = 0.0          # the refusal rule's support bar (0: off)
     held: list[int] = field(default_factory=list)
 
     @property
@@ -93,7 +92,9 @@ class BatchDecoder:
     def start_many(self, requests: list["Request"]) -> list["Running | BaseException"]:
         """Prefill several answers in one forward (left-padded; each row reads its own KB and keeps its own
         HiKVP leaves: KBRows) and choose their first tokens; join() puts each in the batch. The refusal rule
-        (refuse_below > 0) reads each prefill's citations: a refused answer is done here, with no token out.
+        (refuse_below > 0) reads each prefill's citations: a refused answer is done here, with no token out;
+        one whose value's support is low decodes with its tokens held back until it names the value, and is
+        refused if it ends without naming it (model/refusal.py verdict).
         A request that cannot start (a prompt over its max_prompt_tokens: PromptTooLong) gets its error in
         its place of the result; the others go on."""
         from transformers import DynamicCache
@@ -152,10 +153,9 @@ class BatchDecoder:
             seq.answer = m.answer(r.question, r.kb, kb_in, "", self.top_citations)
             seq.cache = [(l.keys[b:b + 1], l.values[b:b + 1]) for l in cache.layers]
             out[slot] = seq
-            seq.refuse_below = r.refuse_below
             v = verdict(seq.answer.question, seq.answer.citations, r.refuse_below)
             if v == "refuse":
-                self._finish(seq)
+                self._finish(seq, refuse=True)
             else:
                 seq.must_name = seq.answer.citations[0][0].tail if v == "if_unnamed" else None
                 self._take(seq, res.logits[b:b + 1, -1, :])
@@ -248,13 +248,15 @@ class BatchDecoder:
         if token in self.model.stop_ids or len(seq.generated) >= seq.max_new_tokens:
             self._finish(seq)
 
-    def _finish(self, seq: Running) -> Running:
+    def _finish(self, seq: Running, refuse: bool = False) -> Running:
+        """End the answer: its text, or REFUSAL when the rule refused it at the prefill (`refuse`) or it ended
+        without naming the value it had to (must_name: the stream's verdict, so what was streamed stands)."""
         seq.done = True
         seq.mask = None
         text = self.model.tokenizer.decode(seq.generated, skip_special_tokens=True).strip()
         seq.answer.text = text
-        if seq.refuse_below > 0:
-            seq.answer = seq.answer.or_refusal(seq.refuse_below)
+        if refuse or seq.must_name is not None:
+            seq.answer = seq.answer.refusal()
         seq.processors, seq.cache, seq.held = [], None, []  # what they hold is not needed any more
         return seq
 
