@@ -292,7 +292,8 @@ def eval_grounding(set_dir: str | Path, sizes: list[int], akv, encoder, n_questi
     `synthetic_fill`: sizes past the set's pool are reached with synthetic distractors (reported per row).
     `refuse_below`: also score the answers as `ask` / `serve` give them, with the refusal rule on (atlaskv.refuses:
     the top-cited fact is about an entity the question does not name, or its value's support is under this and
-    the answer does not name it) the answer becomes "I don't know." and counts as wrong (extra fields `*_with_refusal`, `refused*`).
+    the answer does not name it) the answer becomes "I don't know." and counts as wrong (extra fields
+    `*_with_refusal`, `refused*`).
     `save_answers`: a JSONL file with every answered question: answer, gold, top citation, answer_flags.
     `value_decoding`: answers decoded as `ask` decodes them (model/decoding.py); off: free greedy decoding."""
     from tqdm.auto import tqdm
