@@ -35,7 +35,7 @@ class WordTok:
         return "".join(inv[i] for i in ids)
 
 
-def setup(question, facts, weights, tok=None, push=0.0, trust=False):
+def setup(question, facts, weights, tok=None, push=0.0, trust=False, note_logprob=False):
     """A processor for one question over `facts` whose prefill attention is `weights` (most first); no push
     unless asked (the fake model's preferences are only 5 logits strong); the refusal rule's trust only if
     asked (it needs the question's text)."""
@@ -46,7 +46,8 @@ def setup(question, facts, weights, tok=None, push=0.0, trust=False):
     kb = KBInputs(torch.zeros(n, 4), torch.zeros(n, 4), view=view, flat_rows=np.arange(n), record=True)
     kb.recorded.attention[0] = torch.tensor(weights, dtype=torch.float32)[None, None, :]
     prompt = torch.tensor([tok(question)["input_ids"]])
-    return ValueDecoding(kb, tok, prompt, None, [STOP], push=push, questions=[question] if trust else None), tok, prompt
+    return ValueDecoding(kb, tok, prompt, None, [STOP], push=push, questions=[question] if trust else None,
+                         note_logprob=note_logprob), tok, prompt
 
 
 def greedy(proc, tok, prompt, prefer: str, steps=12, strength=5.0):
@@ -275,7 +276,8 @@ def test_the_models_own_logprob_of_the_top_value_is_noted_before_any_push():
     first token while the value was not yet said, read before the push; a value the model wants scores high,
     one it has to be pushed to scores low."""
     def noted(prefer):
-        proc, tok, prompt = setup("Who was the spouse of Humphrey Bogart?", FACTS, [0.8, 0.1, 0.1], push=12.0)
+        proc, tok, prompt = setup("Who was the spouse of Humphrey Bogart?", FACTS, [0.8, 0.1, 0.1], push=12.0,
+                                  note_logprob=True)
         answer = greedy(proc, tok, prompt, prefer)
         return proc.value_logprob[0], answer
 

@@ -54,7 +54,8 @@ def ask_batch(akv, questions: list[str], kb, max_new_tokens: int, record: bool =
     kb_in = akv.kb_inputs(kb, record=record, prune=prune or False, question_emb=question_emb, token_mask=mask,
                           scale_factor=scale_factor)
     stop = stop_token_ids(tok, akv.model)  # EOS and the chat format's end of turn (<|im_end|>, <end_of_turn>)
-    processors = LogitsProcessorList(value_processors(kb_in, tok, ids, mask, stop, value_decoding, questions=questions))
+    processors = LogitsProcessorList(value_processors(kb_in, tok, ids, mask, stop, value_decoding,
+                                                      questions=questions, note_logprob=True))
     with use_kb(kb_in):
         out = akv.model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id or tok.eos_token_id, eos_token_id=stop,

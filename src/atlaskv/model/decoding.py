@@ -79,8 +79,9 @@ class CitedValue:
 class ValueDecoding(LogitsProcessor):
     def __init__(self, kb: KBInputs, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None,
                  stop_ids: list[int], top: int | None = None, share: float | None = None, push: float | None = None,
-                 questions: list[str] | None = None):
+                 questions: list[str] | None = None, note_logprob: bool = False):
         self.kb, self.tokenizer, self.stop_ids = kb, tokenizer, list(stop_ids)
+        self.note_logprob = note_logprob  # value_logprob, for evaluation only: a softmax per row and step
         self.question_texts = questions  # per sample, for the refusal rule (None: trust is never given)
         self.refusal_first = tokenizer(REFUSAL, add_special_tokens=False)["input_ids"][0]
         self._texts: dict[int, str] = {}
@@ -181,7 +182,7 @@ class ValueDecoding(LogitsProcessor):
         added = self.kb.call.copy_added
         for b in range(scores.shape[0]):
             answer = input_ids[b, self.prompt_len:].tolist()
-            if self.values[b] and not _said(self.values[b][0], answer):
+            if self.note_logprob and self.values[b] and not _said(self.values[b][0], answer):
                 self._note_logprob(b, scores[b])
             nxt, done, named, at_end, started = self._state(self.values[b], answer)
             if self.trusted[b] and not done:  # the rule accepts the top fact: the answer names a value
@@ -326,7 +327,8 @@ def _said(v: CitedValue, answer: list[int]) -> bool:
 
 
 def value_processors(kb: KBInputs | None, tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None,
-                     stop_ids: list[int], enabled: bool = True, questions: list[str] | None = None) -> list:
+                     stop_ids: list[int], enabled: bool = True, questions: list[str] | None = None,
+                     note_logprob: bool = False) -> list:
     """The logits processors of one generate() call: [ValueDecoding] when a KB is read (its prefill attention
     is recorded for it: always for pruned KBs, whose record holds only the kept leaves), else none."""
     if not enabled or kb is None:
@@ -334,4 +336,5 @@ def value_processors(kb: KBInputs | None, tokenizer, prompt_ids: torch.Tensor, p
     if not kb.record and kb.pruned is None and kb.size > FLAT_RECORD_MAX:
         return []  # recording a large flat KB's prefill attention ([B, T, N] per KB layer) costs too much memory
     kb.record = True
-    return [ValueDecoding(kb, tokenizer, prompt_ids, prompt_mask, stop_ids, questions=questions)]
+    return [ValueDecoding(kb, tokenizer, prompt_ids, prompt_mask, stop_ids, questions=questions,
+                          note_logprob=note_logprob)]
