@@ -105,6 +105,20 @@ def refusal_scores(rows: list[dict], refuse) -> dict:
             "exact_without_gold_with_rule": round(float((exact & ~pos)[~ans].mean()), 4)}
 
 
+def aurocs(rows: list[dict]) -> dict:
+    """Among answers whose head the question names: how well each signal ranks answerable above unanswerable
+    (the chance that a random answerable one scores higher; 0.5 = no better than chance)."""
+    named = [r for r in rows if r.get("head_named")]
+    out = {}
+    for name, signal in (("support", support), ("value_logprob", value_logprob), ("key_cosine", cosine)):
+        a = np.array([signal(r) for r in named if r["answerable"]])
+        u = np.array([signal(r) for r in named if not r["answerable"]])
+        if len(a) and len(u):
+            out[name] = round(float(((a[:, None] > u[None]).sum() + 0.5 * (a[:, None] == u[None]).sum())
+                                    / (len(a) * len(u))), 3)
+    return out
+
+
 def calibrate(rows: list[dict], rule, signal, max_false: float) -> float | None:
     """The threshold refusing the most unanswerable questions with at most max_false of the answerable ones
     refused on every calibration set (each file and KB size apart)."""
@@ -137,10 +151,14 @@ def main() -> None:
     for key, rows in sorted(groups.items()):
         table[f"{key[0]} {key[1]}"] = {name: refusal_scores(rows, lambda r, f=rule, t=thresholds[name]: f(r, t))
                                        for name, (rule, _) in RULES.items()}
+        table[f"{key[0]} {key[1]}"]["auroc among head-named answers"] = aurocs(rows)
     print("thresholds:", {k: (round(v, 4) if v is not None else None) for k, v in thresholds.items()})
     for k, v in table.items():
         print(k)
         for name, sc in v.items():
+            if "refused_answerable" not in sc:
+                print(f"   {name}: {sc}")
+                continue
             print(f"   {name:36s} answerable refused {sc['refused_answerable']:.3f}  unanswerable refused "
                   f"{sc['refused_unanswerable']:.3f}")
     if args.json:
