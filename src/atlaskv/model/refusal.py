@@ -35,8 +35,7 @@ def names_head(question: str, triple: Triple) -> bool:
     """The question names the fact's head (its words in a row, case and punctuation aside): a fact about
     another entity backs no answer, however much attention it draws ("the country of Mount Kilimanjaro"
     before the KB knows it cites Petaluma's country)."""
-    h, q = _words(triple.head), _words(question)
-    return bool(h) and f" {h} " in f" {q} "
+    return names_value(question, triple.head)
 
 
 def _words(text: str) -> str:
