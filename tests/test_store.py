@@ -280,3 +280,38 @@ def test_fields_by_position_read_from_many_row_groups_and_not_from_a_replaced_fi
     time.sleep(0.01)  # a new mtime even on coarse clocks
     rewrite(table, 2)
     assert KnowledgeBase.open(small_kb.path).table().value_texts(np.array([3, 0, 2])) == ["d", "a", "c"]
+
+
+def test_an_add_gets_the_bits_a_build_gives_under_the_kbs_own_encoder_pass(tmp_path, encoder):
+    """The shape of the encoder's exact passes is part of a KB: recorded at build, used by every add, so an
+    added fact has the bits a build would give it, also in a KB built before the shape was recorded."""
+    from atlaskv.kb.encoder import EXACT_PASS, LEGACY_EXACT_PASS, encode_records
+    from atlaskv.kb.layout import write_manifest
+    from atlaskv.kb.records import triples_to_records
+
+    new = ("Grace Hopper", "place of birth", "New York City")
+    kb = KnowledgeBase.build(FACTS, tmp_path / "kb", encoder=encoder)
+    whole = KnowledgeBase.build(FACTS + [new], tmp_path / "whole", encoder=encoder)
+    assert kb.manifest["encoder"]["exact_pass"] == list(EXACT_PASS) and kb.exact_pass == EXACT_PASS
+    kb.add([new])
+    for a, b in zip(kb.embeddings(), whole.embeddings()):
+        assert np.array_equal(a, b)
+
+    legacy = KnowledgeBase.build(FACTS, tmp_path / "legacy", encoder=encoder)
+    m = json.loads((legacy.path / "manifest.json").read_text())
+    del m["encoder"]["exact_pass"]  # as written before the shape was recorded
+    write_manifest(legacy.path, m)
+    legacy = KnowledgeBase.open(legacy.path, verify=True)
+    assert legacy.exact_pass == LEGACY_EXACT_PASS
+    legacy.add([new])
+    _, keys, values = legacy.embeddings()
+    want = encode_records(encoder, triples_to_records([new], "tail"), exact_pass=LEGACY_EXACT_PASS)
+    assert np.array_equal(keys[-1], want[0][0]) and np.array_equal(values[-1], want[1][0])
+
+
+def test_a_manifest_with_a_bad_encoder_pass_is_named(small_kb):
+    m = json.loads((small_kb.path / "manifest.json").read_text())
+    m["encoder"]["exact_pass"] = [256]
+    (small_kb.path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(KBError, match="exact_pass"):
+        KnowledgeBase.open(small_kb.path)

@@ -73,7 +73,7 @@ class SentenceTransformerEncoder:
         # a server encodes questions (its scheduler) and added triples (its writer) on two threads at once;
         # one tokenizer and model between them, one call at a time
         self.lock = threading.Lock()
-        self._exact_cache: OrderedDict[str, np.ndarray] = OrderedDict()  # text -> its encode_exact vector
+        self._exact_cache: OrderedDict[tuple, np.ndarray] = OrderedDict()  # (text, shape) -> encode_exact vector
         self.dim = int(self.model.get_embedding_dimension()
                        if hasattr(self.model, "get_embedding_dimension")
                        else self.model.get_sentence_embedding_dimension())
@@ -88,7 +88,8 @@ class SentenceTransformerEncoder:
                                     show_progress_bar=show_progress)
         return np.ascontiguousarray(out, dtype=np.float32)
 
-    def encode_exact(self, texts, batch_size=256, show_progress=None, reuse: bool = True):
+    def encode_exact(self, texts, batch_size=256, show_progress=None, reuse: bool = True,
+                     shape: tuple[int, int] = None):
         """Like `encode`, but each embedding depends on its text alone, never on its batch neighbours.
 
         A plain batch pads every text to the longest one and changes the matrix shapes, which moves
@@ -102,7 +103,10 @@ class SentenceTransformerEncoder:
         which summation order) the CPU backend picks changes with the matrix size and the thread count,
         at thresholds that differ between CPU models. On an AVX-512 Xeon, 16 rows of a length gave other
         bits than 32, and 192 tokens per pass other bits with 1 thread (a Ray actor) than with 2 (the
-        local engine); from 256 tokens on, 1 and 2 threads agreed, hence at least EXACT_TOKENS per pass.
+        local engine); from 256 tokens on, 1 and 2 threads agreed, hence at least 256 tokens per pass.
+        `shape` = (tokens, rows): each pass has at least that many tokens and rows (EXACT_PASS by default). A
+        KB records the shape it was built with and adds with it (KnowledgeBase.exact_pass): KBs built before
+        the shape was recorded used LEGACY_EXACT_PASS.
         `batch_size` is accepted for the `encode` signature and ignored. No padding also makes it faster
         on CPU (1.5-2x on FB15k texts).
         Because a vector depends on its text alone, small calls (a live add) reuse the vectors of texts this
@@ -110,25 +114,26 @@ class SentenceTransformerEncoder:
         and the values of added facts repeat ("United States of America", a city). `reuse=False`: always
         the passes."""
         texts = list(texts)
+        shape = tuple(shape or EXACT_PASS)
         if len(texts) == 0:
             return np.zeros((0, self.dim), np.float32)
         if len(texts) > EXACT_CACHE_CALL or not reuse:  # a build: nothing to reuse, nothing worth keeping
-            return self._exact_passes(texts, show_progress)
-        with self.lock:
-            known = {t: self._exact_cache[t] for t in set(texts) if t in self._exact_cache}
+            return self._exact_passes(texts, shape, show_progress)
+        with self.lock:  # kept per shape: the same text has other bits under another shape
+            known = {t: self._exact_cache[(t, shape)] for t in set(texts) if (t, shape) in self._exact_cache}
             for t in known:
-                self._exact_cache.move_to_end(t)
+                self._exact_cache.move_to_end((t, shape))
         missing = sorted(set(texts) - set(known))
         if missing:
-            known.update(zip(missing, (row.copy() for row in self._exact_passes(missing, show_progress))))
+            known.update(zip(missing, (row.copy() for row in self._exact_passes(missing, shape, show_progress))))
             with self.lock:
                 for t in missing:
-                    self._exact_cache[t] = known[t]
+                    self._exact_cache[(t, shape)] = known[t]
                 while len(self._exact_cache) > EXACT_CACHE:
                     self._exact_cache.popitem(last=False)
         return np.stack([known[t] for t in texts]).astype(np.float32, copy=False)
 
-    def _exact_passes(self, texts: list[str], show_progress=None) -> np.ndarray:
+    def _exact_passes(self, texts: list[str], shape: tuple[int, int], show_progress=None) -> np.ndarray:
         from tqdm.auto import tqdm
 
         if show_progress is None:
@@ -143,7 +148,7 @@ class SentenceTransformerEncoder:
             bounds = np.flatnonzero(np.diff(lengths[order])) + 1
             with tqdm(total=len(texts), disable=not show_progress, desc="encoding", unit="text") as bar:
                 for group in np.split(order, bounds):
-                    rows = _exact_rows(int(lengths[group[0]]))
+                    rows = _exact_rows(int(lengths[group[0]]), shape)
                     for s in range(0, len(group), rows):
                         idx = group[s:s + rows]
                         batch = [texts[i] for i in idx]
@@ -155,14 +160,18 @@ class SentenceTransformerEncoder:
         return out
 
 
-EXACT_ROWS = 64        # rows per forward pass of `encode_exact`, at least ...
-EXACT_TOKENS = 1024    # ... and at least this many tokens per pass (see its docstring)
+# (tokens, rows): each forward pass of `encode_exact` has at least this many tokens and rows (its docstring).
+# 256 tokens: a live add's pass costs a quarter of 1,024's (0.18 s vs 0.75 s for one triple's four texts),
+# builds encode 0.9-1x as fast, and 1 and 2 threads still agree (tests/test_distributed.py)
+EXACT_PASS = (256, 16)
+LEGACY_EXACT_PASS = (1024, 64)  # KBs whose manifest names no shape were built with this one
 EXACT_CACHE = 4096     # texts whose exact vectors an encoder keeps for small calls (1.5 KB each) ...
 EXACT_CACHE_CALL = 256  # ... calls of at most this many texts (live adds, not builds)
 
 
-def _exact_rows(n_tokens: int) -> int:
-    return max(EXACT_ROWS, -(-EXACT_TOKENS // n_tokens))
+def _exact_rows(n_tokens: int, shape: tuple[int, int]) -> int:
+    tokens, rows = shape
+    return max(rows, -(-tokens // n_tokens))
 
 
 class OpenAIEncoder:
@@ -232,23 +241,38 @@ def load_encoder(name: str | None = None, device: str | None = None) -> Encoder:
     return _CACHE[name]
 
 
+def encoder_info(enc: Encoder) -> dict:
+    """What a KB manifest records of the encoder that embedded it."""
+    info = {"name": enc.name, "dim": int(enc.dim)}
+    if hasattr(enc, "encode_exact"):
+        info["exact_pass"] = list(EXACT_PASS)
+    return info
+
+
 def encode_records(enc: Encoder, records, batch_size: int = 256, show_progress: bool | None = None,
-                   cache_dir: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   cache_dir: Path | None = None, exact_pass: tuple[int, int] | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """fp16 (keys, values) of KV records, encoding each distinct text once (tails like "Male" repeat a
-    lot; keys and values share the pass). With `cache_dir`, the result is kept in a file named by the
+    lot; keys and values share the pass). `exact_pass`: the shape of `encode_exact`'s passes (the KB's own
+    when it adds; EXACT_PASS when None). With `cache_dir`, the result is kept in a file named by the
     encoder and a hash of the texts, so a training or evaluation pool is encoded once per machine."""
     keys = [r.key_text for r in records]
     values = [r.value_text for r in records]
     cache = None
     if cache_dir is not None:
-        digest = hashlib.sha256("\n".join(f"{k}\t{v}" for k, v in zip(keys, values)).encode()).hexdigest()[:16]
+        shape = "" if not hasattr(enc, "encode_exact") else "{}x{}".format(*(exact_pass or EXACT_PASS))
+        digest = hashlib.sha256("\n".join([shape] + [f"{k}\t{v}" for k, v in zip(keys, values)]).encode()
+                                ).hexdigest()[:16]
         cache = Path(cache_dir) / f"{enc.name.replace('/', '_').replace(':', '_')}-{digest}.npz"
         if cache.exists():
             z = np.load(cache, allow_pickle=False)
             return z["keys"], z["values"]
     uniq, inverse = np.unique(np.array(keys + values, dtype=object), return_inverse=True)
-    encode = getattr(enc, "encode_exact", enc.encode)  # batch-independent where the encoder offers it
-    emb = encode(list(uniq), batch_size, show_progress).astype(np.float16)[inverse.reshape(-1)]
+    if hasattr(enc, "encode_exact"):  # batch-independent where the encoder offers it
+        emb = enc.encode_exact(list(uniq), batch_size, show_progress, shape=exact_pass)
+    else:
+        emb = enc.encode(list(uniq), batch_size, show_progress)
+    emb = emb.astype(np.float16)[inverse.reshape(-1)]
     out = emb[: len(keys)], emb[len(keys):]
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)

@@ -270,6 +270,11 @@ def check_manifest(root: Path, m: dict) -> None:
         if not isinstance(m["encoder"]["name"], str):
             fail("encoder name is not a string")
         count(m["encoder"]["dim"], "encoder dim", MAX_DIM, 1)
+        shape = m["encoder"].get("exact_pass", [1, 1])
+        if not (isinstance(shape, list) and len(shape) == 2):
+            fail(f"encoder exact_pass {shape!r} is not [tokens, rows]")
+        for n in shape:
+            count(n, "encoder exact_pass", 1 << 16, 1)
         for i, s in enumerate(m["segments"]):
             for k in ("records", "keys", "values"):
                 listed(s[k], f"segment {i} {k}")

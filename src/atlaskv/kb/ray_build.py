@@ -101,7 +101,7 @@ class _EncodeSegments:
         self.root, self.version, self.batch_size = Path(root), version, batch_size
 
     def __call__(self, batch: pa.Table) -> dict:
-        from atlaskv.kb.encoder import encode_records
+        from atlaskv.kb.encoder import encode_records, encoder_info
         from atlaskv.kb.triples import Triple
         from atlaskv.kb.records import make_record
 
@@ -141,7 +141,7 @@ class _EncodeSegments:
         import resource
 
         meta = {"segment": seg, "files": files, "triples": len(triples),
-                "encoder": {"name": self.enc.name, "dim": int(self.enc.dim)},
+                "encoder": encoder_info(self.enc),
                 "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
         return {"first_id": np.array([first], np.int64), "meta": np.array([json.dumps(meta)], object)}
 

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from atlaskv.kb import layout
-from atlaskv.kb.encoder import Encoder, encode_records, load_encoder
+from atlaskv.kb.encoder import LEGACY_EXACT_PASS, Encoder, encode_records, encoder_info, load_encoder
 # KBError and triple_hash live in layout; importing them from here, as callers always have, still works.
 from atlaskv.kb.layout import (FORMAT, FORMAT_VERSION, MANIFEST, RECORD_SCHEMA, KBError, file_entry,
                                records_table, triple_hash, write_npy)
@@ -82,7 +82,7 @@ class KnowledgeBase:
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "version": 0,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "encoder": {"name": enc.name, "dim": enc.dim}, "directions": directions,
+            "encoder": encoder_info(enc), "directions": directions,
             "next_id": 0, "segments": [], "removed": None, "files": {},
             "counts": {"entries": 0, "triples": 0, "entries_total": 0, "removed_entries": 0},
             "relation_templates": (nouns.to_json() if nouns else {}), "history": [], "index": None,
@@ -180,6 +180,12 @@ class KnowledgeBase:
             return None
         return {"built_version": ix["built_version"], **ix["stats"],
                 "added_since_build": int(sum(a["rows"] for a in ix["additions"]))}
+
+    @property
+    def exact_pass(self) -> tuple[int, int]:
+        """The (tokens, rows) shape of the encoder passes this KB was built with; adds use it too, so an added
+        fact's embedding has the bits a build would have given it."""
+        return tuple(self.manifest["encoder"].get("exact_pass", LEGACY_EXACT_PASS))
 
     @property
     def encoder(self) -> Encoder:
@@ -447,7 +453,7 @@ class KnowledgeBase:
                 locked: bool = False, index: bool = False) -> UpdateResult:
         records = triples_to_records(triples, self.manifest["directions"], nouns)
         enc = self.encoder
-        keys, values = encode_records(enc, records, batch_size, show_progress)
+        keys, values = encode_records(enc, records, batch_size, show_progress, exact_pass=self.exact_pass)
         return self._append_encoded(records, keys, values, len(triples), nouns, duplicates, note, locked, index)
 
     def add_encoded(self, records: list[KVRecord], keys: np.ndarray, values: np.ndarray,

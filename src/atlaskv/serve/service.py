@@ -187,7 +187,7 @@ class KBService:
         BatchDecoder(self.model).start_many([Request("What is the capital of Canada?", kb, max_new_tokens=2)])
         encoder = load_encoder(kb.encoder_name)
         if hasattr(encoder, "encode_exact"):
-            encoder.encode_exact(["the capital of Canada", "Ottawa"], reuse=False)
+            encoder.encode_exact(["the capital of Canada", "Ottawa"], reuse=False, shape=kb.exact_pass)
         kb.live_hashes()
         return time.perf_counter() - t0
 
