@@ -27,7 +27,7 @@ from atlaskv.evaluation.metrics import answer_flags, contains_answer, rank_hits,
 from atlaskv.evaluation.pool import EvalPool, kb_chunks, load_pool, with_synthetic_fill
 from atlaskv.kb.index import build_hierarchy
 from atlaskv.defaults import TOP_CITATIONS
-from atlaskv.model.refusal import names_head, refuses, support_of
+from atlaskv.model.refusal import backing, names_head, refuses, support_of
 from atlaskv.model.decoding import value_processors
 from atlaskv.model.chat import chat_text, ended_turns, left_pad, stop_token_ids
 from atlaskv.model.kb_inputs import KBInputs, use_kb
@@ -74,7 +74,8 @@ def cited_facts(view: KBView, rows, weights, k: int = TOP_CITATIONS) -> list:
 def refusal_signals(question: str, view: KBView, rows, weights, qvec: torch.Tensor,
                     value_logprob: float | None = None) -> dict:
     """What a refusal rule can read of one answer (saved with --save-answers): the top-cited fact, whether the
-    question names its head, its value's support, the cosine between the question's and its key's
+    question names its head, the cited facts and which of them backs an answer (refusal.backing), its value's
+    support, the cosine between the question's and its key's
     sentence embeddings (also for the other cited facts), and the model's own log-probability of the top
     value's first token before value decoding's rules (its best step; ValueDecoding.value_logprob)."""
     cited = cited_facts(view, rows, weights)
@@ -84,6 +85,7 @@ def refusal_signals(question: str, view: KBView, rows, weights, qvec: torch.Tens
     cos = torch.nn.functional.cosine_similarity(keys, qvec[None], dim=-1).tolist()
     sup = support_of(cited)
     return {"top_citation": list(cited[0][0]), "head_named": names_head(question, cited[0][0]),
+            "backing": backing(question, cited), "cited": [list(t) for t, _ in cited],
             "support": round(sup, 4) if sup != float("inf") else None,
             "top_share_of_cited": round(cited[0][1] / sum(w for _, w in cited), 4),
             "key_cosine": [round(c, 4) for c in cos],

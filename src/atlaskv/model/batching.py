@@ -25,7 +25,7 @@ from atlaskv.kb.store import KnowledgeBase
 from atlaskv.kb.view import KBView
 from atlaskv.model.kb_inputs import KBInputs, KBRows, merged, rows_from, use_kb
 from atlaskv.model.pruning import PruneConfig
-from atlaskv.model.refusal import names_value, verdict
+from atlaskv.model.refusal import must_name, names_value, verdict
 
 
 @dataclass
@@ -157,7 +157,7 @@ class BatchDecoder:
             if v == "refuse":
                 self._finish(seq, refuse=True)
             else:
-                seq.must_name = seq.answer.citations[0][0].tail if v == "if_unnamed" else None
+                seq.must_name = must_name(seq.answer.question, seq.answer.citations) if v == "if_unnamed" else None
                 self._take(seq, res.logits[b:b + 1, -1, :])
         return out
 

@@ -54,7 +54,7 @@ from transformers import LogitsProcessor
 
 from atlaskv.defaults import REFUSAL, TOP_CITATIONS, TRUSTED_SUPPORT
 from atlaskv.model.kb_inputs import KBInputs
-from atlaskv.model.refusal import refuses
+from atlaskv.model.refusal import backing, refuses
 
 # a value that opens with one of these words counts as started from its second token: an answer opening
 # "The ..." has not started "The Beatles"
@@ -125,9 +125,12 @@ class ValueDecoding(LogitsProcessor):
             n = max(self.top, TOP_CITATIONS)
             cited = view.triples(rows[:n])
             if self.question_texts is not None:
-                self.trusted[b] = not refuses(self.question_texts[b], list(zip(cited, w[:n].tolist())),
-                                             TRUSTED_SUPPORT)
-            keep = [i for i in range(min(self.top, len(rows))) if w[i] >= self.share * w[0] and w[0] > 0]
+                citations = list(zip(cited, w[:n].tolist()))
+                self.trusted[b] = not refuses(self.question_texts[b], citations, TRUSTED_SUPPORT)
+                at = backing(self.question_texts[b], citations)
+                if at:  # facts about entities the question does not name, cited above one it does: not its answer
+                    cited, w = cited[at:], w[at:]
+            keep = [i for i in range(min(self.top, len(cited))) if w[i] >= self.share * w[0] and w[0] > 0]
             triples = [cited[i] for i in keep]
             key = (triples[0].head.casefold(), triples[0].relation) if triples else None
             if triples:
