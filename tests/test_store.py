@@ -293,6 +293,7 @@ def test_an_add_gets_the_bits_a_build_gives_under_the_kbs_own_encoder_pass(tmp_p
     kb = KnowledgeBase.build(FACTS, tmp_path / "kb", encoder=encoder)
     whole = KnowledgeBase.build(FACTS + [new], tmp_path / "whole", encoder=encoder)
     assert kb.manifest["encoder"]["exact_pass"] == list(EXACT_PASS) and kb.exact_pass == EXACT_PASS
+    assert kb.info()["encoder_exact_pass"] == list(EXACT_PASS)
     kb.add([new])
     for a, b in zip(kb.embeddings(), whole.embeddings()):
         assert np.array_equal(a, b)
