@@ -7,8 +7,8 @@
 #   (WebNLG's answers go to runs/refusal_v4/: CC BY-NC-SA, never committed; only its scores are)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=benchmarks/results/refusal_v4
-PRIVATE=runs/refusal_v4
+OUT=${OUT:-benchmarks/results/refusal_v4}  # run_refusal_v5.sh: the same runs into refusal_v5/
+PRIVATE=${PRIVATE:-runs/refusal_v4}
 mkdir -p $OUT $PRIVATE
 ev() { .venv/bin/atlaskv eval grounding --sizes 1000 --questions 200 --answer-questions 200 --prune \
   --refuse-below ${REFUSE_BELOW:-5.88} "$@"; }

@@ -89,7 +89,7 @@ class SentenceTransformerEncoder:
         return np.ascontiguousarray(out, dtype=np.float32)
 
     def encode_exact(self, texts, batch_size=256, show_progress=None, reuse: bool = True,
-                     shape: tuple[int, int] = None):
+                     shape: tuple[int, int] | None = None):
         """Like `encode`, but each embedding depends on its text alone, never on its batch neighbours.
 
         A plain batch pads every text to the longest one and changes the matrix shapes, which moves
