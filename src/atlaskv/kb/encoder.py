@@ -161,8 +161,8 @@ class SentenceTransformerEncoder:
 
 
 # (tokens, rows): each forward pass of `encode_exact` has at least this many tokens and rows (its docstring).
-# 256 tokens: a live add's pass costs a quarter of 1,024's (0.18 s vs 0.75 s for one triple's four texts),
-# builds encode 0.9-1x as fast, and 1 and 2 threads still agree (tests/test_distributed.py)
+# 256 tokens: a live add's pass costs a quarter of 1,024's (0.21 s vs 0.74 s for one triple's four texts),
+# builds encode as fast, and 1 and 2 threads still agree (benchmarks/exact_pass.py, tests/test_distributed.py)
 EXACT_PASS = (256, 16)
 LEGACY_EXACT_PASS = (1024, 64)  # KBs whose manifest names no shape were built with this one
 EXACT_CACHE = 4096     # texts whose exact vectors an encoder keeps for small calls (1.5 KB each) ...
