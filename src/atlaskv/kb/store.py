@@ -168,7 +168,8 @@ class KnowledgeBase:
         c = self.manifest["counts"]
         return {"path": str(self.path), "triples": c["triples"], "entries": c["entries"],
                 "removed_entries": c["removed_entries"], "encoder": self.encoder_name, "dim": self.dim,
-                "encoder_exact_pass": list(self.exact_pass), "directions": self.manifest["directions"], "format_version": FORMAT_VERSION,
+                "encoder_exact_pass": list(self.exact_pass), "directions": self.manifest["directions"],
+                "format_version": FORMAT_VERSION,
                 "version": self.version, "segments": len(self.manifest["segments"]),
                 "relations": len({k.split("\t", 1)[1] for k in self.manifest["relation_templates"]}),
                 "bytes_on_disk": self.bytes_on_disk(), "created": self.manifest["created"],

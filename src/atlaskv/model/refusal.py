@@ -86,7 +86,7 @@ _RELATION_STOP = {"of", "the", "a", "an", "in", "on", "at", "by", "for", "to", "
 
 
 def verdict(question: str, citations, min_support: float = REFUSE_BELOW) -> Verdict:
-    """The rule from the prefill alone: "refuse" (no cited fact is about an entity the question names),
+    """The rule from the prefill alone: "refuse" (no cited fact backs an answer: `backing`),
     "answer" (the most-cited fact is, and its value stands out by `min_support`; or refusal is off:
     `min_support` <= 0), or "if_unnamed": refuse unless the answer names the backing fact's value
     (`must_name`): its support is low, or a neighbour entity's fact was cited before it."""
