@@ -17,7 +17,6 @@ answer is scored on answers its own guards did not shape.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -25,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from atlaskv.defaults import REFUSE_BELOW
-from atlaskv.model.refusal import names_value
+from atlaskv.kb.triples import Triple
+from atlaskv.model.refusal import backing, names_value
 
 
 def load(paths: list[str]) -> list[dict]:
@@ -44,7 +44,8 @@ def load(paths: list[str]) -> list[dict]:
                 signals = signals or {}
                 top = signals.get("top_citation")
                 out.append({"key": key, "answerable": answerable, **signals, "exact": bool(exact),
-                            "names_top": bool(top and answer and _named(top[2], answer))})
+                            "names_top": bool(top and answer and _named(top[2], answer)),
+                            "question": r["question"], "answer": answer or ""})
     return out
 
 
@@ -70,8 +71,37 @@ def support(r: dict) -> float:
     return 1e9 if r.get("support") is None else r["support"]
 
 
+def shipped_v5(r: dict) -> bool:
+    """The rule of refusal v5 (model/refusal.py without the lacking keys), from the saved citations: refuse when
+    no cited fact backs an answer; when the top one does and its support is under REFUSE_BELOW, or a later one
+    does, refuse unless the answer names the backing fact's value."""
+    if not r.get("top_citation"):
+        return True
+    cited = [(Triple(*t), 1.0) for t in r["cited"]]
+    at = backing(r["question"], cited)
+    if at is None:
+        return True
+    if at == 0 and support(r) >= REFUSE_BELOW:
+        return False
+    return not names_value(r["answer"], cited[at][0].tail)
+
+
+def lacking(r: dict, name: str = "lacking") -> float:
+    """The lacking-key ratio (probes.py; 0 when nothing backs an answer or nothing lacks)."""
+    lk = r.get(name)
+    return 0.0 if not lk else lk["ratio"]
+
+
 # rule name -> (refuses(row, threshold), the signal its threshold is taken from)
 RULES = {
+    # refusal v6 (2026-12-07): v5, or a fact the KB lacks about the entity draws the question more than the
+    # backing one (the signal negated: calibrate() refuses below a threshold)
+    "v5 (shipped before)": (lambda r, t: shipped_v5(r), support),
+    "v5 or lacking key": (lambda r, t: shipped_v5(r) or -lacking(r) < t, lambda r: -lacking(r)),
+    # ... comparing every relation, also those the adapter was never trained on (not shipped)
+    "v5 or lacking key (every relation)": (lambda r, t: shipped_v5(r) or -lacking(r, "lacking_every_relation") < t,
+                                           lambda r: -lacking(r, "lacking_every_relation")),
+    "lacking key only": (lambda r, t: -lacking(r) < t, lambda r: -lacking(r)),
     "head or support < 2.27 (before)": (lambda r, t: not r.get("head_named") or support(r) < 2.27, support),
     "head or support (v2, calibrated: shipped)": (lambda r, t: not r.get("head_named") or support(r) < t, support),
     # the prefill-only rule as it shipped until the rule read the answer (2026-12-07)

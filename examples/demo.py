@@ -14,10 +14,11 @@ KB_DIR = Path("build/demo_kb")
 def show(akv, kb, question, gold=None):
     t0 = time.time()
     ans = akv.ask(question, kb, max_new_tokens=40).or_refusal()  # "I don't know." when no fact stands out
-    mark = ("  [refused]" if ans.refused else "" if gold is None
+    refused = f"  [refused: no {ans.missing[1]!r} fact about {ans.missing[0]}]" if ans.missing else "  [refused]"
+    mark = (refused if ans.refused else "" if gold is None
             else "  [right]" if contains_answer(ans.text, gold) else f"  [wrong: {gold}]")
     print(f"\nQ: {question}\nA: {ans.text}{mark}   ({time.time() - t0:.1f} s, support {ans.support:.1f})")
-    for t, w in ans.citations[:3]:
+    for t, w in ans.citations[:2]:
         print(f"   {w:6.1%}  {t.head} | {t.relation} | {t.tail}")
 
 
@@ -30,6 +31,9 @@ def main():
     for line in open(HERE / "questions.jsonl", encoding="utf-8").readlines()[:6]:
         q = json.loads(line)
         show(akv, kb, q["question"], q["tail"])
+
+    print("\n--- a fact the KB lacks: it holds nine about John F. Kennedy, his place of death among them")
+    show(akv, kb, "What is the place of birth of John F. Kennedy?")
 
     fact = ("Mount Kilimanjaro", "country", "Tanzania")
     question = "What is the country of Mount Kilimanjaro?"

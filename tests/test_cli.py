@@ -63,7 +63,8 @@ def test_ask_json_contract(tmp_path, demo_facts):
     r = runner.invoke(app, ["ask", "What is the capital of Canada?", "--kb", str(tmp_path / "kb"), "--json"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.output.strip().splitlines()[-1])
-    assert set(out) == {"answer", "citations", "kb_size", "pruned", "seconds"}
+    assert set(out) == {"answer", "citations", "kb_size", "pruned", "seconds", "refused", "missing"}
+    assert out["refused"] is False and out["missing"] is None
     assert "Ottawa" in out["answer"]  # the shipped adapter answers from the KB
     assert out["citations"][0] == {"head": "Canada", "relation": "capital", "tail": "Ottawa",
                                    "weight": out["citations"][0]["weight"]}

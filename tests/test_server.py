@@ -87,6 +87,21 @@ def test_says_so_when_no_fact_fits(client):
     assert chunks[-1].model_extra["atlaskv"]["refused"] is True
 
 
+def test_says_which_fact_it_lacks(client):
+    """The demo KB holds nine facts about John F. Kennedy but not his birthplace: refused over HTTP, streamed or
+    not, with the missing fact named (model/probes.py)."""
+    q = "What is the place of birth of John F. Kennedy?"
+    text, extra = ask(client, q)
+    assert text == REFUSAL and extra["refused"] is True
+    assert extra["missing"] == ["John F. Kennedy", "place of birth"] and cited(extra)[0][0] == "John F. Kennedy"
+    chunks = list(client.chat.completions.create(model="atlaskv", messages=[{"role": "user", "content": q}],
+                                                 stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == REFUSAL
+    assert chunks[-1].model_extra["atlaskv"]["missing"] == ["John F. Kennedy", "place of birth"]
+    _, extra = ask(client, "What is the capital of Canada?")
+    assert extra["missing"] is None
+
+
 def test_streamed_completion_matches_plain(client):
     q = "What is the music composer of Jurassic Park?"
     plain, plain_extra = ask(client, q)

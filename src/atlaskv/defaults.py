@@ -13,6 +13,10 @@ from __future__ import annotations
 # Before 2026-12-07 the rule read the prefill alone, at 1.86 (2.27 before that, picked on the fb15k eval set).
 REFUSAL = "I don't know."
 REFUSE_BELOW = 5.88
+# ... and when a fact the KB lacks about the answer's entity ("the gender of X" when only X's nationality is
+# stored) would draw this many times the attention of the fact backing the answer (model/probes.py). Calibrated
+# the same way, on the same dev sets (benchmarks/results/refusal_v6/rules.json).
+LACKING_RATIO = 4.36
 # Value decoding trusts an answer whose top fact's value stands out by this much (and whose head the question
 # names): it must name a value and may not open with the model's own "I don't know." (model/decoding.py). The
 # prefill-only refusal rule's calibration (benchmarks/results/refusal_v3/rules.json), which the guards were

@@ -43,7 +43,8 @@ def ask_cmd(question: str = typer.Argument(..., help="The question."),
     if json_out:
         typer.echo(json.dumps({"answer": ans.text, "citations": [
             {"head": t.head, "relation": t.relation, "tail": t.tail, "weight": round(w, 4)} for t, w in ans.citations],
-            "kb_size": ans.kb_size, "pruned": bool(getattr(ans, "pruned", False)),
+            "kb_size": ans.kb_size, "pruned": bool(getattr(ans, "pruned", False)), "refused": ans.refused,
+            "missing": list(ans.missing) if ans.refused and ans.missing else None,
             "seconds": round(time.time() - t0, 3)}))
         return
     _print_answer(ans)
@@ -73,6 +74,8 @@ def _print_answer(ans, console=None) -> None:
 
     console = console or Console(highlight=False)
     console.print(ans.text, markup=False)
+    if ans.refused and ans.missing:
+        console.print(f"(the KB holds no {ans.missing[1]!r} fact about {ans.missing[0]})", markup=False, style="dim")
     if not ans.citations:
         return
     t = Table(box=box.SIMPLE, title=f"cited facts (KB of {ans.kb_size:,})", title_justify="left",

@@ -32,6 +32,7 @@ from atlaskv.model.decoding import value_processors
 from atlaskv.model.chat import chat_text, ended_turns, left_pad, stop_token_ids
 from atlaskv.model.kb_inputs import KBInputs, use_kb
 from atlaskv.kb.view import KBView
+from atlaskv.model.probes import lacking_fact
 from atlaskv.model.pruning import PruneConfig
 
 
@@ -230,9 +231,10 @@ class GroundingRun:
             torch.from_numpy(self.encoder.encode(qtexts)).to(akv.device)
         signals = [refusal_signals(q, view, rows, w, qvec[i], lps[i])
                    for i, (q, (rows, w)) in enumerate(zip(qtexts, cited))] if self.saved is not None else None
+        lacking = self.lacking(kb, qtexts[:take], signals)
         if self.refuse_below is not None:
-            kept = [not refuses(q, cited_facts(view, rows, w), self.refuse_below, answer=t)
-                    for q, (rows, w), t in zip(qtexts, cited, texts)]
+            kept = [not refuses(q, cited_facts(view, rows, w), self.refuse_below, answer=t, lacking=lk)
+                    for q, (rows, w), t, lk in zip(qtexts, cited, texts, lacking)]
             tally.em_r += sum(r and k for r, k in zip(right, kept))
             tally.exact_r += sum(f["exact"] and k for f, k in zip(flags, kept))
             tally.refused += take - sum(kept)
@@ -240,6 +242,21 @@ class GroundingRun:
         if self.saved is not None:
             self.save(bq[:take], texts, flags, ranked, view, prior, signals)
         tally.n_em += take
+
+    def lacking(self, kb_in: KBInputs, questions: list[str], signals: list[dict] | None) -> list[float | None]:
+        """Per question, the lacking-key ratio the refusal rule reads (probes.py); with saved answers, also
+        the signal over every relation, those the adapter never saw included, into their signals."""
+        out = []
+        for i, q in enumerate(questions):
+            lk = lacking_fact(self.akv.adapter, self.encoder, kb_in, q, i) \
+                if self.refuse_below is not None or signals is not None else None
+            out.append(None if lk is None else lk.ratio)
+            if signals is not None and signals[i] is not None:
+                every = lacking_fact(self.akv.adapter, self.encoder, kb_in, q, i, trained_only=False)
+                signals[i].update({name: None if x is None else {"relation": x.relation, "ratio": x.ratio,
+                                                                 "top": [list(t) for t in x.top]}
+                                   for name, x in (("lacking", lk), ("lacking_every_relation", every))})
+        return out
 
     def save(self, bq: list, texts: list[str], flags: list[dict], ranked: list, view: KBView, prior: list,
              signals: list[dict]):
@@ -275,10 +292,11 @@ class GroundingRun:
         if cited is not None and self.saved is not None:
             signals = [refusal_signals(q, view, rows, w, qvec[i], lps[i])
                        for i, (q, (rows, w)) in enumerate(zip(qtexts, cited))]
+        lacking = self.lacking(kb_p, qtexts, signals if self.saved is not None else None) if cited else []
         if self.refuse_below is not None:  # an empty KB backs nothing: refused
             kept = [False] * take if cited is None else \
-                [not refuses(q, cited_facts(view, rows, w), self.refuse_below, answer=t)
-                 for q, (rows, w), t in zip(qtexts, cited, pt)]
+                [not refuses(q, cited_facts(view, rows, w), self.refuse_below, answer=t, lacking=lk)
+                 for q, (rows, w), t, lk in zip(qtexts, cited, pt, lacking)]
             tally.em_prior_r += sum(r and k for r, k in zip(right, kept))
             tally.exact_prior_r += sum(x and k for x, k in zip(exact, kept))
             tally.refused_prior += take - sum(kept)

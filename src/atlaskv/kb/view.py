@@ -11,11 +11,13 @@ view into the tensors one forward call reads (flat: every live row; pruned: the 
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
+from atlaskv.kb.records import RelationNouns
 from atlaskv.kb.triples import Triple
 
 if TYPE_CHECKING:  # the tree's module needs torch; a view only carries one
@@ -45,6 +47,8 @@ class KBView:
     live: np.ndarray | None = None                 # [rows] bool, False for removed rows (None: all live)
     tree: Hierarchy | None = None                  # HiKVP tree whose leaves are row positions
     cache_key: tuple | None = None                 # (path, version) of a KB on disk: what may be cached
+    # () -> {relation: its tail-masked key template, "the <noun> of {entity}"}: every relation the KB knows
+    key_templates: Callable[[], dict[str, str]] | None = None
 
     @property
     def size(self) -> int:
@@ -62,16 +66,23 @@ class KBView:
         tree = kb.hierarchy()
         if tree is not None and not table.identity:
             tree = tree.map_leaves(table.positions)
+        templates = {k.split("\t", 1)[1]: t for k, t in kb.manifest["relation_templates"].items()
+                     if k.startswith("tail\t")}
         return cls(table.keys, table.values, len(table), table.triples, table.value_texts, table.live, tree,
-                   cache_key=(str(kb.path), kb.version))
+                   cache_key=(str(kb.path), kb.version), key_templates=lambda: templates)
 
     @classmethod
     def from_arrays(cls, keys: np.ndarray, values: np.ndarray, triples: Sequence[Triple],
                     tree: Hierarchy | None = None) -> "KBView":
         triples = list(triples)
+
+        @functools.cache
+        def templates() -> dict[str, str]:  # as the records of these triples were keyed (rules: KG2KV's default)
+            nouns = RelationNouns()
+            return {r: nouns.template(r, "tail") for r in sorted({t.relation for t in triples})}
         return cls(ArraySource(keys), ArraySource(values), len(triples),
                    lambda pos: [triples[int(p)] for p in pos], lambda pos: [triples[int(p)].tail for p in pos],
-                   tree=tree)
+                   tree=tree, key_templates=templates)
 
     def without(self, positions: np.ndarray) -> "KBView":
         """These rows removed, nothing else changed (the tree keeps them as tombstoned leaves)."""

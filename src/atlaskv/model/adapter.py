@@ -33,6 +33,9 @@ from atlaskv.model.values import REMOVED_VALUE_SOURCES, VALUE_PATHS, value_path_
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
+# the relations of the facts the adapter was trained on, one per line (optional): the kinds of fact it learned
+# to tell apart, which the refusal rule's lacking-key check compares (model/probes.py)
+RELATIONS_NAME = "trained_relations.txt"
 FORMAT_VERSION = 1
 MAX_CONFIG_BYTES = 1 << 20
 MAX_PARAMS = 2_000_000_000  # anything larger is not an adapter we wrote
@@ -169,6 +172,7 @@ class KBAdapter(nn.Module):
     def __init__(self, config: AdapterConfig):
         super().__init__()
         self.config = c = config
+        self.trained_relations: frozenset[str] = frozenset()  # RELATIONS_NAME; empty: not recorded
         self.key_proj = nn.Linear(c.encoder_dim, c.out_dim)
         self.value_proj = nn.Linear(c.encoder_dim, c.out_dim)
         self.kb_query = nn.ModuleDict({str(l): nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.q_bias)
@@ -297,6 +301,10 @@ class KBAdapter(nn.Module):
         tmp_c.write_text(json.dumps(asdict(self.config), indent=1) + "\n", encoding="utf-8")
         tmp_w.replace(path / WEIGHTS_NAME)
         tmp_c.replace(path / CONFIG_NAME)
+        if self.trained_relations:
+            tmp_r = path / f".{RELATIONS_NAME}.tmp"
+            tmp_r.write_text("".join(r + "\n" for r in sorted(self.trained_relations)), encoding="utf-8")
+            tmp_r.replace(path / RELATIONS_NAME)
         return path
 
     @classmethod
@@ -346,4 +354,7 @@ class KBAdapter(nn.Module):
         if missing or unexpected:
             raise AdapterError(f"{w_file}: weights do not match the config (missing {missing[:3]}, "
                                f"unexpected {unexpected[:3]})")
+        rel_file = path / RELATIONS_NAME
+        if rel_file.is_file() and rel_file.stat().st_size < MAX_CONFIG_BYTES * 16:
+            adapter.trained_relations = frozenset(rel_file.read_text("utf-8").splitlines()) - {""}
         return adapter.to(device)

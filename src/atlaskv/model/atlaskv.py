@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from atlaskv.defaults import MAX_NEW_TOKENS, REFUSAL, REFUSE_BELOW, TOP_CITATIONS, VALUE_DECODING
+from atlaskv.defaults import LACKING_RATIO, MAX_NEW_TOKENS, REFUSAL, REFUSE_BELOW, TOP_CITATIONS, VALUE_DECODING
 from atlaskv.kb.encoder import DEFAULT_ENCODER
 from atlaskv.kb.store import KnowledgeBase
 from atlaskv.kb.triples import Triple
@@ -26,6 +26,7 @@ from atlaskv.model.chat import chat_text, messages_text, stop_token_ids
 from atlaskv.model.decoding import value_processors
 from atlaskv.model.kb_inputs import KBInputs, use_kb
 from atlaskv.model.llm import DEFAULT_LLM, canonical_name, load_base_model
+from atlaskv.model.probes import Lacking, lacking_fact
 from atlaskv.model.pruning import PruneConfig, PrunedKB
 from atlaskv.model.refusal import names_head, refuses, support_of  # noqa: F401  (the public names)
 from atlaskv.model.values import value_rows
@@ -69,24 +70,35 @@ class Answer:
     pruned: bool = False            # answered through HiKVP (only the kept leaves were read)
     refused: bool = False           # replaced by REFUSAL: no fact stood out (or_refusal)
     question: str = ""              # the (last user) question asked, for the refusal rule
+    lacking: Lacking | None = None  # the fact the KB lacks about the answer's entity that draws the question most
 
     @property
     def support(self) -> float:
         """How far the most-cited value stands out (support_of)."""
         return support_of(self.citations)
 
+    @property
+    def missing(self) -> tuple[str, str] | None:
+        """(entity, relation) of the fact the question asks for that the KB lacks, when that is why the rule
+        refuses (probes.py): ("Linda Ronstadt", "gender") when only her nationality is stored."""
+        lk = self.lacking
+        if lk is None or lk.relation is None or lk.fact is None or lk.ratio < LACKING_RATIO:
+            return None
+        return lk.fact[0], lk.relation
+
     def or_refusal(self, min_support: float = REFUSE_BELOW) -> "Answer":
         """This answer, or REFUSAL (citations kept) when the most-cited fact does not back it: it is about an
         entity the question does not name, or its value does not stand out and the answer does not name it
         (`refuses`; calibration in defaults.py)."""
-        if not refuses(self.question, self.citations, min_support, answer=self.text):
+        ratio = self.lacking.ratio if self.lacking is not None else None
+        if not refuses(self.question, self.citations, min_support, answer=self.text, lacking=ratio):
             return self
         return self.refusal()
 
     def refusal(self) -> "Answer":
         """REFUSAL in this answer's place, its citations kept."""
         return Answer(REFUSAL, self.citations, self.kb_size, self.kb_attention_mass, self.pruned, refused=True,
-                      question=self.question)
+                      question=self.question, lacking=self.lacking)
 
 
 class AtlasKV:
@@ -209,10 +221,15 @@ class AtlasKV:
 
     def question_embeddings(self, questions: Sequence[str | Sequence[dict]]) -> torch.Tensor:
         """[B, d_in]: question_embedding of several questions in one encoder call (a batched prefill)."""
+        texts = [q if isinstance(q, str) else [m["content"] for m in q if m["role"] == "user"][-1] for q in questions]
+        return torch.from_numpy(self.encoder.encode(texts)).to(self.device)
+
+    @property
+    def encoder(self):
+        """The adapter's sentence encoder (loaded once per process): question embeddings, lacking keys."""
         from atlaskv.kb.encoder import load_encoder
 
-        texts = [q if isinstance(q, str) else [m["content"] for m in q if m["role"] == "user"][-1] for q in questions]
-        return torch.from_numpy(load_encoder(self.adapter.config.encoder).encode(texts)).to(self.device)
+        return load_encoder(self.adapter.config.encoder)
 
     def needs_question(self, kb_in: KBInputs | None) -> bool:
         """Whether this call reads the question's sentence embedding (the adapter, or the HiKVP route)."""
@@ -310,4 +327,8 @@ class AtlasKV:
         mass = total / (len(kb_in.attention) * n_heads * n_tokens)
         k = min(top_citations, len(positions))
         cites = list(zip(self.cite(kb, kb_in, positions[:k]), (float(w) / total for w in weights[:k])))
-        return Answer(text, cites, kb_in.size, mass, pruned, question=asked)
+        # a chat: the last question's own tokens (its one-turn prompt's length), not the turns before it
+        last = None if isinstance(question, str) else self.chat_ids(asked).shape[1]
+        lacking = lacking_fact(self.adapter, self.encoder, kb_in, asked, last_tokens=last) \
+            if kb_in.recorded.readers else None
+        return Answer(text, cites, kb_in.size, mass, pruned, question=asked, lacking=lacking)

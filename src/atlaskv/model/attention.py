@@ -111,6 +111,8 @@ def kb_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
     p_text = torch.exp(s_text - lse)
     p_kb = torch.exp(read.scores - lse)
     out = read.add_values(p_text @ v, p_kb)
+    if kb.record and layer not in kb.attention:  # what scoring an absent key needs (probes.py)
+        kb.recorded.readers[layer] = (q_kb.detach().to(f), scaling, read.shift, lse.detach())
     return _finish(out, p_kb, read, adapter, layer, kb, query.dtype, f)
 
 
@@ -123,6 +125,7 @@ class KBRead:
     add_values: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     value_rows: torch.Tensor
     selection: object = None   # pruned: the kept leaves (recorded with the attention)
+    shift: torch.Tensor | float = 0.0  # the length shift added to every KB logit, [B, G, 1, 1] or 0
 
 
 def _kb_read(kb: KBInputs, adapter: KBAdapter, layer: int, q: torch.Tensor, scaling: float, f, T: int, D: int) -> KBRead:
@@ -167,7 +170,8 @@ def _kb_read(kb: KBInputs, adapter: KBAdapter, layer: int, q: torch.Tensor, scal
 def _shifted(read: KBRead, kb: KBInputs, n_kb: torch.Tensor, valid: torch.Tensor | None) -> KBRead:
     if kb.scale_factor is not None:
         # N in the scores' dtype (exact: a count): fp32 models are bit-identical, fp64 tests exact
-        read.scores = read.scores + _length_shift(kb, n_kb.to(read.scores.device, read.scores.dtype))[:, :, None, None]
+        read.shift = _length_shift(kb, n_kb.to(read.scores.device, read.scores.dtype))[:, :, None, None]
+        read.scores = read.scores + read.shift
     if valid is not None:
         read.scores = read.scores.masked_fill(~valid[:, :, None, :], float("-inf"))
     return read

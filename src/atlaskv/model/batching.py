@@ -153,7 +153,8 @@ class BatchDecoder:
             seq.answer = m.answer(r.question, r.kb, kb_in, "", self.top_citations)
             seq.cache = [(l.keys[b:b + 1], l.values[b:b + 1]) for l in cache.layers]
             out[slot] = seq
-            v = verdict(seq.answer.question, seq.answer.citations, r.refuse_below)
+            lacking = seq.answer.lacking.ratio if seq.answer.lacking is not None else None
+            v = verdict(seq.answer.question, seq.answer.citations, r.refuse_below, lacking)
             if v == "refuse":
                 self._finish(seq, refuse=True)
             else:

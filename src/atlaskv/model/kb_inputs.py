@@ -49,6 +49,7 @@ class KBAttention:
     ([B, T, N] flat; [B, T, G * n] pruned, beside the kept positions [B, G * n] in `selected`)."""
     attention: dict[int, torch.Tensor] = field(default_factory=dict)
     selected: dict[int, torch.Tensor] = field(default_factory=dict)
+    readers: dict[int, tuple] = field(default_factory=dict)  # per layer (KB query, scaling, length shift, lse)
 
     def summed(self, pruned: bool, token_mask: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per sample: (positions, weights) of the prefill KB attention summed over KB layers, heads and
@@ -222,6 +223,10 @@ def rows_from(batch: KBInputs, rows: list[KBInputs]) -> None:
             n = sels[layer if layer in sels else "question"].width
             one.recorded.attention[layer] = cut(a, b, n, width, G)
             one.recorded.selected[layer] = cut(batch.recorded.selected[layer], b, n, width, G)
+        for layer, (q, scaling, shift, lse) in batch.recorded.readers.items():
+            if torch.is_tensor(shift) and shift.shape[0] > 1:
+                shift = shift[b:b + 1]
+            one.recorded.readers[layer] = (q[b:b + 1], scaling, shift, lse[b:b + 1])
 
 _ACTIVE: contextvars.ContextVar[KBInputs | KBRows | None] = contextvars.ContextVar("atlaskv_kb", default=None)
 _OPEN_CALLS = threading.local()  # per thread: the context tokens of forward calls in progress

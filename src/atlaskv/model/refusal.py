@@ -2,7 +2,8 @@
 
 Read from the prefill's citations (the facts with the most KB attention, most first) and the answer: refuse
 when no cited fact backs an answer (`backing`: the most cited one if the question names its head, else a
-fact of the same kind about the entity it names, cited after the neighbour's); when the most cited one backs
+fact of the same kind about the entity it names, cited after the neighbour's), or when the question reads
+more like a fact the KB lacks about that entity than like the backing one (probes.py: LACKING_RATIO); when the most cited one backs
 it, refuse if its value does not stand out (support_of) by REFUSE_BELOW and the answer does not name that
 value either (calibrated on training facts: defaults.py); when a later one does, refuse unless the answer
 names its value. Where the value's support is low the verdict waits for the answer (`verdict`: "if_unnamed"), so
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from atlaskv.defaults import REFUSE_BELOW
+from atlaskv.defaults import LACKING_RATIO, REFUSE_BELOW
 from atlaskv.kb.triples import Triple
 
 Verdict = Literal["answer", "refuse", "if_unnamed"]
@@ -85,15 +86,16 @@ def _relation_words(relation: str) -> set[str]:
 _RELATION_STOP = {"of", "the", "a", "an", "in", "on", "at", "by", "for", "to", "is", "has", "was", "s"}
 
 
-def verdict(question: str, citations, min_support: float = REFUSE_BELOW) -> Verdict:
-    """The rule from the prefill alone: "refuse" (no cited fact backs an answer: `backing`),
-    "answer" (the most-cited fact is, and its value stands out by `min_support`; or refusal is off:
-    `min_support` <= 0), or "if_unnamed": refuse unless the answer names the backing fact's value
+def verdict(question: str, citations, min_support: float = REFUSE_BELOW, lacking: float | None = None) -> Verdict:
+    """The rule from the prefill alone: "refuse" (no cited fact backs an answer: `backing`; or a fact the KB
+    lacks about the same entity draws the question `lacking` >= LACKING_RATIO times more than the backing one:
+    probes.py), "answer" (the most-cited fact backs it and its value stands out by `min_support`; or refusal
+    is off: `min_support` <= 0), or "if_unnamed": refuse unless the answer names the backing fact's value
     (`must_name`): its support is low, or a neighbour entity's fact was cited before it."""
     if min_support <= 0:
         return "answer"
     at = backing(question, citations)
-    if at is None:
+    if at is None or (lacking is not None and lacking >= LACKING_RATIO):
         return "refuse"
     if at > 0:
         return "if_unnamed"
@@ -106,11 +108,12 @@ def must_name(question: str, citations) -> str | None:
     return None if at is None else citations[at][0].tail
 
 
-def refuses(question: str, citations, min_support: float = REFUSE_BELOW, answer: str | None = None) -> bool:
+def refuses(question: str, citations, min_support: float = REFUSE_BELOW, answer: str | None = None,
+            lacking: float | None = None) -> bool:
     """The refusal rule (`verdict`), given the answer's text; `answer=None` reads the prefill alone (a low
     support, or a backing fact cited after a neighbour's, is then refused). Without a question the head
-    check is skipped; `min_support` <= 0: never."""
-    v = verdict(question, citations, min_support)
+    check is skipped; `min_support` <= 0: never. `lacking`: the lacking-key ratio (probes.Lacking.ratio)."""
+    v = verdict(question, citations, min_support, lacking)
     if v != "if_unnamed":
         return v == "refuse"
     return answer is None or not names_value(answer, must_name(question, citations))

@@ -175,6 +175,8 @@ def atlaskv_field(reply: Reply) -> dict:
     return {"citations": [{"head": t.head, "relation": t.relation, "tail": t.tail, "weight": round(w, 4)}
                           for t, w in ans.citations],
             "refused": ans.refused, "support": round(support, 3) if support != float("inf") else None,
+            # why a refusal: the fact asked for that the KB lacks ([entity, relation]), when that is the reason
+            "missing": list(ans.missing) if ans.refused and ans.missing else None,
             "kb_attention_mass": round(ans.kb_attention_mass, 4), "kb_size": ans.kb_size,
             "kb_version": reply.kb_version}
 

@@ -137,6 +137,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
             log(f"stopping after {cfg.max_minutes} minutes at step {step + 1} (resume with --resume)")
             break
     log_f.close()
+    adapter.trained_relations = adapter.trained_relations | {r.triple.relation for r in data.records}
     adapter.save_pretrained(out)
     plot_log(out / "train_log.jsonl", out / "loss_curve.png")
     return out

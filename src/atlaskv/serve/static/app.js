@@ -156,6 +156,7 @@ function showCitations(answer, info) {
   const support = info.support === null ? "∞" : info.support.toFixed(1) + "×";
   const meta = el("p", { class: "meta" },
     el("span", { class: info.refused ? "badge refused" : "badge answered" }, info.refused ? "refused" : "answered"),
+    (info.missing ? ` the KB holds no “${info.missing[1]}” fact about ${info.missing[0]} ·` : "") +
     ` support ${support} · KB attention ${percent(info.kb_attention_mass)} · KB version ${info.kb_version}` +
     ` · ${info.kb_size.toLocaleString("en")} facts`);
   meta.title = "support: the weight of the cited facts naming the most-cited value over the heaviest one " +
