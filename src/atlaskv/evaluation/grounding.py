@@ -245,14 +245,16 @@ class GroundingRun:
 
     def lacking(self, kb_in: KBInputs, questions: list[str], signals: list[dict] | None) -> list[float | None]:
         """Per question, the lacking-key ratio the refusal rule reads (probes.py); with saved answers, also
-        the signal over every relation, those the adapter never saw included, into their signals."""
+        the signal over every relation, those the adapter never saw included, with no template filter, into
+        their signals."""
         out = []
         for i, q in enumerate(questions):
             lk = lacking_fact(self.akv.adapter, self.encoder, kb_in, q, i) \
                 if self.refuse_below is not None or signals is not None else None
             out.append(None if lk is None else lk.ratio)
             if signals is not None and signals[i] is not None:
-                every = lacking_fact(self.akv.adapter, self.encoder, kb_in, q, i, trained_only=False)
+                every = lacking_fact(self.akv.adapter, self.encoder, kb_in, q, i, trained_only=False,
+                                     nearer_only=False)
                 signals[i].update({name: None if x is None else {"relation": x.relation, "ratio": x.ratio,
                                                                  "top": [list(t) for t in x.top]}
                                    for name, x in (("lacking", lk), ("lacking_every_relation", every))})

@@ -71,12 +71,15 @@ def absent_key_weights(adapter, kb_in, keys: torch.Tensor, sample: int = 0,
 
 def lacking_fact(adapter, encoder, kb_in, question: str, sample: int = 0,
                  limit: int | None = LACKING_KEYS, trained_only: bool = True,
-                 last_tokens: int | None = None) -> Lacking | None:
+                 last_tokens: int | None = None, nearer_only: bool = True) -> Lacking | None:
     """How much more a fact the KB lacks about the answer's entity draws the question than the fact backing the
     answer; None when nothing backs one (or the view knows no key templates). `limit`: score only the lacking
     relations whose templates ("the gender of it") are nearest the question (None: all). Reads the KBView the
     call was given (kb_in.view: its key templates, triples and key embeddings). `trained_only=False` compares
     every relation, also those the adapter never saw (measured, not shipped: _trained_templates).
+    `nearer_only`: only relations whose template is nearer the question than the backing fact's ("the gender
+    of it" against "the nationality of it" for "Is X male or female?"); when none is, nothing is encoded, which
+    is the common case of an answerable question (False: every lacking relation, up to `limit`).
     `last_tokens`: score the prompt's last tokens only (a chat's last question: the earlier turns' words, "the
     place of death of Elvis Presley", would draw the entity's lacking "place of death" key)."""
     view = kb_in.view
@@ -98,10 +101,17 @@ def lacking_fact(adapter, encoder, kb_in, question: str, sample: int = 0,
         rels = [r for r in rels if templates[r] in known] if templates.get(fact.relation) in known else []
     if not rels:
         return Lacking(None, 0.0, tuple(fact))
-    if limit is not None and len(rels) > limit:
+    if nearer_only or (limit is not None and len(rels) > limit):
         q = _question_vector(encoder, kb_in, question, sample)
         shapes = embed(encoder, [templates[r].replace(ENTITY, "it") for r in rels])
-        rels = [rels[i] for i in np.argsort(-(shapes @ q), kind="stable")[:limit]]
+        near = shapes @ q
+        order = np.argsort(-near, kind="stable")
+        if nearer_only and fact.relation in templates:
+            floor = float(embed(encoder, [templates[fact.relation].replace(ENTITY, "it")])[0] @ q)
+            order = [i for i in order if near[i] > floor]
+        rels = [rels[i] for i in order[:limit]]
+        if not rels:
+            return Lacking(None, 0.0, tuple(fact))
     keys = np.concatenate([view.keys.take(np.array([rows[at]], np.int64)),
                            embed(encoder, [templates[r].replace(ENTITY, fact.head) for r in rels])])
     device = next(adapter.parameters()).device
