@@ -14,7 +14,6 @@ and reads the adapter's weights; not the LLM.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections import defaultdict
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from refusal_rules import load, shipped_v5, value_logprob  # noqa: E402
+from refusal_rules import arguments, load, shipped_v5, value_logprob  # noqa: E402
 
 from atlaskv.kb.encoder import load_encoder  # noqa: E402
 from atlaskv.kb.records import ENTITY, RelationNouns  # noqa: E402
@@ -102,12 +101,7 @@ def scores(rows: list[dict], counts, tau, m) -> tuple[float, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--calibrate", nargs="+", required=True)
-    ap.add_argument("--score", nargs="+", required=True)
-    ap.add_argument("--max-false", type=float, default=0.03)
-    ap.add_argument("--json")
-    args = ap.parse_args()
+    args = arguments(__doc__.split("\n")[0])
     encoder, adapter = load_encoder(), KBAdapter.from_pretrained(default_adapter_dir())
     cal, other = load(args.calibrate), load(args.score)
     features(cal + other, encoder, adapter)

@@ -165,13 +165,19 @@ def calibrate(rows: list[dict], rule, signal, max_false: float) -> float | None:
     return best
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--calibrate", nargs="+", required=True)
-    ap.add_argument("--score", nargs="+", required=True)
-    ap.add_argument("--max-false", type=float, default=0.03)
+def arguments(description: str) -> argparse.Namespace:
+    """The command line of the scripts that calibrate on saved answers and score others (also
+    lacking_filters.py)."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--calibrate", nargs="+", required=True, help="saved answers of the dev sets")
+    ap.add_argument("--score", nargs="+", required=True, help="saved answers to score")
+    ap.add_argument("--max-false", type=float, default=0.03, help="answerable questions a dev set may refuse")
     ap.add_argument("--json")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = arguments(__doc__.split("\n")[0])
     cal = load(args.calibrate)
     thresholds = {name: calibrate(cal, rule, sig, args.max_false) for name, (rule, sig) in RULES.items()}
     groups = defaultdict(list)

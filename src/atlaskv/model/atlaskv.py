@@ -88,8 +88,9 @@ class Answer:
 
     def or_refusal(self, min_support: float = REFUSE_BELOW) -> "Answer":
         """This answer, or REFUSAL (citations kept) when the most-cited fact does not back it: it is about an
-        entity the question does not name, or its value does not stand out and the answer does not name it
-        (`refuses`; calibration in defaults.py)."""
+        entity the question does not name, or its value does not stand out and the answer does not name it,
+        or a fact the KB lacks about that entity reads more like the question (`lacking`; `refuses`;
+        calibration in defaults.py)."""
         ratio = self.lacking.ratio if self.lacking is not None else None
         if not refuses(self.question, self.citations, min_support, answer=self.text, lacking=ratio):
             return self
