@@ -169,3 +169,71 @@ def test_last_tokens_counts_only_the_prompts_end():
     torch.testing.assert_close(absent_key_weights(adapter, kb, keys, last_tokens=4),
                                absent_key_weights(adapter, kb, keys, 0, mask))
     torch.testing.assert_close(absent_key_weights(adapter, kb, keys, last_tokens=T), absent_key_weights(adapter, kb, keys))
+
+
+def test_which_facts_go_together_travels_with_the_adapter(tmp_path):
+    from atlaskv.model.adapter import AdapterError, KBAdapter, count_relation_pairs
+
+    facts = [Triple("Linda Ronstadt", "gender", "Female"), Triple("Linda Ronstadt", "place of birth", "Tucson"),
+             Triple("Elvis Presley", "gender", "Male"), Triple("Heat", "release medium", "DVD")]
+    pairs = count_relation_pairs(facts)
+    assert pairs[("gender", "gender")] == 2 and pairs[("gender", "place of birth")] == 1
+    assert pairs[("place of birth", "gender")] == 1 and pairs[("gender", "release medium")] == 0
+    adapter = random_adapter(tiny_model("llama"))
+    adapter.relation_pairs = pairs
+    adapter.save_pretrained(tmp_path / "a")
+    assert KBAdapter.from_pretrained(tmp_path / "a").relation_pairs == pairs
+    (tmp_path / "a" / "relation_pairs.tsv").write_text("gender\tgender\t2\ngender\tplace of birth\n", "utf-8")
+    with pytest.raises(AdapterError, match=r"relation_pairs.tsv:2: expected"):
+        KBAdapter.from_pretrained(tmp_path / "a")
+    (tmp_path / "a" / "relation_pairs.tsv").unlink()  # adapters saved before it: no kinds, every relation compared
+    assert not KBAdapter.from_pretrained(tmp_path / "a").relation_pairs
+
+
+def test_a_kind_of_fact_is_compared_where_the_training_heads_held_it_together():
+    from atlaskv.defaults import LACKING_KIND_SHARE
+    from atlaskv.model.adapter import count_relation_pairs
+    from atlaskv.model.probes import _kinds
+
+    adapter = random_adapter(tiny_model("llama"))
+    assert _kinds(adapter) is None  # nothing recorded: nothing filtered
+    people = [Triple(f"p{i}", r, "x") for i in range(200) for r in ("gender", "place of birth")]
+    rare = [Triple("p0", "regular TV show", "x")]  # one head in 200 holding both: under the share
+    films = [Triple(f"f{i}", r, "x") for i in range(10) for r in ("release medium", "regular TV show")]
+    adapter.relation_pairs = count_relation_pairs(people + rare + films)
+    kinds = _kinds(adapter)
+    assert 1 / 200 < LACKING_KIND_SHARE
+    assert kinds["the place of birth of {entity}"] == {"the place of birth of {entity}", "the gender of {entity}"}
+    assert "the place of birth of {entity}" in kinds["the regular TV show of {entity}"]  # 1 of its 11 heads
+
+
+def test_the_shipped_adapter_knows_which_facts_go_together(trained_model):
+    """From the FB15k-237 training facts: a person's place of birth goes with a gender, not with a country of
+    origin (a TV show's); a film's release medium not with a regular TV show (an actor's)."""
+    from atlaskv.model.probes import _kinds
+
+    kinds = _kinds(trained_model.adapter)
+    birth, medium = kinds["the place of birth of {entity}"], kinds["the release medium of {entity}"]
+    assert "the gender of {entity}" in birth and "the country of origin of {entity}" not in birth
+    assert "the country of origin of {entity}" in medium and "the regular TV show of {entity}" not in medium
+
+
+def test_the_demo_kb_never_asks_a_person_for_a_country_of_origin(trained_model, demo_kb):
+    """Elvis Presley's facts in the demo KB (gender, place of birth, ...) are a person's; "country of origin" is
+    in the KB (its films' and TV shows'), but no fact of his kinds goes with it in the adapter's training facts,
+    so the check never compares it for him ("Where is Elvis Presley originally from?"); it did in v6."""
+    from collections import Counter
+
+    from atlaskv.model.probes import compared_relations
+
+    templates = demo_kb.view().key_templates()
+    held = {t.relation for t in demo_kb.triples() if t.head == "Elvis Presley"}
+    assert "country of origin" in templates and "place of birth" in held
+    rels = compared_relations(trained_model.adapter, templates, held, "place of birth")
+    assert "religion" in rels and "place of residence" in rels
+    assert "country of origin" not in rels
+    pairs, trained_model.adapter.relation_pairs = trained_model.adapter.relation_pairs, Counter()
+    try:  # an adapter without relation_pairs.tsv: every trained relation, as in v6
+        assert "country of origin" in compared_relations(trained_model.adapter, templates, held, "place of birth")
+    finally:
+        trained_model.adapter.relation_pairs = pairs

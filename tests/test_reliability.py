@@ -208,7 +208,7 @@ def test_kb_and_adapter_files_are_json_parquet_npy_safetensors_only(kb_path):
     for p in kb_path.rglob("*.npy"):
         assert np.load(p, allow_pickle=False).dtype != object
     adapter = REPO / "src" / "atlaskv" / "adapters" / "default"
-    assert {p.suffix for p in adapter.iterdir()} <= {".json", ".safetensors", ".md", ".png", ".jsonl", ".txt"}
+    assert {p.suffix for p in adapter.iterdir()} <= {".json", ".safetensors", ".md", ".png", ".jsonl", ".txt", ".tsv"}
 
 
 # ---------------------------------------------------------------------------------------------- adapters

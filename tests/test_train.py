@@ -111,6 +111,11 @@ def test_resume_continues_the_same_run(tmp_path, small_data, monkeypatch):
     log = [json.loads(l) for l in open(tmp_path / "split" / "train_log.jsonl")]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
     assert (tmp_path / "full" / "loss_curve.png").stat().st_size > 0
+    from atlaskv.model.adapter import read_relation_pairs
+
+    pairs = read_relation_pairs(tmp_path / "full" / "relation_pairs.tsv")  # which kinds of fact share a head
+    assert pairs and all(n <= pairs[(r, r)] for (r, s), n in pairs.items())
+    assert read_relation_pairs(tmp_path / "split" / "relation_pairs.tsv") == pairs  # resumed: counted once
     with pytest.raises(FileExistsError, match="--resume"):
         train(TrainConfig(out=str(tmp_path / "full"), steps=6, **kw), log=lambda m: None)
 
@@ -136,6 +141,10 @@ def test_init_adapter_fine_tunes_from_its_weights_and_layout(tmp_path, small_dat
     assert cfg["training"]["init_from"]["path"] == str(first)
     assert cfg["training"]["init_from"]["config"]["steps"] == 2
     assert cfg["training"]["config"]["init_adapter"] == str(first)
+    from atlaskv.model.adapter import read_relation_pairs
+
+    pairs = read_relation_pairs(first / "relation_pairs.tsv")  # a fine-tune adds its facts' counts to the start's
+    assert read_relation_pairs(tuned / "relation_pairs.tsv") == {k: 2 * n for k, n in pairs.items()}
     # and it moves from there when trained
     moved = train(TrainConfig(out=str(tmp_path / "moved"), steps=2, init_adapter=str(first), **kw), log=lambda m: None)
     c = load_file(moved / "adapter.safetensors")

@@ -15,8 +15,14 @@ REFUSAL = "I don't know."
 REFUSE_BELOW = 5.88
 # ... and when a fact the KB lacks about the answer's entity ("the gender of X" when only X's nationality is
 # stored) would draw this many times the attention of the fact backing the answer (model/probes.py). Calibrated
-# the same way, on the same dev sets (benchmarks/results/refusal_v6/rules.json).
-LACKING_RATIO = 4.36
+# the same way, on the same dev sets (benchmarks/results/refusal_v7/rules.json; 4.36 in v6, before the kinds of
+# fact below kept a film from being asked for its regular TV show).
+LACKING_RATIO = 1.45
+# ... and only relations that at least this share of the adapter's training heads holding one of the entity's
+# relations also hold (relation_pairs.tsv in the adapter folder): which kinds of fact go together. A round
+# number set before measuring; 0.005-0.05 give the same within a question or two, 0.1 lets the dev
+# calibration fall to 0.80 (benchmarks/lacking_kinds.py; docs/results.md, refusal v7).
+LACKING_KIND_SHARE = 0.01
 # Value decoding trusts an answer whose top fact's value stands out by this much (and whose head the question
 # names): it must name a value and may not open with the model's own "I don't know." (model/decoding.py). The
 # prefill-only refusal rule's calibration (benchmarks/results/refusal_v3/rules.json), which the guards were

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,6 +38,10 @@ WEIGHTS_NAME = "adapter.safetensors"
 # the relations of the facts the adapter was trained on, one per line (optional): the kinds of fact it learned
 # to tell apart, which the refusal rule's lacking-key check compares (model/probes.py)
 RELATIONS_NAME = "trained_relations.txt"
+# how often two relations share a head in the training facts (optional; "relation<TAB>other<TAB>heads", the
+# pair (r, r) counting the heads that hold r): which kinds of fact an entity may hold together, so the
+# lacking-key check does not ask a film for the TV show it appears in (model/probes.py)
+PAIRS_NAME = "relation_pairs.tsv"
 FORMAT_VERSION = 1
 MAX_CONFIG_BYTES = 1 << 20
 MAX_PARAMS = 2_000_000_000  # anything larger is not an adapter we wrote
@@ -173,6 +179,7 @@ class KBAdapter(nn.Module):
         super().__init__()
         self.config = c = config
         self.trained_relations: frozenset[str] = frozenset()  # RELATIONS_NAME; empty: not recorded
+        self.relation_pairs: Counter[tuple[str, str]] = Counter()  # PAIRS_NAME; empty: not recorded
         self.key_proj = nn.Linear(c.encoder_dim, c.out_dim)
         self.value_proj = nn.Linear(c.encoder_dim, c.out_dim)
         self.kb_query = nn.ModuleDict({str(l): nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.q_bias)
@@ -305,6 +312,8 @@ class KBAdapter(nn.Module):
             tmp_r = path / f".{RELATIONS_NAME}.tmp"
             tmp_r.write_text("".join(r + "\n" for r in sorted(self.trained_relations)), encoding="utf-8")
             tmp_r.replace(path / RELATIONS_NAME)
+        if self.relation_pairs:
+            write_relation_pairs(path / PAIRS_NAME, self.relation_pairs)
         return path
 
     @classmethod
@@ -357,4 +366,35 @@ class KBAdapter(nn.Module):
         rel_file = path / RELATIONS_NAME
         if rel_file.is_file() and rel_file.stat().st_size < MAX_CONFIG_BYTES * 16:
             adapter.trained_relations = frozenset(rel_file.read_text("utf-8").splitlines()) - {""}
+        if (path / PAIRS_NAME).is_file():
+            adapter.relation_pairs = read_relation_pairs(path / PAIRS_NAME)
         return adapter.to(device)
+
+
+def count_relation_pairs(triples: Iterable) -> Counter[tuple[str, str]]:
+    """(r, s) -> how many heads hold both a fact of relation r and one of s; (r, r): the heads holding r."""
+    held: dict[str, set[str]] = {}
+    for t in triples:
+        held.setdefault(t.head, set()).add(t.relation)
+    out: Counter[tuple[str, str]] = Counter()
+    for rels in held.values():
+        out.update((r, s) for r in rels for s in rels)
+    return out
+
+
+def write_relation_pairs(path: Path, pairs: Counter[tuple[str, str]]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(f"{r}\t{s}\t{n}\n" for (r, s), n in sorted(pairs.items()) if n > 0), encoding="utf-8")
+    tmp.replace(path)
+
+
+def read_relation_pairs(path: Path) -> Counter[tuple[str, str]]:
+    if path.stat().st_size > MAX_CONFIG_BYTES * 16:
+        raise AdapterError(f"{path}: {path.stat().st_size:,} bytes is not a relation-pair table")
+    out: Counter[tuple[str, str]] = Counter()
+    for i, line in enumerate(path.read_text("utf-8").splitlines(), 1):
+        parts = line.split("\t")
+        if len(parts) != 3 or not parts[2].isdigit():
+            raise AdapterError(f"{path}:{i}: expected 'relation<TAB>other<TAB>heads', got {line[:80]!r}")
+        out[(parts[0], parts[1])] = int(parts[2])
+    return out

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from atlaskv.defaults import TOP_CITATIONS
+from atlaskv.defaults import LACKING_KIND_SHARE, TOP_CITATIONS
 from atlaskv.kb.records import ENTITY, RelationNouns
 from atlaskv.model.refusal import backing
 
@@ -95,10 +95,7 @@ def lacking_fact(adapter, encoder, kb_in, question: str, sample: int = 0,
         return None
     fact = scanned[at]
     held = {t.relation for t in scanned if t.head == fact.head}
-    rels = [r for r in templates if r not in held]
-    known = _trained_templates(adapter) if trained_only else None
-    if known is not None:  # compare only kinds of fact the adapter learned to tell apart
-        rels = [r for r in rels if templates[r] in known] if templates.get(fact.relation) in known else []
+    rels = compared_relations(adapter, templates, held, fact.relation, trained_only)
     if not rels:
         return Lacking(None, 0.0, tuple(fact))
     if nearer_only or (limit is not None and len(rels) > limit):
@@ -122,6 +119,26 @@ def lacking_fact(adapter, encoder, kb_in, question: str, sample: int = 0,
                    tuple((rels[i], round(ratios[i], 4)) for i in order[:5]))
 
 
+def compared_relations(adapter, templates: dict[str, str], held: set[str], backing_relation: str,
+                       trained_only: bool = True) -> list[str]:
+    """The relations whose lacking keys are compared for an entity holding the `held` relations (among them the
+    backing fact's): those the KB knows (`templates`: relation -> key template) and the entity lacks; with
+    `trained_only`, only kinds of fact the adapter learned to tell apart (none when the backing fact is of a
+    kind it never saw), and that an entity holding these facts may hold at all (_kinds)."""
+    rels = [r for r in templates if r not in held]
+    known = _trained_templates(adapter) if trained_only else None
+    if known is None:
+        return rels
+    if templates.get(backing_relation) not in known:
+        return []
+    rels = [r for r in rels if templates[r] in known]
+    kinds = _kinds(adapter)
+    if kinds is not None:
+        mine = [kinds.get(templates[r], frozenset()) for r in held if r in templates]
+        rels = [r for r in rels if any(templates[r] in k for k in mine)]
+    return rels
+
+
 def _trained_templates(adapter) -> frozenset[str] | None:
     """The key templates of the relations the adapter was trained on (None: not recorded, every relation
     counts). On relation names it never saw (Wikidata's "component", "location of formation") its attention
@@ -135,6 +152,28 @@ def _trained_templates(adapter) -> frozenset[str] | None:
         nouns = RelationNouns()
         cached = (rels, frozenset(nouns.template(r, "tail") for r in rels))
         adapter._trained_templates = cached
+    return cached[1]
+
+
+def _kinds(adapter) -> dict[str, frozenset[str]] | None:
+    """key template -> the templates of the relations that at least LACKING_KIND_SHARE of the training heads
+    holding it also hold (None: the adapter recorded no relation pairs). A film holds a release medium, never a
+    "regular TV show"; a person has a place of birth, not a "country of origin": without this the check refused
+    such answers whenever the near-synonym drew the question ("How was The Delta Force made available to
+    viewers?" -> DVD, refused for the lacking regular TV show; docs/results.md, refusal v7)."""
+    pairs = getattr(adapter, "relation_pairs", None)
+    if not pairs:
+        return None
+    cached = getattr(adapter, "_kinds_cache", None)
+    if cached is None or cached[0] is not pairs:
+        nouns = RelationNouns()
+        tpl = {r: nouns.template(r, "tail") for pair in pairs for r in pair}
+        kinds: dict[str, set[str]] = {}
+        for (r, s), n in pairs.items():
+            if n >= LACKING_KIND_SHARE * pairs.get((r, r), 0) and n > 0:
+                kinds.setdefault(tpl[r], set()).add(tpl[s])
+        cached = (pairs, {k: frozenset(v) for k, v in kinds.items()})
+        adapter._kinds_cache = cached
     return cached[1]
 
 

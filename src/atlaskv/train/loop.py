@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from atlaskv.kb.encoder import load_encoder
 from atlaskv.kb.records import answer_for
-from atlaskv.model.adapter import KBAdapter
+from atlaskv.model.adapter import KBAdapter, count_relation_pairs
 from atlaskv.model.attention import attach
 from atlaskv.model.kb_inputs import KBInputs
 from atlaskv.train.data import TrainConfig, TrainData, encode_batch, make_batch, prepare_data
@@ -138,6 +138,9 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
             break
     log_f.close()
     adapter.trained_relations = adapter.trained_relations | {r.triple.relation for r in data.records}
+    # a fine-tune adds its facts to the starting adapter's counts (checkpoints are saved before this line, so a
+    # resumed run counts its facts once)
+    adapter.relation_pairs = adapter.relation_pairs + count_relation_pairs({r.triple for r in data.records})
     adapter.save_pretrained(out)
     plot_log(out / "train_log.jsonl", out / "loss_curve.png")
     return out
