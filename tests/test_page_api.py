@@ -69,7 +69,7 @@ def test_overview(client):
     assert r.status_code == 200
     kb = r.json()
     assert kb["triples"] == 6 and kb["version"] == 1 and kb["encoder"] == "test-hash-16" and kb["dim"] == 16
-    assert kb["model"] == "atlaskv-stub" and kb["refuse_below"] > 0 and "path" not in kb
+    assert kb["model"] == "atlaskv-stub" and kb["refuse_below"] > 0 and kb["lacking_ratio"] > 0 and "path" not in kb
     assert kb["relations"] == [{"relation": "country", "count": 3}, {"relation": "gender", "count": 1},
                                {"relation": "genre", "count": 1}, {"relation": "mayor", "count": 1}]
 

@@ -85,6 +85,9 @@ def test_the_rule_refuses_when_a_lacking_fact_reads_better():
     assert verdict(q, cited, lacking=40.0) == "refuse"
     assert refuses(q, cited, answer="The United States of America.", lacking=40.0)
     assert verdict(q, cited, min_support=0, lacking=40.0) == "answer"  # refusal off
+    assert verdict(q, cited, lacking=40.0, lacking_ratio=50.0) == "answer"  # a user's own threshold
+    assert verdict(q, cited, lacking=40.0, lacking_ratio=0) == "answer"  # the lacking check off
+    assert refuses(q, cited, answer="The United States of America.", lacking=3.0, lacking_ratio=2.0)
 
 
 def test_an_arrays_view_keys_its_relations_as_kg2kv_does():
@@ -119,6 +122,13 @@ def test_a_question_about_a_fact_the_kb_lacks_is_refused(trained_model, demo_kb)
     seq = BatchDecoder(trained_model).start("What is the place of birth of John F. Kennedy?", demo_kb,
                                             refuse_below=REFUSE_BELOW)
     assert seq.done and seq.answer.refused and seq.generated == []
+    # with the lacking check off (ask / chat / serve --lacking-ratio 0) the answer names his place of death,
+    # which the support rule lets through: the value is the backing fact's and the answer names it
+    kept = ans.or_refusal(REFUSE_BELOW, lacking_ratio=0)
+    assert not kept.refused and "Dallas" in kept.text and kept.missing is None
+    seq = BatchDecoder(trained_model).start("What is the place of birth of John F. Kennedy?", demo_kb,
+                                            refuse_below=REFUSE_BELOW, lacking_ratio=0)
+    assert not seq.done and seq.answer.missing is None
 
 
 @pytest.mark.slow

@@ -10,12 +10,15 @@ from typing import Optional
 import typer
 
 from atlaskv.cli.common import ROUTE_HELP, SHORTLIST_HELP, TOP_K_HELP, fail, print_info, prune_options, run
-from atlaskv.defaults import MAX_BATCH, MAX_NEW_TOKENS, PRUNE_ROUTE, PRUNE_SHORTLIST, PRUNE_TOP_K_TEXT, REFUSE_BELOW
+from atlaskv.defaults import LACKING_RATIO, MAX_BATCH, MAX_NEW_TOKENS, PRUNE_ROUTE, PRUNE_SHORTLIST, PRUNE_TOP_K_TEXT, REFUSE_BELOW
 
 REFUSE_HELP = ("Answer \"I don't know.\" when the question does not name the most-cited fact's entity, or the "
                "facts naming the most-cited value weigh under this many times the heaviest fact naming another "
                "value and the answer does not name it (0: never; calibrated in "
                "benchmarks/results/answer_targets/refusal_rules.json).")
+LACKING_HELP = ("... or when a fact the KB lacks about the answer's entity draws the question this many times the "
+                "attention of the fact backing the answer (0: never; calibrated in "
+                "benchmarks/results/refusal_v7/rules.json).")
 
 
 def ask_cmd(question: str = typer.Argument(..., help="The question."),
@@ -23,6 +26,7 @@ def ask_cmd(question: str = typer.Argument(..., help="The question."),
             adapter: Optional[Path] = typer.Option(None, help="Adapter folder (default: the shipped one)."),
             max_new_tokens: int = typer.Option(MAX_NEW_TOKENS),
             refuse_below: float = typer.Option(REFUSE_BELOW, help=REFUSE_HELP),
+            lacking_ratio: float = typer.Option(LACKING_RATIO, help=LACKING_HELP),
             no_prune: bool = typer.Option(False, "--no-prune", help="Flat KB attention over every entry "
                                                                   "(default: HiKVP when the KB has an index)."),
             top_k: str = typer.Option(PRUNE_TOP_K_TEXT, "--top-k", help=TOP_K_HELP),
@@ -39,7 +43,7 @@ def ask_cmd(question: str = typer.Argument(..., help="The question."),
     t0 = time.time()
     ans = run(lambda: akv.ask(question, kb, max_new_tokens=max_new_tokens, prune=False if no_prune else None,
                                prune_config=cfg))
-    ans = ans.or_refusal(refuse_below) if refuse_below > 0 else ans
+    ans = ans.or_refusal(refuse_below, lacking_ratio) if refuse_below > 0 else ans
     if json_out:
         typer.echo(json.dumps({"answer": ans.text, "citations": [
             {"head": t.head, "relation": t.relation, "tail": t.tail, "weight": round(w, 4)} for t, w in ans.citations],
@@ -99,7 +103,8 @@ def chat_cmd(kb_dir: Path = typer.Option(..., "--kb", help="KB directory."),
              adapter: Optional[Path] = typer.Option(None, help="Adapter folder (default: the shipped one)."),
              max_new_tokens: int = typer.Option(MAX_NEW_TOKENS),
              turns: int = typer.Option(3, help="Earlier question/answer turns kept as context."),
-             refuse_below: float = typer.Option(REFUSE_BELOW, help=REFUSE_HELP)):
+             refuse_below: float = typer.Option(REFUSE_BELOW, help=REFUSE_HELP),
+             lacking_ratio: float = typer.Option(LACKING_RATIO, help=LACKING_HELP)):
     """Multi-turn chat over a KB, with /add, /remove and /kb commands that change the KB live."""
     from rich.console import Console
 
@@ -125,7 +130,7 @@ def chat_cmd(kb_dir: Path = typer.Option(..., "--kb", help="KB directory."),
         messages.append({"role": "user", "content": line})
         try:
             ans = akv.ask(messages, kb, max_new_tokens=max_new_tokens)
-            ans = ans.or_refusal(refuse_below) if refuse_below > 0 else ans
+            ans = ans.or_refusal(refuse_below, lacking_ratio) if refuse_below > 0 else ans
         except Exception as e:
             typer.secho(f"error: {e}", fg=typer.colors.RED)
             messages.pop()
@@ -186,7 +191,8 @@ def serve_cmd(kb_dir: Path = typer.Option(..., "--kb", help="KB directory."),
               max_body_bytes: int = typer.Option(1 << 20, help="Largest request body (413 above)."),
               max_queue: int = typer.Option(64, help="Requests waiting (beyond the batch) before 503."),
               max_batch: int = typer.Option(MAX_BATCH, help="Answers decoded together (continuous batching)."),
-              refuse_below: float = typer.Option(REFUSE_BELOW, help=REFUSE_HELP)):
+              refuse_below: float = typer.Option(REFUSE_BELOW, help=REFUSE_HELP),
+              lacking_ratio: float = typer.Option(LACKING_RATIO, help=LACKING_HELP)):
     """OpenAI-compatible server: /v1/chat/completions (with citations), /v1/models, /v1/kb/triples, /v1/kb,
     /health, and the web page at /. With ATLASKV_API_KEY set, every request needs
     `Authorization: Bearer <key>` (the page asks for it)."""
@@ -195,7 +201,7 @@ def serve_cmd(kb_dir: Path = typer.Option(..., "--kb", help="KB directory."),
 
     _warn_if_open(host)
     app_ = _app(kb_dir, adapter, max_tokens=max_tokens, max_body_bytes=max_body_bytes, max_queue=max_queue,
-                max_batch=max_batch, refuse_below=refuse_below)
+                max_batch=max_batch, refuse_below=refuse_below, lacking_ratio=lacking_ratio)
     uvicorn.run(app_, host=host, port=port, log_level="info")
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -71,6 +71,7 @@ class Answer:
     refused: bool = False           # replaced by REFUSAL: no fact stood out (or_refusal)
     question: str = ""              # the (last user) question asked, for the refusal rule
     lacking: Lacking | None = None  # the fact the KB lacks about the answer's entity that draws the question most
+    lacking_ratio: float = LACKING_RATIO  # the refusal rule's threshold on lacking.ratio (or_refusal; 0: never)
 
     @property
     def support(self) -> float:
@@ -82,24 +83,27 @@ class Answer:
         """(entity, relation) of the fact the question asks for that the KB lacks, when that is why the rule
         refuses (probes.py): ("Linda Ronstadt", "gender") when only her nationality is stored."""
         lk = self.lacking
-        if lk is None or lk.relation is None or lk.fact is None or lk.ratio < LACKING_RATIO:
+        if lk is None or lk.relation is None or lk.fact is None or not 0 < self.lacking_ratio <= lk.ratio:
             return None
         return lk.fact[0], lk.relation
 
-    def or_refusal(self, min_support: float = REFUSE_BELOW) -> "Answer":
+    def or_refusal(self, min_support: float = REFUSE_BELOW, lacking_ratio: float | None = None) -> "Answer":
         """This answer, or REFUSAL (citations kept) when the most-cited fact does not back it: it is about an
         entity the question does not name, or its value does not stand out and the answer does not name it,
         or a fact the KB lacks about that entity reads more like the question (`lacking`; `refuses`;
-        calibration in defaults.py)."""
-        ratio = self.lacking.ratio if self.lacking is not None else None
-        if not refuses(self.question, self.citations, min_support, answer=self.text, lacking=ratio):
-            return self
-        return self.refusal()
+        calibration in defaults.py). `lacking_ratio`: that check's threshold (None: this answer's, by default
+        LACKING_RATIO; 0: the check is off)."""
+        ans = self if lacking_ratio is None else replace(self, lacking_ratio=lacking_ratio)
+        ratio = ans.lacking.ratio if ans.lacking is not None else None
+        if not refuses(ans.question, ans.citations, min_support, answer=ans.text, lacking=ratio,
+                       lacking_ratio=ans.lacking_ratio):
+            return ans
+        return ans.refusal()
 
     def refusal(self) -> "Answer":
         """REFUSAL in this answer's place, its citations kept."""
         return Answer(REFUSAL, self.citations, self.kb_size, self.kb_attention_mass, self.pruned, refused=True,
-                      question=self.question, lacking=self.lacking)
+                      question=self.question, lacking=self.lacking, lacking_ratio=self.lacking_ratio)
 
 
 class AtlasKV:

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from atlaskv.defaults import MAX_NEW_TOKENS, TOP_CITATIONS, VALUE_DECODING
+from atlaskv.defaults import LACKING_RATIO, MAX_NEW_TOKENS, TOP_CITATIONS, VALUE_DECODING
 from atlaskv.kb.store import KnowledgeBase
 from atlaskv.kb.view import KBView
 from atlaskv.model.kb_inputs import KBInputs, KBRows, merged, rows_from, use_kb
@@ -66,6 +66,7 @@ class Request:
     top_p: float = 1.0
     value_decoding: bool = VALUE_DECODING
     refuse_below: float = 0.0
+    lacking_ratio: float = LACKING_RATIO
     on_token: Callable[[int], None] | None = None
     max_prompt_tokens: int | None = None
 
@@ -153,8 +154,9 @@ class BatchDecoder:
             seq.answer = m.answer(r.question, r.kb, kb_in, "", self.top_citations)
             seq.cache = [(l.keys[b:b + 1], l.values[b:b + 1]) for l in cache.layers]
             out[slot] = seq
+            seq.answer.lacking_ratio = r.lacking_ratio
             lacking = seq.answer.lacking.ratio if seq.answer.lacking is not None else None
-            v = verdict(seq.answer.question, seq.answer.citations, r.refuse_below, lacking)
+            v = verdict(seq.answer.question, seq.answer.citations, r.refuse_below, lacking, r.lacking_ratio)
             if v == "refuse":
                 self._finish(seq, refuse=True)
             else:

@@ -86,16 +86,17 @@ def _relation_words(relation: str) -> set[str]:
 _RELATION_STOP = {"of", "the", "a", "an", "in", "on", "at", "by", "for", "to", "is", "has", "was", "s"}
 
 
-def verdict(question: str, citations, min_support: float = REFUSE_BELOW, lacking: float | None = None) -> Verdict:
+def verdict(question: str, citations, min_support: float = REFUSE_BELOW, lacking: float | None = None,
+            lacking_ratio: float = LACKING_RATIO) -> Verdict:
     """The rule from the prefill alone: "refuse" (no cited fact backs an answer: `backing`; or a fact the KB
-    lacks about the same entity draws the question `lacking` >= LACKING_RATIO times more than the backing one:
-    probes.py), "answer" (the most-cited fact backs it and its value stands out by `min_support`; or refusal
+    lacks about the same entity draws the question `lacking` >= `lacking_ratio` times more than the backing
+    one: probes.py; 0 or less: never), "answer" (the most-cited fact backs it and its value stands out by `min_support`; or refusal
     is off: `min_support` <= 0), or "if_unnamed": refuse unless the answer names the backing fact's value
     (`must_name`): its support is low, or a neighbour entity's fact was cited before it."""
     if min_support <= 0:
         return "answer"
     at = backing(question, citations)
-    if at is None or (lacking is not None and lacking >= LACKING_RATIO):
+    if at is None or (lacking is not None and 0 < lacking_ratio <= lacking):
         return "refuse"
     if at > 0:
         return "if_unnamed"
@@ -109,11 +110,11 @@ def must_name(question: str, citations) -> str | None:
 
 
 def refuses(question: str, citations, min_support: float = REFUSE_BELOW, answer: str | None = None,
-            lacking: float | None = None) -> bool:
+            lacking: float | None = None, lacking_ratio: float = LACKING_RATIO) -> bool:
     """The refusal rule (`verdict`), given the answer's text; `answer=None` reads the prefill alone (a low
     support, or a backing fact cited after a neighbour's, is then refused). Without a question the head
     check is skipped; `min_support` <= 0: never. `lacking`: the lacking-key ratio (probes.Lacking.ratio)."""
-    v = verdict(question, citations, min_support, lacking)
+    v = verdict(question, citations, min_support, lacking, lacking_ratio)
     if v != "if_unnamed":
         return v == "refuse"
     return answer is None or not names_value(answer, must_name(question, citations))

@@ -37,7 +37,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from atlaskv.defaults import MAX_BATCH, MAX_NEW_TOKENS, REFUSE_BELOW
+from atlaskv.defaults import LACKING_RATIO, MAX_BATCH, MAX_NEW_TOKENS, REFUSE_BELOW
 from atlaskv.kb.store import KnowledgeBase
 from atlaskv.serve.page import page_router
 from atlaskv.serve.schemas import ChatRequest, TriplesRequest
@@ -64,13 +64,15 @@ def error_response(status: int, message: str, type: str, code: str | None = None
 def create_app(model, kb: KnowledgeBase | str | Path, *, api_key: str | None = None, model_name: str | None = None,
                max_body_bytes: int = 1 << 20, max_messages: int = 64, max_tokens: int = 512,
                default_max_tokens: int = MAX_NEW_TOKENS, max_prompt_tokens: int = 2048, max_triples: int = 10_000,
-               max_queue: int = 64, max_batch: int = MAX_BATCH, refuse_below: float = REFUSE_BELOW) -> FastAPI:
+               max_queue: int = 64, max_batch: int = MAX_BATCH, refuse_below: float = REFUSE_BELOW,
+               lacking_ratio: float = LACKING_RATIO) -> FastAPI:
     """A FastAPI app serving `model` (an AtlasKV) over `kb`. api_key None reads $ATLASKV_API_KEY.
-    refuse_below: answer "I don't know." when no fact stands out (Answer.or_refusal; 0 = never)."""
+    refuse_below: answer "I don't know." when no fact stands out (Answer.or_refusal; 0 = never); lacking_ratio:
+    ... or when a fact the KB lacks about the answer's entity draws the question that many times more (0 = never)."""
     service = KBService(model, kb, model_name=model_name, max_messages=max_messages, max_tokens=max_tokens,
                         default_max_tokens=default_max_tokens, max_prompt_tokens=max_prompt_tokens,
                         max_triples=max_triples, max_queue=max_queue, max_batch=max_batch,
-                        refuse_below=refuse_below)
+                        refuse_below=refuse_below, lacking_ratio=lacking_ratio)
     return service_app(service, api_key=api_key, max_body_bytes=max_body_bytes)
 
 

@@ -19,6 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+from atlaskv.defaults import LACKING_RATIO
 from atlaskv.model.batching import BatchDecoder, Request, Running
 
 log = logging.getLogger(__name__)
@@ -92,11 +93,11 @@ class Scheduler:
 
     def __init__(self, model, snapshot: Callable[[], object], *, max_batch: int, max_queue: int,
                  refuse_below: float, max_prompt_tokens: int, prune_config, top_citations: int,
-                 quiet: threading.Event | None = None):
+                 quiet: threading.Event | None = None, lacking_ratio: float = LACKING_RATIO):
         self.model, self.snapshot = model, snapshot
         self.quiet = quiet  # when given: the model's layers run only while it is set (a KB write goes first)
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.refuse_below, self.max_prompt_tokens = refuse_below, max_prompt_tokens
+        self.refuse_below, self.lacking_ratio, self.max_prompt_tokens = refuse_below, lacking_ratio, max_prompt_tokens
         self.prune_config, self.top_citations = prune_config, top_citations
         self.waiting: deque[Ticket] = deque()
         self.running: dict[int, Ticket] = {}   # id(seq) -> its ticket
@@ -179,7 +180,8 @@ class Scheduler:
             g = t.gen
             requests.append(Request(t.messages, kb, max_new_tokens=g["max_new_tokens"],
                                     do_sample=g.get("do_sample", False), temperature=g.get("temperature", 1.0),
-                                    top_p=g.get("top_p", 1.0), refuse_below=self.refuse_below, on_token=on_token,
+                                    top_p=g.get("top_p", 1.0), refuse_below=self.refuse_below,
+                                    lacking_ratio=self.lacking_ratio, on_token=on_token,
                                     max_prompt_tokens=self.max_prompt_tokens))
         try:
             started = self.decoder.start_many(requests)

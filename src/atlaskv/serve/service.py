@@ -20,7 +20,7 @@ from typing import AsyncIterator, Literal, NamedTuple
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from atlaskv.defaults import MAX_BATCH, MAX_NEW_TOKENS, PRUNE_ROUTE, PRUNE_TOP_K, REFUSE_BELOW, TOP_CITATIONS
+from atlaskv.defaults import LACKING_RATIO, MAX_BATCH, MAX_NEW_TOKENS, PRUNE_ROUTE, PRUNE_TOP_K, REFUSE_BELOW, TOP_CITATIONS
 from atlaskv.kb.store import KBError, KnowledgeBase, UpdateResult
 from atlaskv.model.batching import PromptTooLong
 from atlaskv.serve.scheduler import QueueFull, Scheduler, Ticket
@@ -145,14 +145,15 @@ class StreamRun:
 class KBService:
     """`model` (an AtlasKV) answering over `kb`: at most `max_batch` answers decoded together, at most
     `max_queue` chat requests and as many KB writes waiting (more: ServiceError queue_full).
-    refuse_below: answer "I don't know." when no fact stands out (Answer.or_refusal; 0 = never).
+    refuse_below: answer "I don't know." when no fact stands out (Answer.or_refusal; 0 = never);
+    lacking_ratio: ... or when a fact the KB lacks draws the question that many times more (0 = never).
     top_k, route: HiKVP search when the KB has an index; top_citations: cited facts per answer."""
 
     def __init__(self, model, kb: KnowledgeBase | str | Path, *, model_name: str | None = None,
                  max_messages: int = 64, max_tokens: int = 512, default_max_tokens: int = MAX_NEW_TOKENS,
                  max_prompt_tokens: int = 2048, max_triples: int = 10_000, max_queue: int = 64,
                  max_batch: int = MAX_BATCH, refuse_below: float = REFUSE_BELOW,
-                 top_k: tuple[int, int, int] = PRUNE_TOP_K, route: str = PRUNE_ROUTE,
+                 lacking_ratio: float = LACKING_RATIO, top_k: tuple[int, int, int] = PRUNE_TOP_K, route: str = PRUNE_ROUTE,
                  top_citations: int = TOP_CITATIONS):
         from atlaskv.model.pruning import PruneConfig
 
@@ -164,12 +165,13 @@ class KBService:
         self.created = int(time.time())  # the model's "created" in /v1/models
         self.max_messages, self.max_tokens, self.default_max_tokens = max_messages, max_tokens, default_max_tokens
         self.max_prompt_tokens, self.max_triples, self.refuse_below = max_prompt_tokens, max_triples, refuse_below
+        self.lacking_ratio = lacking_ratio
         quiet = threading.Event()  # set unless a KB write is being applied: writes go first (writer.py)
         quiet.set()
         self.scheduler = Scheduler(model, self.live.current, max_batch=max_batch, max_queue=max_queue,
                                    refuse_below=refuse_below, max_prompt_tokens=max_prompt_tokens,
                                    prune_config=PruneConfig(top_k=top_k, route=route), top_citations=top_citations,
-                                   quiet=quiet)
+                                   quiet=quiet, lacking_ratio=lacking_ratio)
         self.writer = KBWriter(self.live.current, self.live.publish, max_queue=max_queue, quiet=quiet)
         self.facts_lock = threading.Lock()
         self.facts_cache: tuple[tuple[str, int], pa.Table] | None = None  # (KB path, version) -> its facts
@@ -296,6 +298,7 @@ class KBService:
             return {"model": self.name, "version": kb.version, "triples": len(kb), "entries": info["entries"],
                     "encoder": kb.encoder_name, "dim": kb.dim, "directions": info["directions"],
                     "indexed": info["index"] is not None, "refuse_below": self.refuse_below,
+                    "lacking_ratio": self.lacking_ratio,
                     "relations": relations}
 
         return go()

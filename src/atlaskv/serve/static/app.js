@@ -183,7 +183,8 @@ function showKB(kb) {
   info.replaceChildren();
   const rows = [["facts", kb.triples.toLocaleString("en")], ["version", kb.version],
                 ["encoder", `${kb.encoder} (${kb.dim})`], ["attention", kb.indexed ? "HiKVP index" : "flat"],
-                ["refuses below", `${kb.refuse_below}× support`]];
+                ["refuses below", `${kb.refuse_below}× support`],
+                ["refuses a lacking fact at", `${kb.lacking_ratio}× its attention`]];
   for (const [k, v] of rows) info.append(el("dt", {}, k), el("dd", { id: "kb-" + k.replace(/ /g, "-") }, String(v)));
   $("relations-count").textContent = `(${kb.relations.length})`;
   $("relations").replaceChildren(...kb.relations.map(
