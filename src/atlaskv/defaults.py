@@ -20,7 +20,7 @@ REFUSE_BELOW = 5.88
 LACKING_RATIO = 1.45
 # ... and only relations that at least this share of the adapter's training heads holding one of the entity's
 # relations also hold (relation_pairs.tsv in the adapter folder): which kinds of fact go together. A round
-# number set before measuring; 0.005-0.05 give the same within a question or two, 0.1 lets the dev
+# number, not tuned; 0.005-0.05 give the same within a question or two, 0.1 lets the dev
 # calibration fall to 0.80 (benchmarks/lacking_kinds.py; docs/results.md, refusal v7).
 LACKING_KIND_SHARE = 0.01
 # Value decoding trusts an answer whose top fact's value stands out by this much (and whose head the question

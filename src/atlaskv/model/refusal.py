@@ -90,9 +90,10 @@ def verdict(question: str, citations, min_support: float = REFUSE_BELOW, lacking
             lacking_ratio: float = LACKING_RATIO) -> Verdict:
     """The rule from the prefill alone: "refuse" (no cited fact backs an answer: `backing`; or a fact the KB
     lacks about the same entity draws the question `lacking` >= `lacking_ratio` times more than the backing
-    one: probes.py; 0 or less: never), "answer" (the most-cited fact backs it and its value stands out by `min_support`; or refusal
-    is off: `min_support` <= 0), or "if_unnamed": refuse unless the answer names the backing fact's value
-    (`must_name`): its support is low, or a neighbour entity's fact was cited before it."""
+    one: probes.py; `lacking_ratio` 0: never), "answer" (the most-cited fact backs it and its value stands out
+    by `min_support`; or refusal is off: `min_support` <= 0), or "if_unnamed": refuse unless the answer names
+    the backing fact's value (`must_name`): its support is low, or a neighbour entity's fact was cited before
+    it."""
     if min_support <= 0:
         return "answer"
     at = backing(question, citations)
