@@ -144,15 +144,8 @@ def _trained_templates(adapter) -> frozenset[str] | None:
     counts). On relation names it never saw (Wikidata's "component", "location of formation") its attention
     ranks an entity's keys erratically: calibrated on FB15k-237's relations, the check refused 15 % of
     ParaRel's answerable questions (docs/results.md, refusal v6)."""
-    rels = getattr(adapter, "trained_relations", None)
-    if not rels:
-        return None
-    cached = getattr(adapter, "_trained_templates", None)
-    if cached is None or cached[0] is not rels:
-        nouns = RelationNouns()
-        cached = (rels, frozenset(nouns.template(r, "tail") for r in rels))
-        adapter._trained_templates = cached
-    return cached[1]
+    return _derived(adapter, "trained_relations",
+                    lambda rels: frozenset(RelationNouns().template(r, "tail") for r in rels))
 
 
 def _kinds(adapter) -> dict[str, frozenset[str]] | None:
@@ -161,20 +154,28 @@ def _kinds(adapter) -> dict[str, frozenset[str]] | None:
     "regular TV show"; a person has a place of birth, not a "country of origin": without this the check refused
     such answers whenever the near-synonym drew the question ("How was The Delta Force made available to
     viewers?" -> DVD, refused for the lacking regular TV show; docs/results.md, refusal v7)."""
-    pairs = getattr(adapter, "relation_pairs", None)
-    if not pairs:
-        return None
-    cached = getattr(adapter, "_kinds_cache", None)
-    if cached is None or cached[0] is not pairs:
+    def build(pairs) -> dict[str, frozenset[str]]:
         nouns = RelationNouns()
         tpl = {r: nouns.template(r, "tail") for pair in pairs for r in pair}
         kinds: dict[str, set[str]] = {}
         for (r, s), n in pairs.items():
             if n >= LACKING_KIND_SHARE * pairs.get((r, r), 0) and n > 0:
                 kinds.setdefault(tpl[r], set()).add(tpl[s])
-        cached = (pairs, {k: frozenset(v) for k, v in kinds.items()})
-        adapter._kinds_cache = cached
-    return cached[1]
+        return {k: frozenset(v) for k, v in kinds.items()}
+    return _derived(adapter, "relation_pairs", build)
+
+
+def _derived(adapter, name: str, build):
+    """build(adapter.<name>), kept on the adapter until that attribute is replaced; None when it is empty
+    (not recorded)."""
+    source = getattr(adapter, name, None)
+    if not source:
+        return None
+    cache = adapter.__dict__.setdefault("_probe_cache", {})
+    hit = cache.get(name)
+    if hit is None or hit[0] is not source:
+        hit = cache[name] = (source, build(source))
+    return hit[1]
 
 
 def _question_vector(encoder, kb_in, question: str, sample: int) -> np.ndarray:
