@@ -10,7 +10,8 @@ from typing import Optional
 import typer
 
 from atlaskv.cli.common import ROUTE_HELP, SHORTLIST_HELP, TOP_K_HELP, fail, print_info, prune_options, run
-from atlaskv.defaults import LACKING_RATIO, MAX_BATCH, MAX_NEW_TOKENS, PRUNE_ROUTE, PRUNE_SHORTLIST, PRUNE_TOP_K_TEXT, REFUSE_BELOW
+from atlaskv.defaults import (LACKING_RATIO, MAX_BATCH, MAX_NEW_TOKENS, PRUNE_ROUTE, PRUNE_SHORTLIST, PRUNE_TOP_K_TEXT,
+                              REFUSE_BELOW)
 
 REFUSE_HELP = ("Answer \"I don't know.\" when the question does not name the most-cited fact's entity, or the "
                "facts naming the most-cited value weigh under this many times the heaviest fact naming another "
