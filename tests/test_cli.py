@@ -95,6 +95,10 @@ def test_cli_reads_the_shared_defaults_without_torch():
             "from atlaskv.defaults import LACKING_RATIO, REFUSE_BELOW, PRUNE_TOP_K_TEXT; "
             "assert str(REFUSE_BELOW) in out and PRUNE_TOP_K_TEXT in out, out; "
             "assert '--lacking-ratio' in out and str(LACKING_RATIO) in out, out; "
+            "out = CliRunner().invoke(app, ['eval', 'grounding', '--help']).output; "
+            "assert '--lacking-ratio' in out and str(LACKING_RATIO) in out, out; "
+            "out = CliRunner().invoke(app, ['train', '--help']).output; "
+            "assert '--same-relation-negatives' in out, out; "
             "assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, env={**__import__("os").environ, "COLUMNS": "200"})
 

@@ -75,8 +75,10 @@ def test_shipped_adapter_grounds_real_questions(shared, encoder, tmp_path):
     akv = AtlasKV.from_pretrained()
     saved = tmp_path / "answers.jsonl"
     res = eval_grounding(shared / "eval" / "fb15k", [100], akv, encoder, n_questions=32, answer_questions=8,
-                         progress=False, save_answers=saved)
+                         progress=False, save_answers=saved, refuse_below=5.88, lacking_ratio=0)
     row = res["results"][0]
+    assert (res["refuse_below"], res["lacking_ratio"]) == (5.88, 0)  # the rule the refused_* fields were scored by
+    assert 0 <= row["refused_with_gold"] <= 1 and 0 <= row["refused_without_gold"] <= 1
     assert row["n_questions"] == 32 and row["n_answer_questions"] == 8
     answers = [json.loads(line) for line in saved.read_text().splitlines()]
     assert len(answers) == 8 and all(a["answer"] and a["gold"] and a["top_citation"] for a in answers)

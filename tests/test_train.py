@@ -50,6 +50,31 @@ def test_batches_are_deterministic_and_consistent(data):
                 assert rec.key_text.casefold() in prompt.casefold() and rec.value_text in answer
 
 
+def test_same_relation_negatives_put_other_entities_facts_of_that_kind_in_the_kb(data):
+    """With the option, every question's KB holds up to n other entities' facts of its relation and masked side
+    (what a question whose fact is missing must not copy), and a refused fact still stays out."""
+    def share_among_its_kind(cfg):
+        met = total = 0
+        for step in range(20):
+            batch = make_batch(cfg, data, step)
+            rows = [data.records[i] for i in batch.kb_rows]
+            for prompt, answer in zip(batch.prompts, batch.answers):
+                asked = max((r for r in data.records if r.key_text.casefold() in prompt.casefold()),
+                            key=lambda r: len(r.key_text))
+                kind = (asked.triple.relation, asked.masked)
+                beside = sum((r.triple.relation, r.masked) == kind and r.key_text != asked.key_text for r in rows)
+                met += beside >= min(3, len(data.by_relation[kind]) - 1)
+                total += 1
+                if answer == REFUSAL:
+                    assert all(r.key_text != asked.key_text for r in rows)
+        return met / total
+
+    base = TrainConfig(data=[], out="", batch_size=8, refusal_rate=0.5, seed=1, distractors_start=0,
+                       same_head_negatives=0, multi_entity_every=0)
+    assert share_among_its_kind(TrainConfig(**{**base.__dict__, "same_relation_negatives": 3})) > 0.9
+    assert share_among_its_kind(base) < 0.5
+
+
 def test_distractor_curriculum():
     cfg = TrainConfig(data=[], out="", distractors_start=4, distractors_every=100, distractors_max=400)
     assert [n_distractors(cfg, s) for s in (0, 3000, 10000)] == [4, 124, 400]  # method.md §9.3 (capped)

@@ -9,7 +9,8 @@ from typing import List, Optional
 import typer
 
 from atlaskv.cli.common import ROUTE_HELP, SHORTLIST_HELP, TOP_K_HELP, fail, prune_options, run
-from atlaskv.defaults import PRUNE_ROUTE, PRUNE_SHORTLIST, PRUNE_TOP_K_TEXT, REFUSE_BELOW, VALUE_DECODING
+from atlaskv.defaults import (LACKING_RATIO, PRUNE_ROUTE, PRUNE_SHORTLIST, PRUNE_TOP_K_TEXT, REFUSE_BELOW,
+                              VALUE_DECODING)
 
 eval_app = typer.Typer(help="Evaluate grounding and answers.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks: memory and latency vs KB size.", no_args_is_help=True)
@@ -39,6 +40,9 @@ def train_cmd(
     retrieval_loss_weight: float = typer.Option(1.0, help="Auxiliary KB-attention loss (0 = the paper's recipe)."),
     refusal_rate: float = typer.Option(0.1, help="Share of questions whose fact is left out (answer: I don't know)."),
     distractors_max: int = typer.Option(64, help="Cap of the random-distractor curriculum."),
+    same_relation_negatives: int = typer.Option(
+        0, help="Per question, this many other entities' facts of its relation in the KB (what a question "
+                "whose fact is missing must not copy)."),
     shuffle_values: bool = typer.Option(False, help="Control: a wrong value behind every key."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     dtype: str = typer.Option("float32", help="Base model dtype (float32 or bfloat16)."),
@@ -62,7 +66,8 @@ def train_cmd(
                       value_source=value_source, token_gain_init=token_gain_init, trainable=trainable,
                       kb_scale_factor=kb_scale_factor,
                       retrieval_loss_weight=retrieval_loss_weight, refusal_rate=refusal_rate,
-                      distractors_max=distractors_max, shuffle_values=shuffle_values, device=device,
+                      distractors_max=distractors_max, same_relation_negatives=same_relation_negatives,
+                      shuffle_values=shuffle_values, device=device,
                       dtype=dtype, seed=seed, threads=threads, checkpoint_every=checkpoint_every,
                       eval_every=eval_every, distractors_every=distractors_every, max_minutes=max_minutes,
                       init_adapter=init_adapter)
@@ -102,6 +107,9 @@ def eval_grounding_cmd(
                    "the top cited fact's entity, or its value's support is under this and the answer does not name "
                    f"it: \"I don't know.\"; the default rule is {REFUSE_BELOW}): adds *_with_refusal and refused_* "
                    "fields."),
+    lacking_ratio: float = typer.Option(
+        LACKING_RATIO, min=0.0, help="With --refuse-below: also refuse when a fact the KB lacks about the answer's "
+                                     "entity draws the question this many times more than the backing one (0 = off)."),
     json_out: Path = typer.Option(..., "--json", help="Where to write the results JSON."),
     save_answers: Optional[Path] = typer.Option(
         None, "--save-answers", help="atlaskv/kblam: also write every answered question (answer, gold, top citation, "
@@ -142,7 +150,7 @@ def eval_grounding_cmd(
                                           not no_answers, answer_questions, scale_factor=scale_factor,
                                           prune=prune, synthetic_fill=synthetic_fill,
                                           refuse_below=refuse_below, save_answers=save_answers,
-                                          value_decoding=value_decoding))
+                                          value_decoding=value_decoding, lacking_ratio=lacking_ratio))
         res["method"] = method
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(res, indent=1) + "\n")
@@ -161,6 +169,9 @@ def eval_multi_valued_cmd(
                                         help="Decode as ask does; off: free greedy decoding."),
     adapter: Optional[Path] = typer.Option(None, help="Adapter folder (default: the shipped one)."),
     seed: int = typer.Option(0),
+    lacking_ratio: float = typer.Option(
+        LACKING_RATIO, min=0.0, help="With --refuse-below: also refuse when a fact the KB lacks about the answer's "
+                                     "entity draws the question this many times more than the backing one (0 = off)."),
     json_out: Path = typer.Option(..., "--json", help="Where to write the results JSON."),
     save_answers: Optional[Path] = typer.Option(None, "--save-answers", help="Also write every answer (JSONL)."),
 ):

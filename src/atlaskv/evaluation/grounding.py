@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from transformers import LogitsProcessorList
 
-from atlaskv.defaults import EVAL_MAX_NEW_TOKENS, VALUE_DECODING
+from atlaskv.defaults import EVAL_MAX_NEW_TOKENS, LACKING_RATIO, VALUE_DECODING
 from atlaskv.evaluation.metrics import answer_flags, contains_answer, rank_hits, says_refusal
 from atlaskv.evaluation.pool import EvalPool, kb_chunks, load_pool, with_synthetic_fill
 from atlaskv.kb.index import build_hierarchy
@@ -187,6 +187,7 @@ class GroundingRun:
     seed: int
     saved: list | None = None   # --save-answers: one row per answered question
     value_decoding: bool = VALUE_DECODING
+    lacking_ratio: float = LACKING_RATIO
 
     @property
     def needs_q(self) -> bool:
@@ -233,7 +234,8 @@ class GroundingRun:
                    for i, (q, (rows, w)) in enumerate(zip(qtexts, cited))] if self.saved is not None else None
         lacking = self.lacking(kb, qtexts[:take], signals)
         if self.refuse_below is not None:
-            kept = [not refuses(q, cited_facts(view, rows, w), self.refuse_below, answer=t, lacking=lk)
+            kept = [not refuses(q, cited_facts(view, rows, w), self.refuse_below, answer=t, lacking=lk,
+                                lacking_ratio=self.lacking_ratio)
                     for q, (rows, w), t, lk in zip(qtexts, cited, texts, lacking)]
             tally.em_r += sum(r and k for r, k in zip(right, kept))
             tally.exact_r += sum(f["exact"] and k for f, k in zip(flags, kept))
@@ -297,7 +299,8 @@ class GroundingRun:
         lacking = self.lacking(kb_p, qtexts, signals if self.saved is not None else None) if cited else []
         if self.refuse_below is not None:  # an empty KB backs nothing: refused
             kept = [False] * take if cited is None else \
-                [not refuses(q, cited_facts(view, rows, w), self.refuse_below, answer=t, lacking=lk)
+                [not refuses(q, cited_facts(view, rows, w), self.refuse_below, answer=t, lacking=lk,
+                             lacking_ratio=self.lacking_ratio)
                  for q, (rows, w), t, lk in zip(qtexts, cited, pt, lacking)]
             tally.em_prior_r += sum(r and k for r, k in zip(right, kept))
             tally.exact_prior_r += sum(x and k for x, k in zip(exact, kept))
@@ -310,12 +313,14 @@ def eval_grounding(set_dir: str | Path, sizes: list[int], akv, encoder, n_questi
                    answer_questions: int | None = None, max_new_tokens: int = EVAL_MAX_NEW_TOKENS,
                    scale_factor: float | None = None, prune: PruneConfig | None = None, progress: bool = True,
                    synthetic_fill: bool = False, refuse_below: float | None = None,
-                   save_answers: str | Path | None = None, value_decoding: bool = VALUE_DECODING) -> dict:
+                   save_answers: str | Path | None = None, value_decoding: bool = VALUE_DECODING,
+                   lacking_ratio: float = LACKING_RATIO) -> dict:
     """`prune`: HiKVP over a tree built for each KB (its build time is reported as index_seconds).
     `synthetic_fill`: sizes past the set's pool are reached with synthetic distractors (reported per row).
     `refuse_below`: also score the answers as `ask` / `serve` give them, with the refusal rule on (atlaskv.refuses:
     the top-cited fact is about an entity the question does not name, or its value's support is under this and
-    the answer does not name it) the answer becomes "I don't know." and counts as wrong (extra fields
+    the answer does not name it, or a fact the KB lacks about its entity draws the question `lacking_ratio` times
+    more: probes.py, 0 = off) the answer becomes "I don't know." and counts as wrong (extra fields
     `*_with_refusal`, `refused*`).
     `save_answers`: a JSONL file with every answered question: answer, gold, top citation, answer_flags.
     `value_decoding`: answers decoded as `ask` decodes them (model/decoding.py); off: free greedy decoding."""
@@ -328,7 +333,7 @@ def eval_grounding(set_dir: str | Path, sizes: list[int], akv, encoder, n_questi
     qidx = rng.permutation(len(pool.questions))[: min(n_questions, len(pool.questions))]
     n_ans = len(qidx) if answer_questions is None else min(answer_questions, len(qidx))
     run = GroundingRun(akv, encoder, pool, prune, batch_size, answers, n_ans, max_new_tokens, scale_factor,
-                       refuse_below, seed, [] if save_answers else None, value_decoding)
+                       refuse_below, seed, [] if save_answers else None, value_decoding, lacking_ratio)
     kb_layers = akv.adapter.config.kb_layers
     results = []
     for size in sizes:
@@ -356,7 +361,7 @@ def eval_grounding(set_dir: str | Path, sizes: list[int], akv, encoder, n_questi
            "scale_factor": scale_factor if scale_factor is not None else akv.adapter.config.kb_scale_factor,
            "results": results}
     if refuse_below is not None:
-        out["refuse_below"] = refuse_below
+        out["refuse_below"], out["lacking_ratio"] = refuse_below, lacking_ratio
     if prune is not None:
         out["prune"] = {"top_k": list(prune.top_k), "route": prune.route, "per_head": prune.per_head,
                         "reuse": prune.reuse, "scale_n": prune.scale_n, "shortlist": prune.shortlist}

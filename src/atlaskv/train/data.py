@@ -47,6 +47,7 @@ class TrainConfig:
     distractors_every: int = 100
     distractors_max: int = 64
     same_head_negatives: int = 2
+    same_relation_negatives: int = 0  # per question, other entities' facts of its relation (and masked side)
     multi_entity_every: int = 3
     refusal_rate: float = 0.1
     head_masked_rate: float = 0.3
@@ -135,6 +136,13 @@ def make_batch(cfg: TrainConfig, data: TrainData, step: int, rng: np.random.Gene
             others = [j for j in data.by_kept.get(kept, []) if j != i]
             if others:
                 kb += [int(j) for j in rng.choice(others, min(cfg.same_head_negatives, len(others)), replace=False)]
+            # neighbours of the same kind: in a large KB the gender of many people sits beside the asked one; without
+            # them in training, a question whose fact is missing copies a neighbour's "Male" (docs/training.md)
+            if cfg.same_relation_negatives:
+                rec = data.records[i]
+                pool = data.by_relation[(rec.triple.relation, rec.masked)]
+                picks = rng.choice(len(pool), min(cfg.same_relation_negatives + 1, len(pool)), replace=False)
+                kb += [int(pool[p]) for p in picks if pool[p] != i][:cfg.same_relation_negatives]
         facts_of.append(facts)
     kb += [int(j) for j in rng.integers(0, len(data.records), n_distractors(cfg, step))]
     # the same fact drawn for a refusal and for an answered question: answer both
