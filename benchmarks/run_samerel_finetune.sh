@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# A fine-tune whose questions sit among other entities' facts of their relation (`atlaskv train
+# --same-relation-negatives`), measured on the default path (HiKVP pruned, value decoding, 200 questions each with
+# and without its gold fact) at 1,000 entries on every set and at 100 on fb15k, then the refusal thresholds
+# recalibrated on its own dev answers (refusal_rules.py; dev sets of training facts only).
+#   ADAPTER=runs/ft-samerel-fp16 OUT=benchmarks/results/samerel_finetune bash benchmarks/run_samerel_finetune.sh
+#   (WebNLG's answers go to $PRIVATE: CC BY-NC-SA, never committed; only its scores are)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ADAPTER=${ADAPTER:?the adapter folder to measure}
+OUT=${OUT:-benchmarks/results/samerel_finetune}
+PRIVATE=${PRIVATE:-runs/samerel_finetune}
+SETS=${SETS:-"fb15k fb15k-train-para fb15k-train-heads fb15k-train-6k fb15k-para pararel webnlg"}
+mkdir -p $OUT $PRIVATE
+E=${ATLASKV_SHARED:-../shared}/eval
+ev() { .venv/bin/atlaskv eval grounding --questions 200 --answer-questions 200 --prune --refuse-below 5.88 \
+  --adapter $ADAPTER "$@"; }
+for set in $SETS; do
+  case $set in
+    fb15k) [ -s $OUT/fb15k.jsonl ] || ev --set $E/fb15k --sizes 100,1000 --json $OUT/fb15k.json --save-answers $OUT/fb15k.jsonl ;;
+    fb15k-para) [ -s $OUT/$set.jsonl ] || ev --set $E/$set --sizes 1000 --distractors same-head --json $OUT/$set.json --save-answers $OUT/$set.jsonl ;;
+    pararel) [ -s $OUT/$set.jsonl ] || ev --set $E/$set --sizes 1000 --json $OUT/$set.json --save-answers $OUT/$set.jsonl ;;
+    webnlg) [ -s $PRIVATE/webnlg.jsonl ] || ev --set runs/eval/webnlg --sizes 1000 --json $OUT/webnlg.json --save-answers $PRIVATE/webnlg.jsonl ;;
+    fb15k-train-*) d=random; [ $set = fb15k-train-heads ] && d=same-head
+      [ -s $OUT/dev_$set.jsonl ] || ev --set runs/dev/$set --sizes 1000 --distractors $d --json $OUT/dev_$set.json \
+        --save-answers $OUT/dev_$set.jsonl ;;
+  esac
+done
+score=(); for f in $OUT/fb15k-para.jsonl $OUT/pararel.jsonl $PRIVATE/webnlg.jsonl; do if [ -s $f ]; then score+=($f); fi; done
+if ls $OUT/dev_*.jsonl >/dev/null 2>&1 && [ ${#score[@]} -gt 0 ]; then
+  .venv/bin/python benchmarks/refusal_rules.py --calibrate $OUT/dev_*.jsonl --score "${score[@]}" --json $OUT/rules.json
+fi
