@@ -2,7 +2,8 @@
 # A fine-tune whose questions sit among other entities' facts of their relation (`atlaskv train
 # --same-relation-negatives`), measured on the default path (HiKVP pruned, value decoding, 200 questions each with
 # and without its gold fact) at 1,000 entries on every set and at 100 on fb15k, then the refusal thresholds
-# recalibrated on its own dev answers (refusal_rules.py; dev sets of training facts only).
+# recalibrated on its own dev answers (refusal_rules.py; dev sets of training facts only). SETS=sizes: fb15k-para and
+# pararel at 100 and 10^4, fb15k at 5,887 (into $OUT/sizes/).
 #   ADAPTER=runs/ft-samerel-fp16 OUT=benchmarks/results/samerel_finetune bash benchmarks/run_samerel_finetune.sh
 #   (WebNLG's answers go to $PRIVATE: CC BY-NC-SA, never committed; only its scores are)
 set -euo pipefail
@@ -21,6 +22,12 @@ for set in $SETS; do
     fb15k-para) [ -s $OUT/$set.jsonl ] || ev --set $E/$set --sizes 1000 --distractors same-head --json $OUT/$set.json --save-answers $OUT/$set.jsonl ;;
     pararel) [ -s $OUT/$set.jsonl ] || ev --set $E/$set --sizes 1000 --json $OUT/$set.json --save-answers $OUT/$set.jsonl ;;
     webnlg) [ -s $PRIVATE/webnlg.jsonl ] || ev --set runs/eval/webnlg --sizes 1000 --json $OUT/webnlg.json --save-answers $PRIVATE/webnlg.jsonl ;;
+    sizes) mkdir -p $OUT/sizes  # the other points of the answer targets: 100 and 10^4 (fb15k: 5,887)
+      for s in fb15k-para pararel fb15k; do
+        d=random; [ $s = fb15k-para ] && d=same-head; z=100,10000; [ $s = fb15k ] && z=5887
+        [ -s $OUT/sizes/$s.jsonl ] || ev --set $E/$s --sizes $z --distractors $d --json $OUT/sizes/$s.json \
+          --save-answers $OUT/sizes/$s.jsonl
+      done ;;
     fb15k-train-*) d=random; [ $set = fb15k-train-heads ] && d=same-head
       [ -s $OUT/dev_$set.jsonl ] || ev --set runs/dev/$set --sizes 1000 --distractors $d --json $OUT/dev_$set.json \
         --save-answers $OUT/dev_$set.jsonl ;;

@@ -1,6 +1,8 @@
 """`make demo`: answer real questions from the bundled demo KB with the facts they cite, then teach the
-model a new fact live (no retraining) and ask about it."""
+model a new fact live (no retraining) and ask about it. `python examples/demo.py ADAPTER_DIR`: the same with
+another adapter (default: the shipped one)."""
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -22,11 +24,11 @@ def show(akv, kb, question, gold=None):
         print(f"   {w:6.1%}  {t.head} | {t.relation} | {t.tail}")
 
 
-def main():
+def main(adapter: str | None = None):
     kb = (KnowledgeBase.open(KB_DIR) if (KB_DIR / "manifest.json").exists()
           else KnowledgeBase.build(HERE / "facts.tsv", KB_DIR))
     print(f"KB {KB_DIR}: {len(kb):,} facts, version {kb.version}, encoder {kb.encoder_name}")
-    akv = AtlasKV.from_pretrained()
+    akv = AtlasKV.from_pretrained(adapter)
     print("Answers with the facts the model attended to most (share of its KB attention):")
     for line in open(HERE / "questions.jsonl", encoding="utf-8").readlines()[:6]:
         q = json.loads(line)
@@ -47,4 +49,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1] if len(sys.argv) > 1 else None)
