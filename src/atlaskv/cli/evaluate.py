@@ -169,9 +169,6 @@ def eval_multi_valued_cmd(
                                         help="Decode as ask does; off: free greedy decoding."),
     adapter: Optional[Path] = typer.Option(None, help="Adapter folder (default: the shipped one)."),
     seed: int = typer.Option(0),
-    lacking_ratio: float = typer.Option(
-        LACKING_RATIO, min=0.0, help="With --refuse-below: also refuse when a fact the KB lacks about the answer's "
-                                     "entity draws the question this many times more than the backing one (0 = off)."),
     json_out: Path = typer.Option(..., "--json", help="Where to write the results JSON."),
     save_answers: Optional[Path] = typer.Option(None, "--save-answers", help="Also write every answer (JSONL)."),
 ):
