@@ -3,7 +3,7 @@
 # --same-relation-negatives`), measured on the default path (HiKVP pruned, value decoding, 200 questions each with
 # and without its gold fact) at 1,000 entries on every set and at 100 on fb15k, then the refusal thresholds
 # recalibrated on its own dev answers (refusal_rules.py; dev sets of training facts only). SETS=sizes: fb15k-para and
-# pararel at 100 and 10^4, fb15k at 5,887 (into $OUT/sizes/).
+# pararel at 100 and 10^4, fb15k at 5,887, WebNLG at 100 and 1,668 (into $OUT/sizes/).
 #   ADAPTER=runs/ft-samerel-fp16 OUT=benchmarks/results/samerel_finetune bash benchmarks/run_samerel_finetune.sh
 #   (WebNLG's answers go to $PRIVATE: CC BY-NC-SA, never committed; only its scores are)
 set -euo pipefail
@@ -27,7 +27,9 @@ for set in $SETS; do
         d=random; [ $s = fb15k-para ] && d=same-head; z=100,10000; [ $s = fb15k ] && z=5887
         [ -s $OUT/sizes/$s.jsonl ] || ev --set $E/$s --sizes $z --distractors $d --json $OUT/sizes/$s.json \
           --save-answers $OUT/sizes/$s.jsonl
-      done ;;
+      done
+      [ -s $PRIVATE/webnlg_sizes.jsonl ] || ev --set runs/eval/webnlg --sizes 100,1668 --json $OUT/sizes/webnlg.json \
+        --save-answers $PRIVATE/webnlg_sizes.jsonl ;;
     fb15k-train-*) d=random; [ $set = fb15k-train-heads ] && d=same-head
       [ -s $OUT/dev_$set.jsonl ] || ev --set runs/dev/$set --sizes 1000 --distractors $d --json $OUT/dev_$set.json \
         --save-answers $OUT/dev_$set.jsonl ;;
