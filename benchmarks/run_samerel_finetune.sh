@@ -4,7 +4,8 @@
 # and without its gold fact) at 1,000 entries on every set and at 100 on fb15k, then the refusal thresholds
 # recalibrated on its own dev answers (refusal_rules.py; dev sets of training facts only). SETS=sizes: fb15k-para and
 # pararel at 100 and 10^4, fb15k at 5,887, WebNLG at 100 and 1,668 (into $OUT/sizes/).
-#   ADAPTER=runs/ft-samerel-fp16 OUT=benchmarks/results/samerel_finetune bash benchmarks/run_samerel_finetune.sh
+#   ADAPTER=runs/ft-samerel24-fp16 OUT=benchmarks/results/samerel_finetune/negatives24 bash benchmarks/run_samerel_finetune.sh
+#   (the measured adapter is also in benchmarks/results/samerel_finetune/negatives24/adapter/)
 #   (WebNLG's answers go to $PRIVATE: CC BY-NC-SA, never committed; only its scores are)
 set -euo pipefail
 cd "$(dirname "$0")/.."
