@@ -7,7 +7,7 @@ import torch
 
 from atlaskv.kb.triples import read_triples, write_triples
 from atlaskv.defaults import REFUSAL
-from atlaskv.train import (TrainConfig, build_records, encode_batch, lr_factor, make_batch,
+from atlaskv.train import (TrainConfig, TrainData, build_records, encode_batch, lr_factor, make_batch,
                            n_distractors, prepare_data, train)
 
 
@@ -200,3 +200,42 @@ def test_token_value_fine_tune_keeps_keys_and_trains_the_value_path(tmp_path, sm
     assert cfg["value_source"] == "encoder+llm_copy"
     log = [json.loads(l) for l in open(tuned / "train_log.jsonl")]
     assert "val_answer_acc_kb100" in log[-1]
+
+
+def test_phrasings_ask_tail_questions_in_their_relations_words(data, tmp_path):
+    """--phrasings: about half the single-fact tail questions of a relation the file has come in one of its
+    phrasings, with the head in place; the rest, and head questions, stay templates."""
+    from atlaskv.train import read_phrasings
+
+    rels = sorted({r.triple.relation for r in data.records})[::2]  # half the relations have phrasings
+    f = tmp_path / "phrasings.tsv"
+    f.write_text("relation\tquestion\n" + "".join(f"{r}\tWhich {r} goes with {{head}}, really?\n" for r in rels), "utf-8")
+    base = TrainConfig(data=[], out="", batch_size=8, seed=2, multi_entity_every=0)
+    with_file = TrainData(**{**data.__dict__, "phrasings": read_phrasings(f)})
+    phrased = asked = 0
+    for step in range(40):
+        batch = make_batch(base, with_file, step)
+        for prompt, gold in zip(batch.prompts, batch.gold):
+            for g in gold:
+                rec = data.records[batch.kb_rows[g]]
+                if rec.masked == "tail" and rec.triple.relation in rels:
+                    asked += 1
+                    if prompt == f"Which {rec.triple.relation} goes with {rec.triple.head}, really?":
+                        phrased += 1
+                    else:
+                        assert rec.key_text.casefold() in prompt.casefold()
+    assert asked > 10 and 0.25 < phrased / asked < 0.75
+
+
+@pytest.mark.parametrize("text,problem", [("place of birth\n", "expected relation<TAB>question"),
+                                          ("place of birth\tWhere was he born?\n", "{head} exactly once"),
+                                          ("place of birth\tWhere was {head} born in {year}?\n", "no other braces"),
+                                          ("relation\tquestion\n", "no phrasings")])
+def test_bad_phrasings_file_names_the_line(tmp_path, text, problem):
+    from atlaskv.train import read_phrasings
+
+    f = tmp_path / "p.tsv"
+    f.write_text(text, "utf-8")
+    with pytest.raises(ValueError, match=problem.replace("{", r"\{").replace("}", r"\}")) as e:
+        read_phrasings(f)
+    assert str(f) in str(e.value)

@@ -15,9 +15,10 @@ REFUSAL = "I don't know."
 REFUSE_BELOW = 5.88
 # ... and when a fact the KB lacks about the answer's entity ("the gender of X" when only X's nationality is
 # stored) would draw this many times the attention of the fact backing the answer (model/probes.py). Calibrated
-# the same way, on the same dev sets (benchmarks/results/refusal_v7/rules.json; 4.36 in v6, before the kinds of
-# fact below kept a film from being asked for its regular TV show).
-LACKING_RATIO = 1.45
+# the same way, on the same dev sets, with the adapter v4's answers (1.28255 in
+# benchmarks/results/samerel_finetune/negatives24/rules.json, to three decimals; 1.45 with v3 in refusal_v7/; 4.36
+# in v6, before the kinds of fact below kept a film from being asked for its regular TV show).
+LACKING_RATIO = 1.283
 # ... and only relations that at least this share of the adapter's training heads holding one of the entity's
 # relations also hold (relation_pairs.tsv in the adapter folder): which kinds of fact go together. A round
 # number, not tuned; 0.005-0.05 give the same within a question or two, 0.1 lets the dev

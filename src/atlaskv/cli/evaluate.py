@@ -43,6 +43,11 @@ def train_cmd(
     same_relation_negatives: int = typer.Option(
         0, help="Per question, this many other entities' facts of its relation in the KB (what a question "
                 "whose fact is missing must not copy)."),
+    phrasings: Optional[Path] = typer.Option(
+        None, help="TSV of relation<TAB>question with {head}: natural ways to ask for a relation's value "
+                   "('Where did {head} die?'); --phrasing-rate of the single-fact questions use them."),
+    phrasing_rate: float = typer.Option(0.5, min=0.0, max=1.0, help="With --phrasings: the share of questions "
+                                        "(about a tail, of a relation the file has) asked in one of its phrasings."),
     shuffle_values: bool = typer.Option(False, help="Control: a wrong value behind every key."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     dtype: str = typer.Option("float32", help="Base model dtype (float32 or bfloat16)."),
@@ -67,6 +72,7 @@ def train_cmd(
                       kb_scale_factor=kb_scale_factor,
                       retrieval_loss_weight=retrieval_loss_weight, refusal_rate=refusal_rate,
                       distractors_max=distractors_max, same_relation_negatives=same_relation_negatives,
+                      phrasings=str(phrasings) if phrasings else None, phrasing_rate=phrasing_rate,
                       shuffle_values=shuffle_values, device=device,
                       dtype=dtype, seed=seed, threads=threads, checkpoint_every=checkpoint_every,
                       eval_every=eval_every, distractors_every=distractors_every, max_minutes=max_minutes,

@@ -7,12 +7,14 @@ curriculum). Losses:
   * retrieval loss (ours; weight 0 = the paper's pure recipe): the KB attention summed over heads and
     prompt tokens, as a distribution over KB entries, should put its mass on the question's own entry;
     this is exactly what ACC@1 measures, and without it grounding stays at chance on a CPU budget.
-Refusal samples (own fact left out of the KB) teach "I don't know". Every sample's batch is a pure
+Refusal samples (own fact left out of the KB) teach "I don't know". Questions are the key in one of 16 templates
+("Tell me the place of death of X."), or with --phrasings a natural phrasing of the relation ("Where did X
+die?"). Every sample's batch is a pure
 function of (seed, step), so `--resume` continues the same run from its last checkpoint.
 """
 from atlaskv.train.data import (QUESTION_TEMPLATES, Batch, TrainConfig, TrainData, answer_suffix, build_records,
-                                encode_batch, make_batch, n_distractors, prepare_data)
+                                encode_batch, make_batch, n_distractors, prepare_data, read_phrasings)
 from atlaskv.train.loop import lr_factor, train, validate
 
 __all__ = ["QUESTION_TEMPLATES", "Batch", "TrainConfig", "TrainData", "answer_suffix", "build_records", "encode_batch",
-           "lr_factor", "make_batch", "n_distractors", "prepare_data", "train", "validate"]
+           "lr_factor", "make_batch", "n_distractors", "prepare_data", "read_phrasings", "train", "validate"]

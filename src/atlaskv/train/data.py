@@ -48,6 +48,8 @@ class TrainConfig:
     distractors_max: int = 64
     same_head_negatives: int = 2
     same_relation_negatives: int = 0  # per question, other entities' facts of its relation (and masked side)
+    phrasings: str | None = None      # TSV relation<TAB>question with {head}: natural ways to ask for a tail
+    phrasing_rate: float = 0.5        # ... the share of single-fact tail questions asked in one of them
     multi_entity_every: int = 3
     refusal_rate: float = 0.1
     head_masked_rate: float = 0.3
@@ -73,6 +75,27 @@ class TrainData:
     relation_p: np.ndarray | None = None
     relations: list = field(default_factory=list)
     digest: str = ""
+    phrasings: dict = field(default_factory=dict)     # relation -> questions with {head} (TrainConfig.phrasings)
+
+
+def read_phrasings(path: str | Path) -> dict[str, list[str]]:
+    """relation -> questions from a TSV of `relation<TAB>question` lines (a `relation<TAB>question` header is
+    skipped); every question holds `{head}` once and no other braces. A bad line stops with its number."""
+    out: dict[str, list[str]] = {}
+    lines = Path(path).read_text("utf-8").splitlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip() or (n == 1 and line.strip().casefold() == "relation\tquestion"):
+            continue
+        parts = line.split("\t")
+        if len(parts) != 2 or not parts[0].strip() or not parts[1].strip():
+            raise ValueError(f"{path}:{n}: expected relation<TAB>question, got {line[:80]!r}")
+        rel, q = parts[0].strip(), parts[1].strip()
+        if q.count("{head}") != 1 or q.replace("{head}", "").count("{") or q.replace("{head}", "").count("}"):
+            raise ValueError(f"{path}:{n}: the question must hold {{head}} exactly once and no other braces: {q[:80]!r}")
+        out.setdefault(rel, []).append(q)
+    if not out:
+        raise ValueError(f"{path}: no phrasings")
+    return out
 
 
 def build_records(triples: list[Triple]) -> list:
@@ -86,6 +109,7 @@ def build_records(triples: list[Triple]) -> list:
 
 
 def prepare_data(cfg: TrainConfig, cache_dir: Path) -> TrainData:
+    phrasings = read_phrasings(cfg.phrasings) if cfg.phrasings else {}  # a bad file stops before the encoding
     triples = read_triples(cfg.data).triples
     records = build_records(triples)
     digest = hashlib.sha256("\n".join(f"{r.key_text}\t{r.value_text}" for r in records).encode()).hexdigest()[:16]
@@ -98,6 +122,7 @@ def prepare_data(cfg: TrainConfig, cache_dir: Path) -> TrainData:
     data.relations = sorted(data.by_relation)
     counts = np.array([len(data.by_relation[k]) for k in data.relations], float)
     data.relation_p = np.sqrt(counts) / np.sqrt(counts).sum()  # balance: gender must not drown time zone
+    data.phrasings = phrasings
     return data
 
 
@@ -131,6 +156,12 @@ def make_batch(cfg: TrainConfig, data: TrainData, step: int, rng: np.random.Gene
         tpl = QUESTION_TEMPLATES[rng.integers(len(QUESTION_TEMPLATES))]
         prompts.append(tpl.format(k=keys[0], K=keys[0][0].upper() + keys[0][1:]) if len(keys) == 1
                        else f"What is {keys[0]}, and what is {keys[1]}?")
+        # users ask "Where did X die?", not only "the place of death of X": natural phrasings of the relation
+        # (the RNG is only drawn on when the relation has some, so runs without them keep their batches)
+        rec = data.records[facts[0]]
+        own = data.phrasings.get(rec.triple.relation) if len(facts) == 1 and rec.masked == "tail" else None
+        if own and rng.random() < cfg.phrasing_rate:
+            prompts[-1] = own[rng.integers(len(own))].replace("{head}", rec.triple.head)
         for i in facts:  # hard negatives: other facts about the same entity
             kept = data.records[i].triple.head if data.records[i].masked == "tail" else data.records[i].triple.tail
             others = [j for j in data.by_kept.get(kept, []) if j != i]
