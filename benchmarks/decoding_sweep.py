@@ -6,7 +6,7 @@ phrasings and an unseen KG").
         --set runs/dev/fb15k-train-para --sizes 1000 --questions 200 --answer-questions 200 --prune \
         --refuse-below 1.86 --json runs/devpara/push16.json --save-answers runs/devpara/push16.jsonl
 
-Only the module constants can be set (VALUE_PUSH, VALUE_SHARE, TOP_VALUES, TRUSTED_MUST_NAME); the table's
+Only the module constants can be set (VALUE_PUSH, VALUE_SHARE, TOP_VALUES, TRUSTED_MUST_NAME, OWN_REFUSAL_BELOW); the table's
 rows that differ in code (token vs word 3-grams, the first-token ban) were run from those commits' code.
 """
 import sys

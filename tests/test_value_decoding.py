@@ -262,6 +262,23 @@ def test_an_answer_whose_top_fact_the_refusal_rule_accepts_names_a_value():
     assert proc.trusted == [False]
 
 
+def test_the_models_own_refusal_is_the_rules_to_say_from_a_lower_support(monkeypatch):
+    """Between OWN_REFUSAL_BELOW and the trust guard's support the answer may not open with the model's own "I
+    don't know." (the refusal rule decides), but it may still end without a value; below it the model is free."""
+    import atlaskv.model.decoding as decoding
+
+    monkeypatch.setattr(decoding, "OWN_REFUSAL_BELOW", 1.5)
+    # Lauren Bacall 0.5 against the birthplace's 0.3: support 1.67, under the trust guard's 1.86
+    proc, tok, prompt = setup("Who was the spouse of Humphrey Bogart?", FACTS, [0.5, 0.2, 0.3], push=8.0, trust=True)
+    assert not greedy(proc, tok, prompt, "I don't know.", strength=9.0).startswith("I")
+    assert proc.no_own_refusal == [True] and proc.trusted == [False]
+    proc, tok, prompt = setup("Who was the spouse of Humphrey Bogart?", FACTS, [0.5, 0.2, 0.3], push=8.0, trust=True)
+    assert torch.isfinite(proc(prompt, torch.zeros(1, len(tok.vocab) + 50))[0, STOP])  # no value forced
+    # support 1.11: the model may refuse itself
+    proc, tok, prompt = setup("Who was the spouse of Humphrey Bogart?", FACTS, [0.5, 0.05, 0.45], push=8.0, trust=True)
+    assert greedy(proc, tok, prompt, "I don't know.", strength=9.0).startswith("I don't know.")
+
+
 def test_a_value_started_in_one_token_form_is_not_restarted_in_the_other():
     """A value is matched in both its forms (after a space, at the start of a line); once the answer is deep
     in one form, the other form's first token must not restart it (SmolLM2 wrote "S.S. Robur S.S. Robur Siena":

@@ -29,6 +29,13 @@ LACKING_KIND_SHARE = 0.01
 # prefill-only refusal rule's calibration (benchmarks/results/refusal_v3/rules.json), which the guards were
 # picked with; kept apart from REFUSE_BELOW so that the rule reading the answer does not change the answers.
 TRUSTED_SUPPORT = 1.86
+# ... and an answer may not open with the model's own "I don't know." when the question names the top fact's
+# head and its value's support is at least this (it may still end without a value): the refusal rule, which also
+# checks the facts the entity lacks, says it instead. The model learned its refusal for facts the KB lacks, and it
+# also fires on phrasings training never used. Calibrated on the dev sets' answers with adapter v4: midway between
+# the highest support of an unanswerable question the rule would then let through (1.39) and the lowest of an
+# answerable one it would then answer (1.79) (docs/results.md, "The model's own refusal").
+OWN_REFUSAL_BELOW = 1.59
 
 # HiKVP: leaves kept per level (roots, inter, leaves) and how the tree is searched. The paper keeps 16
 # leaves; 64 cost next to nothing and answer better (benchmarks/results/pruning_answers_*); routing by the

@@ -39,7 +39,9 @@ response ..."). Under greedy decoding an answer with no repeated 3-gram is uncha
 An answer whose top fact the prefill's refusal rule accepts (model/refusal.py, at TRUSTED_SUPPORT) names a value: it may
 not open with the model's own "I don't know." (learned in training for facts the KB lacks, it also fires on
 phrasings training never used: 9 of the 20 answers that were not exact on the dev set of training facts in
-held-out phrasings), nor end its turn before a value is out (TRUSTED_MUST_NAME).
+held-out phrasings), nor end its turn before a value is out (TRUSTED_MUST_NAME). From a lower support
+(OWN_REFUSAL_BELOW) it may not open with "I don't know." either, but may end without a value: whether the KB lacks
+the fact is then the refusal rule's call, which also weighs the facts the entity lacks (model/probes.py).
 
 The settings were picked on the dev sets of training facts (benchmarks/make_dev_set.py, the guards and the push
 on its held-out phrasings; docs/results.md), never on the evaluation sets. Off with `value_decoding=False` (AtlasKV.generate / ask, eval grounding
@@ -52,7 +54,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor
 
-from atlaskv.defaults import REFUSAL, TOP_CITATIONS, TRUSTED_SUPPORT
+from atlaskv.defaults import OWN_REFUSAL_BELOW, REFUSAL, TOP_CITATIONS, TRUSTED_SUPPORT
 from atlaskv.model.kb_inputs import KBInputs
 from atlaskv.model.refusal import backing, refuses
 
@@ -106,6 +108,7 @@ class ValueDecoding(LogitsProcessor):
         self.values: list[list[CitedValue]] | None = None
         self.heads: list[tuple[list[int], ...]] = []  # token forms of each sample's first-cited head
         self.trusted: list[bool] = []  # the refusal rule accepts the sample's top fact
+        self.no_own_refusal: list[bool] = []  # ... at OWN_REFUSAL_BELOW: the answer may not open with "I don't know."
         # per sample: the model's own log-probability (before these rules) of the top-cited value's first
         # token, its highest over the steps before the answer names that value; None if it never could.
         # A refusal signal (eval grounding --save-answers): how much the value had to be pushed
@@ -116,6 +119,7 @@ class ValueDecoding(LogitsProcessor):
         view = self.kb.view
         self.heads = [() for _ in self.questions]
         self.trusted = [False for _ in self.questions]
+        self.no_own_refusal = [False for _ in self.questions]
         self.value_logprob = [None for _ in self.questions]
         if view is None or not self.kb.attention:
             return [[] for _ in self.questions]
@@ -127,6 +131,7 @@ class ValueDecoding(LogitsProcessor):
             if self.question_texts is not None:
                 citations = list(zip(cited, w[:n].tolist()))
                 self.trusted[b] = not refuses(self.question_texts[b], citations, TRUSTED_SUPPORT)
+                self.no_own_refusal[b] = not refuses(self.question_texts[b], citations, OWN_REFUSAL_BELOW)
                 at = backing(self.question_texts[b], citations)
                 if at:  # facts about entities the question does not name, cited above one it does: not its answer
                     cited, w = cited[at:], w[at:]
@@ -188,10 +193,10 @@ class ValueDecoding(LogitsProcessor):
             if self.note_logprob and self.values[b] and not _said(self.values[b][0], answer):
                 self._note_logprob(b, scores[b])
             nxt, done, named, at_end, started = self._state(self.values[b], answer)
-            if self.trusted[b] and not done:  # the rule accepts the top fact: the answer names a value
-                self._ban(scores, b, {self.refusal_first} if not answer else set())
-                if TRUSTED_MUST_NAME:
-                    self._ban(scores, b, set(self.stop_ids))
+            if (self.trusted[b] or self.no_own_refusal[b]) and not done and not answer:
+                self._ban(scores, b, {self.refusal_first})  # the rule, not the model, says "I don't know."
+            if self.trusted[b] and not done and TRUSTED_MUST_NAME:  # the rule accepts the top fact: name a value
+                self._ban(scores, b, set(self.stop_ids))
             if done and (at_end or not nxt):  # a value is out: the list goes on, or the sentence ends
                 ends = self._list_next(self.values[b], answer, named)
                 if ends is None:
