@@ -34,7 +34,8 @@ TRUSTED_SUPPORT = 1.86
 # checks the facts the entity lacks, says it instead. The model learned its refusal for facts the KB lacks, and it
 # also fires on phrasings training never used. Calibrated on the dev sets' answers with adapter v4: midway between
 # the highest support of an unanswerable question the rule would then let through (1.39) and the lowest of an
-# answerable one it would then answer (1.79) (benchmarks/own_refusal_calibration.py; docs/results.md, "The model's own refusal").
+# answerable one it would then answer (1.79) (benchmarks/own_refusal_calibration.py; docs/results.md, "The
+# model's own refusal").
 OWN_REFUSAL_BELOW = 1.59
 
 # HiKVP: leaves kept per level (roots, inter, leaves) and how the tree is searched. The paper keeps 16
