@@ -13,6 +13,13 @@ adapter never saw in training (written for this set, not taken from any evaluati
 settings that must hold for users' own wording ("Is X a man or a woman?" for the gender of X).
 
     .venv/bin/python benchmarks/make_dev_set.py runs/dev/fb15k-train-para 6000 0 paraphrased
+
+`aliases` asks those phrasings over whole entities (as `by-head`) in a KB whose relations carry names training
+never used: each relation with a held-out alias (scripts/make_relation_aliases.py) is renamed to it, in the
+triples and in the questions' gold. A dev set for an unseen graph's vocabulary ("birthLocation" for the place of
+birth), made of training facts.
+
+    .venv/bin/python benchmarks/make_dev_set.py runs/dev/fb15k-train-aliases 6000 0 aliases
 The facts were seen in training (the adapter has no held-out train facts), so a dev score is optimistic
 about retrieval; it is meant for choosing settings that the training never touched.
 """
@@ -77,10 +84,16 @@ PARAPHRASES = {
 }
 
 
+def held_out_aliases() -> dict[str, str]:
+    """relation -> its held-out alias (data/fb15k237-relation-aliases.tsv, split "heldout")."""
+    rows = (REPO / "data" / "fb15k237-relation-aliases.tsv").read_text("utf-8").splitlines()[1:]
+    return {r: a for r, a, split in (ln.split("\t") for ln in rows) if split == "heldout"}
+
+
 def main(out: str, n: int = 2000, seed: int = 0, mode: str = "facts") -> None:
     triples = read_triples(REPO / "data" / "fb15k237-train.tsv").triples
     rng = np.random.default_rng(seed)
-    if mode == "by-head":
+    if mode in ("by-head", "aliases"):
         by_head: dict[str, list[int]] = {}
         for i, t in enumerate(triples):
             by_head.setdefault(t.head, []).append(i)
@@ -94,18 +107,20 @@ def main(out: str, n: int = 2000, seed: int = 0, mode: str = "facts") -> None:
         picked = [triples[i] for i in sorted(rng.permutation(len(triples))[:n])]
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    renamed = held_out_aliases() if mode == "aliases" else {}
     with open(out_dir / "triples.tsv", "w", encoding="utf-8") as f:
         for t in picked:
-            f.write(f"{t.head}\t{t.relation}\t{t.tail}\n")
-    if mode == "paraphrased":
+            f.write(f"{t.head}\t{renamed.get(t.relation, t.relation)}\t{t.tail}\n")
+    if mode in ("paraphrased", "aliases"):
         keys = Counter((t.head.casefold(), t.relation) for t in triples)
         asked = [t for t in picked if t.relation in PARAPHRASES and keys[(t.head.casefold(), t.relation)] == 1]
         with open(out_dir / "questions.jsonl", "w", encoding="utf-8") as f:
             for t in asked:
                 q = PARAPHRASES[t.relation].format(h=t.head)
-                f.write(json.dumps(dict(question=q[0].upper() + q[1:], head=t.head, relation=t.relation,
-                                        tail=t.tail)) + "\n")
-        print(f"{out_dir}: {len(picked)} triples, {len(asked)} paraphrased questions (seed {seed})")
+                f.write(json.dumps(dict(question=q[0].upper() + q[1:], head=t.head,
+                                        relation=renamed.get(t.relation, t.relation), tail=t.tail)) + "\n")
+        print(f"{out_dir}: {len(picked)} triples, {len(asked)} paraphrased questions, "
+              f"{len(renamed)} relations renamed (seed {seed})")
         return
     with open(out_dir / "questions.jsonl", "w", encoding="utf-8") as f:
         for t in picked:

@@ -98,7 +98,8 @@ def test_cli_reads_the_shared_defaults_without_torch():
             "out = CliRunner().invoke(app, ['eval', 'grounding', '--help']).output; "
             "assert '--lacking-ratio' in out and str(LACKING_RATIO) in out, out; "
             "out = CliRunner().invoke(app, ['train', '--help']).output; "
-            "assert '--same-relation-negatives' in out and '--phrasings' in out and '--phrasing-rate' in out, out; "
+            "assert '--same-relation-negatives' in out and '--phrasings' in out and '--phrasing-rate' in out "
+            "and '--relation-aliases' in out and '--alias-rate' in out, out; "
             "assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, env={**__import__("os").environ, "COLUMNS": "200"})
 

@@ -247,3 +247,26 @@ def test_the_demo_kb_never_asks_a_person_for_a_country_of_origin(trained_model, 
         assert "country of origin" in compared_relations(trained_model.adapter, templates, held, "place of birth")
     finally:
         trained_model.adapter.relation_pairs = pairs
+
+
+def test_relations_the_adapter_never_saw_are_compared_only_when_asked(trained_model):
+    """compared_relations' modes: "trained" (shipped) leaves out any pair with a relation name the adapter never
+    trained on; "unseen" compares exactly those pairs (all lacking relations when the backing fact's own name is
+    unseen); "every" both. The kinds rule still holds where the adapter knows both relations."""
+    from atlaskv.model.probes import compared_relations
+
+    a = trained_model.adapter
+    templates = {"place of birth": "the place of birth of {entity}", "gender": "the gender of {entity}",
+                 "country of origin": "the country of origin of {entity}",
+                 "birthTown": "the birth town of {entity}", "favouriteColour": "the favourite colour of {entity}"}
+    held = {"place of birth"}
+    assert set(compared_relations(a, templates, held, "place of birth")) == {"gender"}
+    assert set(compared_relations(a, templates, held, "place of birth", "unseen")) == {"birthTown", "favouriteColour"}
+    assert set(compared_relations(a, templates, held, "place of birth", "every")) == {
+        "gender", "birthTown", "favouriteColour"}  # a person's kinds of fact hold no country of origin
+    held = {"birthTown"}
+    assert compared_relations(a, templates, held, "birthTown") == []
+    assert set(compared_relations(a, templates, held, "birthTown", "unseen")) == {
+        "place of birth", "gender", "country of origin", "favouriteColour"}
+    with pytest.raises(ValueError, match="trained, unseen or every"):
+        compared_relations(a, templates, held, "birthTown", "all")

@@ -239,3 +239,62 @@ def test_bad_phrasings_file_names_the_line(tmp_path, text, problem):
     with pytest.raises(ValueError, match=problem.replace("{", r"\{").replace("}", r"\}")) as e:
         read_phrasings(f)
     assert str(f) in str(e.value)
+
+
+def test_relation_aliases_rename_a_share_of_facts_and_keep_multi_valued_keys_whole(tmp_path):
+    """--relation-aliases: about --alias-rate of a relation's facts carry one of its "train" aliases (held-out rows
+    are never used), the key text reads the alias, and ambiguity is judged under the relation's own name:
+    renaming part of the people born in X must not make one of them look like the only one."""
+    from atlaskv.kb.triples import Triple
+    from atlaskv.train import read_relation_aliases, rename_relations
+
+    f = tmp_path / "aliases.tsv"
+    f.write_text("relation\talias\tsplit\nplace of birth\tbirthPlace\ttrain\nplace of birth\tbirth_town\ttrain\n"
+                 "place of birth\tnatal place\theldout\n", "utf-8")
+    aliases = read_relation_aliases(f)
+    assert aliases == {"place of birth": ["birthPlace", "birth_town"]}
+    triples = [Triple(f"P{i}", "place of birth", "X" if i < 50 else f"C{i}") for i in range(400)]
+    renamed, canonical = rename_relations(triples, aliases, 0.5, seed=0)
+    assert canonical == {"birthPlace": "place of birth", "birth_town": "place of birth"}
+    names = [t.relation for t in renamed]
+    assert 0.4 < sum(n != "place of birth" for n in names) / len(names) < 0.6
+    assert set(names) == {"place of birth", "birthPlace", "birth_town"}
+    assert [(t.head, t.tail) for t in renamed] == [(t.head, t.tail) for t in triples]
+    assert rename_relations(triples, aliases, 0.5, seed=0)[0] == renamed  # seeded
+    recs = build_records(renamed, canonical)
+    tails = {r.triple.head: r for r in recs if r.masked == "tail"}
+    assert len(tails) == 400 and tails["P3"].key_text == f"the {nouns_of(renamed[3].relation)} of P3"
+    heads = [r for r in recs if r.masked == "head"]
+    assert heads and all(r.triple.tail != "X" for r in heads)  # 50 people born in X: no head record names one
+    pair = [Triple("A", "birthPlace", "X"), Triple("B", "place of birth", "X")]  # what the canonical name guards:
+    assert [r.masked for r in build_records(pair, {"birthPlace": "place of birth"})] == ["tail", "tail"]
+    assert [r.masked for r in build_records(pair)] == ["tail", "head", "tail", "head"]
+
+
+def nouns_of(relation: str) -> str:
+    from atlaskv.kb.records import ENTITY, RelationNouns
+
+    return RelationNouns().template(relation, "tail").replace(f" of {ENTITY}", "").removeprefix("the ")
+
+
+@pytest.mark.parametrize("text,problem", [("place of birth\n", "expected relation<TAB>alias"),
+                                          ("place of birth\tPlace Of Birth\n", "own name"),
+                                          ("relation\talias\tsplit\nplace of birth\tbirthPlace\theldout\n",
+                                           "no aliases")])
+def test_bad_aliases_file_names_the_line(tmp_path, text, problem):
+    from atlaskv.train import read_relation_aliases
+
+    f = tmp_path / "a.tsv"
+    f.write_text(text, "utf-8")
+    with pytest.raises(ValueError, match=problem) as e:
+        read_relation_aliases(f)
+    assert str(f) in str(e.value)
+
+
+def test_an_alias_that_names_another_relation_is_refused():
+    from atlaskv.kb.triples import Triple
+    from atlaskv.train import rename_relations
+
+    with pytest.raises(ValueError, match="'country'"):
+        rename_relations([Triple("A", "nationality", "B"), Triple("C", "country", "D")],
+                         {"nationality": ["country"]}, 0.5, seed=0)

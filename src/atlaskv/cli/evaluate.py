@@ -48,6 +48,11 @@ def train_cmd(
                    "('Where did {head} die?'); --phrasing-rate of the single-fact questions use them."),
     phrasing_rate: float = typer.Option(0.5, min=0.0, max=1.0, help="With --phrasings: the share of questions "
                                         "(about a tail, of a relation the file has) asked in one of its phrasings."),
+    relation_aliases: Optional[Path] = typer.Option(
+        None, help="TSV of relation<TAB>alias[<TAB>split]: other names of a relation ('birthPlace' for 'place of "
+                   "birth'; rows whose split is not 'train' are skipped); --alias-rate of its facts are renamed."),
+    alias_rate: float = typer.Option(0.5, min=0.0, max=1.0, help="With --relation-aliases: the share of a "
+                                     "relation's facts that carry one of its aliases instead of its name."),
     shuffle_values: bool = typer.Option(False, help="Control: a wrong value behind every key."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     dtype: str = typer.Option("float32", help="Base model dtype (float32 or bfloat16)."),
@@ -73,6 +78,7 @@ def train_cmd(
                       retrieval_loss_weight=retrieval_loss_weight, refusal_rate=refusal_rate,
                       distractors_max=distractors_max, same_relation_negatives=same_relation_negatives,
                       phrasings=str(phrasings) if phrasings else None, phrasing_rate=phrasing_rate,
+                      relation_aliases=str(relation_aliases) if relation_aliases else None, alias_rate=alias_rate,
                       shuffle_values=shuffle_values, device=device,
                       dtype=dtype, seed=seed, threads=threads, checkpoint_every=checkpoint_every,
                       eval_every=eval_every, distractors_every=distractors_every, max_minutes=max_minutes,

@@ -247,19 +247,22 @@ class GroundingRun:
 
     def lacking(self, kb_in: KBInputs, questions: list[str], signals: list[dict] | None) -> list[float | None]:
         """Per question, the lacking-key ratio the refusal rule reads (probes.py); with saved answers, also
-        the signal over every relation, those the adapter never saw included, with no template filter, into
-        their signals."""
+        the signal over every relation, those the adapter never saw included, with no template filter
+        (`lacking_every_relation`), and over the pairs the shipped check leaves out, one relation of a kind
+        the adapter never saw (`lacking_unseen`, with the filter), into their signals."""
         out = []
         for i, q in enumerate(questions):
             lk = lacking_fact(self.akv.adapter, self.encoder, kb_in, q, i) \
                 if self.refuse_below is not None or signals is not None else None
             out.append(None if lk is None else lk.ratio)
             if signals is not None and signals[i] is not None:
-                every = lacking_fact(self.akv.adapter, self.encoder, kb_in, q, i, trained_only=False,
+                every = lacking_fact(self.akv.adapter, self.encoder, kb_in, q, i, relations="every",
                                      nearer_only=False)
+                unseen = lacking_fact(self.akv.adapter, self.encoder, kb_in, q, i, relations="unseen")
                 signals[i].update({name: None if x is None else {"relation": x.relation, "ratio": x.ratio,
                                                                  "top": [list(t) for t in x.top]}
-                                   for name, x in (("lacking", lk), ("lacking_every_relation", every))})
+                                   for name, x in (("lacking", lk), ("lacking_every_relation", every),
+                                                   ("lacking_unseen", unseen))})
         return out
 
     def save(self, bq: list, texts: list[str], flags: list[dict], ranked: list, view: KBView, prior: list,

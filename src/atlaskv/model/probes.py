@@ -70,13 +70,14 @@ def absent_key_weights(adapter, kb_in, keys: torch.Tensor, sample: int = 0,
 
 
 def lacking_fact(adapter, encoder, kb_in, question: str, sample: int = 0,
-                 limit: int | None = LACKING_KEYS, trained_only: bool = True,
+                 limit: int | None = LACKING_KEYS, relations: str = "trained",
                  last_tokens: int | None = None, nearer_only: bool = True) -> Lacking | None:
     """How much more a fact the KB lacks about the answer's entity draws the question than the fact backing the
     answer; None when nothing backs one (or the view knows no key templates). `limit`: score only the lacking
     relations whose templates ("the gender of it") are nearest the question (None: all). Reads the KBView the
-    call was given (kb_in.view: its key templates, triples and key embeddings). `trained_only=False` compares
-    every relation, also those the adapter never saw (measured, not shipped: _trained_templates).
+    call was given (kb_in.view: its key templates, triples and key embeddings). `relations`: which lacking
+    relations are compared (compared_relations; "trained", the shipped check, or "unseen" / "every", also those
+    the adapter never saw: _trained_templates).
     `nearer_only`: only relations whose template is nearer the question than the backing fact's ("the gender
     of it" against "the nationality of it" for "Is X male or female?"); when none is, nothing is encoded, which
     is the common case of an answerable question (False: every lacking relation, up to `limit`).
@@ -95,7 +96,7 @@ def lacking_fact(adapter, encoder, kb_in, question: str, sample: int = 0,
         return None
     fact = scanned[at]
     held = {t.relation for t in scanned if t.head == fact.head}
-    rels = compared_relations(adapter, templates, held, fact.relation, trained_only)
+    rels = compared_relations(adapter, templates, held, fact.relation, relations)
     if not rels:
         return Lacking(None, 0.0, tuple(fact))
     if nearer_only or (limit is not None and len(rels) > limit):
@@ -120,23 +121,32 @@ def lacking_fact(adapter, encoder, kb_in, question: str, sample: int = 0,
 
 
 def compared_relations(adapter, templates: dict[str, str], held: set[str], backing_relation: str,
-                       trained_only: bool = True) -> list[str]:
+                       relations: str = "trained") -> list[str]:
     """The relations whose lacking keys are compared for an entity holding the `held` relations (among them the
-    backing fact's): those the KB knows (`templates`: relation -> key template) and the entity lacks; with
-    `trained_only`, only kinds of fact the adapter learned to tell apart (none when the backing fact is of a
-    kind it never saw), and that an entity holding these facts may hold at all (_kinds)."""
+    backing fact's): those the KB knows (`templates`: relation -> key template) and the entity lacks, that an
+    entity holding these facts may hold at all (_kinds, where the adapter knows both relations). `relations`:
+    "trained" (shipped), only kinds of fact the adapter learned to tell apart (none when the backing fact is of
+    a kind it never saw); "unseen", only pairs where one relation is a kind it never saw (what "trained" leaves
+    out); "every", all."""
+    if relations not in ("trained", "unseen", "every"):
+        raise ValueError(f"relations must be trained, unseen or every, got {relations!r}")
     rels = [r for r in templates if r not in held]
-    known = _trained_templates(adapter) if trained_only else None
+    known = _trained_templates(adapter)
     if known is None:
-        return rels
-    if templates.get(backing_relation) not in known:
-        return []
-    rels = [r for r in rels if templates[r] in known]
+        return rels if relations != "unseen" else []
     kinds = _kinds(adapter)
-    if kinds is not None:
-        mine = [kinds.get(templates[r], frozenset()) for r in held if r in templates]
-        rels = [r for r in rels if any(templates[r] in k for k in mine)]
-    return rels
+    if relations == "trained":
+        if templates.get(backing_relation) not in known:
+            return []
+        rels = [r for r in rels if templates[r] in known]
+        if kinds is not None:
+            mine = [kinds.get(templates[r], frozenset()) for r in held if r in templates]
+            rels = [r for r in rels if any(templates[r] in k for k in mine)]
+        return rels
+    if relations == "unseen" and templates.get(backing_relation) in known:
+        rels = [r for r in rels if templates[r] not in known]
+    mine = [kinds[templates[r]] for r in held if kinds is not None and templates.get(r) in kinds]
+    return [r for r in rels if not mine or templates[r] not in known or any(templates[r] in k for k in mine)]
 
 
 def _trained_templates(adapter) -> frozenset[str] | None:

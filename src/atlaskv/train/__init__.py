@@ -9,12 +9,15 @@ curriculum). Losses:
     this is exactly what ACC@1 measures, and without it grounding stays at chance on a CPU budget.
 Refusal samples (own fact left out of the KB) teach "I don't know". Questions are the key in one of 16 templates
 ("Tell me the place of death of X."), or with --phrasings a natural phrasing of the relation ("Where did X
-die?"). Every sample's batch is a pure
+die?"). With --relation-aliases a share of each relation's facts carry another name of it ("birthPlace"), as
+other graphs name it. Every sample's batch is a pure
 function of (seed, step), so `--resume` continues the same run from its last checkpoint.
 """
 from atlaskv.train.data import (QUESTION_TEMPLATES, Batch, TrainConfig, TrainData, answer_suffix, build_records,
-                                encode_batch, make_batch, n_distractors, prepare_data, read_phrasings)
+                                encode_batch, make_batch, n_distractors, prepare_data, read_phrasings,
+                                read_relation_aliases, rename_relations)
 from atlaskv.train.loop import lr_factor, train, validate
 
 __all__ = ["QUESTION_TEMPLATES", "Batch", "TrainConfig", "TrainData", "answer_suffix", "build_records", "encode_batch",
-           "lr_factor", "make_batch", "n_distractors", "prepare_data", "read_phrasings", "train", "validate"]
+           "lr_factor", "make_batch", "n_distractors", "prepare_data", "read_phrasings", "read_relation_aliases", "rename_relations", "train",
+           "validate"]

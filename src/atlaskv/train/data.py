@@ -50,6 +50,8 @@ class TrainConfig:
     same_relation_negatives: int = 0  # per question, other entities' facts of its relation (and masked side)
     phrasings: str | None = None      # TSV relation<TAB>question with {head}: natural ways to ask for a tail
     phrasing_rate: float = 0.5        # ... the share of single-fact tail questions asked in one of them
+    relation_aliases: str | None = None  # TSV relation<TAB>alias[<TAB>split]: other names of a relation
+    alias_rate: float = 0.5           # ... the share of its facts renamed (seeded by `seed`)
     multi_entity_every: int = 3
     refusal_rate: float = 0.1
     head_masked_rate: float = 0.3
@@ -76,6 +78,11 @@ class TrainData:
     relations: list = field(default_factory=list)
     digest: str = ""
     phrasings: dict = field(default_factory=dict)     # relation -> questions with {head} (TrainConfig.phrasings)
+    canonical: dict = field(default_factory=dict)     # alias -> the relation it renames (TrainConfig.relation_aliases)
+
+    def relation_of(self, record) -> str:
+        """The record's relation under its own name (an alias renames it only in the key text)."""
+        return self.canonical.get(record.triple.relation, record.triple.relation)
 
 
 def read_phrasings(path: str | Path) -> dict[str, list[str]]:
@@ -98,25 +105,78 @@ def read_phrasings(path: str | Path) -> dict[str, list[str]]:
     return out
 
 
-def build_records(triples: list[Triple]) -> list:
-    """Tail- and head-masked records whose key names exactly one value (ambiguous keys dropped)."""
+def read_relation_aliases(path: str | Path) -> dict[str, list[str]]:
+    """relation -> aliases from a TSV of `relation<TAB>alias` or `relation<TAB>alias<TAB>split` lines (a header
+    starting `relation<TAB>alias` is skipped; rows whose split is not "train" are held out and skipped). A bad
+    line stops with its number."""
+    out: dict[str, list[str]] = {}
+    lines = Path(path).read_text("utf-8").splitlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip() or (n == 1 and line.casefold().startswith("relation\talias")):
+            continue
+        parts = [p.strip() for p in line.split("\t")]
+        if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
+            raise ValueError(f"{path}:{n}: expected relation<TAB>alias[<TAB>split], got {line[:80]!r}")
+        if parts[0].casefold() == parts[1].casefold():
+            raise ValueError(f"{path}:{n}: the alias is the relation's own name: {parts[1]!r}")
+        if len(parts) == 3 and parts[2] != "train":
+            continue
+        out.setdefault(parts[0], []).append(parts[1])
+    if not out:
+        raise ValueError(f"{path}: no aliases")
+    return out
+
+
+def rename_relations(triples: list[Triple], aliases: dict[str, list[str]], rate: float,
+                     seed: int) -> tuple[list[Triple], dict[str, str]]:
+    """`rate` of each aliased relation's facts carry one of its aliases (seeded), and alias -> relation. An
+    alias that is another relation's own name would merge two kinds of fact: it stops with the pair."""
+    names = {t.relation for t in triples}
+    canonical: dict[str, str] = {}
+    for rel, alist in aliases.items():
+        for a in alist:
+            if a in names or canonical.get(a, rel) != rel:
+                raise ValueError(f"alias {a!r} of {rel!r} is also the name of {canonical.get(a, a)!r}")
+            canonical[a] = rel
+    rng = np.random.default_rng([seed, 7])
+    out = []
+    for t in triples:
+        own = aliases.get(t.relation)
+        if own and rng.random() < rate:
+            t = Triple(t.head, own[int(rng.integers(len(own)))], t.tail)
+        out.append(t)
+    return out, canonical
+
+
+def build_records(triples: list[Triple], canonical: dict[str, str] | None = None) -> list:
+    """Tail- and head-masked records whose key names exactly one value (ambiguous keys dropped). With aliases
+    (`canonical`: alias -> relation), ambiguity is judged under the relation's own name: renaming part of "the
+    people of nationality X" must not make one of them look like the only one."""
     nouns = RelationNouns()
+    canonical = canonical or {}
     recs = [make_record(t, side, nouns) for t in triples for side in ("tail", "head")]
+    own = [make_record(Triple(t.head, canonical[t.relation], t.tail), side, nouns).key_text
+           if t.relation in canonical else None for t in triples for side in ("tail", "head")]
+    group = [(o or r.key_text).casefold() for r, o in zip(recs, own)]
     values_by_key = defaultdict(set)
-    for r in recs:
-        values_by_key[r.key_text.casefold()].add(r.value_text.casefold())
-    return [r for r in recs if len(values_by_key[r.key_text.casefold()]) == 1]
+    for r, g in zip(recs, group):
+        values_by_key[g].add(r.value_text.casefold())
+    return [r for r, g in zip(recs, group) if len(values_by_key[g]) == 1]
 
 
 def prepare_data(cfg: TrainConfig, cache_dir: Path) -> TrainData:
     phrasings = read_phrasings(cfg.phrasings) if cfg.phrasings else {}  # a bad file stops before the encoding
+    aliases = read_relation_aliases(cfg.relation_aliases) if cfg.relation_aliases else {}
     triples = read_triples(cfg.data).triples
-    records = build_records(triples)
+    canonical: dict[str, str] = {}
+    if aliases:
+        triples, canonical = rename_relations(triples, aliases, cfg.alias_rate, cfg.seed)
+    records = build_records(triples, canonical)
     digest = hashlib.sha256("\n".join(f"{r.key_text}\t{r.value_text}" for r in records).encode()).hexdigest()[:16]
     key_emb, value_emb = encode_records(load_encoder(cfg.encoder), records, show_progress=True, cache_dir=cache_dir)
-    data = TrainData(records, key_emb, value_emb, digest=digest)
-    for i, r in enumerate(records):
-        data.by_relation.setdefault((r.triple.relation, r.masked), []).append(i)
+    data = TrainData(records, key_emb, value_emb, digest=digest, canonical=canonical)
+    for i, r in enumerate(records):  # by the relation's own name: its aliases share its sampling and neighbours
+        data.by_relation.setdefault((data.relation_of(r), r.masked), []).append(i)
         kept = r.triple.head if r.masked == "tail" else r.triple.tail
         data.by_kept.setdefault(kept, []).append(i)
     data.relations = sorted(data.by_relation)
@@ -159,7 +219,7 @@ def make_batch(cfg: TrainConfig, data: TrainData, step: int, rng: np.random.Gene
         # users ask "Where did X die?", not only "the place of death of X": natural phrasings of the relation
         # (the RNG is only drawn on when the relation has some, so runs without them keep their batches)
         rec = data.records[facts[0]]
-        own = data.phrasings.get(rec.triple.relation) if len(facts) == 1 and rec.masked == "tail" else None
+        own = data.phrasings.get(data.relation_of(rec)) if len(facts) == 1 and rec.masked == "tail" else None
         if own and rng.random() < cfg.phrasing_rate:
             prompts[-1] = own[rng.integers(len(own))].replace("{head}", rec.triple.head)
         for i in facts:  # hard negatives: other facts about the same entity
@@ -171,7 +231,7 @@ def make_batch(cfg: TrainConfig, data: TrainData, step: int, rng: np.random.Gene
             # them in training, a question whose fact is missing copies a neighbour's "Male" (docs/training.md)
             if cfg.same_relation_negatives:
                 rec = data.records[i]
-                pool = data.by_relation[(rec.triple.relation, rec.masked)]
+                pool = data.by_relation[(data.relation_of(rec), rec.masked)]
                 picks = rng.choice(len(pool), min(cfg.same_relation_negatives + 1, len(pool)), replace=False)
                 kb += [int(pool[p]) for p in picks if pool[p] != i][:cfg.same_relation_negatives]
         facts_of.append(facts)
