@@ -19,5 +19,5 @@ from atlaskv.train.data import (QUESTION_TEMPLATES, Batch, TrainConfig, TrainDat
 from atlaskv.train.loop import lr_factor, train, validate
 
 __all__ = ["QUESTION_TEMPLATES", "Batch", "TrainConfig", "TrainData", "answer_suffix", "build_records", "encode_batch",
-           "lr_factor", "make_batch", "n_distractors", "prepare_data", "read_phrasings", "read_relation_aliases", "rename_relations", "train",
-           "validate"]
+           "lr_factor", "make_batch", "n_distractors", "prepare_data", "read_phrasings", "read_relation_aliases",
+           "rename_relations", "train", "validate"]
