@@ -298,3 +298,12 @@ def test_an_alias_that_names_another_relation_is_refused():
     with pytest.raises(ValueError, match="'country'"):
         rename_relations([Triple("A", "nationality", "B"), Triple("C", "country", "D")],
                          {"nationality": ["country"]}, 0.5, seed=0)
+
+
+def test_aliases_for_relations_the_data_lacks_stop_before_the_encoding(small_data, tmp_path):
+    f = tmp_path / "aliases.tsv"
+    f.write_text("relation\talias\nfavourite colour\tfavouriteColour\n", "utf-8")
+    cfg = TrainConfig(data=[str(small_data)], out="unused", relation_aliases=str(f))
+    with pytest.raises(ValueError, match="none of its relations is in the training data") as e:
+        prepare_data(cfg, tmp_path / "cache")
+    assert str(f) in str(e.value)

@@ -170,6 +170,9 @@ def prepare_data(cfg: TrainConfig, cache_dir: Path) -> TrainData:
     triples = read_triples(cfg.data).triples
     canonical: dict[str, str] = {}
     if aliases:
+        if not {t.relation for t in triples} & set(aliases):
+            raise ValueError(f"{cfg.relation_aliases}: none of its relations is in the training data "
+                             f"(e.g. {sorted(aliases)[0]!r}); nothing would be renamed")
         triples, canonical = rename_relations(triples, aliases, cfg.alias_rate, cfg.seed)
     records = build_records(triples, canonical)
     digest = hashlib.sha256("\n".join(f"{r.key_text}\t{r.value_text}" for r in records).encode()).hexdigest()[:16]
