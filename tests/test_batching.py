@@ -222,3 +222,19 @@ def test_a_low_support_answer_streams_once_it_names_the_top_value(trained_model,
     seq = decoder.start("What is the capital of Canada?", demo_kb, max_new_tokens=1, refuse_below=1e9,
                         on_token=lambda t: got.append((t, 0)))
     assert seq.done and len(seq.generated) == 1 and seq.answer.refused and seq.answer.text == REFUSAL and got == []
+
+
+def test_an_opening_article_before_the_value_is_left_out_of_text_and_stream(trained_model, demo_kb):
+    """Asked without a "the" to restate, SmolLM2 opens "The" and value decoding pushes the value: the tokens are
+    "The Male." and the user reads "Male.", alike from ask, ask's stream and a batched, streamed answer."""
+    tok, q = trained_model.tokenizer, "Is Elvis Presley a man or a woman?"
+    decoder, got = BatchDecoder(trained_model), []
+    seq = decoder.start(q, demo_kb, max_new_tokens=32, refuse_below=REFUSE_BELOW, on_token=got.append)
+    decoder.join(seq)
+    while decoder.rows:
+        decoder.step()
+    assert tok.decode(seq.generated, skip_special_tokens=True).startswith("The Male")  # what the model wrote
+    assert seq.answer.text == "Male." and not seq.answer.refused
+    assert tok.decode(got, skip_special_tokens=True).strip() == "Male."
+    assert trained_model.ask(q, demo_kb).text == "Male."
+    assert "".join(trained_model.stream(q, demo_kb)).strip() == "Male."

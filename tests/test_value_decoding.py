@@ -9,7 +9,7 @@ import torch
 
 from atlaskv.kb.triples import Triple
 from atlaskv.kb.view import KBView
-from atlaskv.model.decoding import ValueDecoding
+from atlaskv.model.decoding import SpokenStreamer, ValueDecoding, spoken
 from atlaskv.model.kb_inputs import KBInputs
 
 STOP = 0
@@ -235,7 +235,7 @@ def test_an_answer_that_names_no_value_cannot_loop():
     grams = list(zip(words, words[1:], words[2:]))
     assert len(grams) == len(set(grams)) and answer == "I can give a summary of the response of the<stop>"
     # tokens compare by their words: " The country is" repeats "The country is"
-    proc, tok, prompt = setup("Which country is Bret McKenzie a citizen of?", [("Bret McKenzie", "nationality", "New Zealand")],
+    proc, tok, prompt = setup("Which is the country of Bret McKenzie?", [("Bret McKenzie", "nationality", "New Zealand")],
                               [1.0])
     answer = greedy(proc, tok, prompt, "The country is Canada. The country is Australia", steps=20)
     assert answer == "The country is Canada. The country<stop>"
@@ -249,8 +249,11 @@ def test_an_answer_whose_top_fact_the_refusal_rule_accepts_names_a_value():
     """The model's own "I don't know." (learned for facts the KB lacks) may not open an answer the refusal
     rule accepts, nor may the turn end before a value is named; where the rule would refuse, both stay free."""
     proc, tok, prompt = setup("Who was the spouse of Humphrey Bogart?", FACTS, [0.8, 0.1, 0.1], push=8.0, trust=True)
-    assert proc.refusal_first == tok("I")["input_ids"][0]
+    assert proc.refusal_first == {tok("I")["input_ids"][0], tok(" I")["input_ids"][0]}
     assert greedy(proc, tok, prompt, "I don't know.", strength=9.0) == "Lauren Bacall.<stop>"
+    # SmolLM2 also opens answers with a spaced first token (" I don't know."): banned alike
+    proc, tok, prompt = setup("Who was the spouse of Humphrey Bogart?", FACTS, [0.8, 0.1, 0.1], push=8.0, trust=True)
+    assert greedy(proc, tok, prompt, " I don't know.", strength=9.0) == "Lauren Bacall.<stop>"
     proc, tok, prompt = setup("Who was the spouse of Humphrey Bogart?", FACTS, [0.8, 0.1, 0.1], push=8.0, trust=True)
     assert greedy(proc, tok, prompt, "His spouse was", strength=9.0) == "His spouse was Lauren Bacall.<stop>"
     # the question names no cited head (Cary Grant): the rule would refuse, the model may say so itself
@@ -303,3 +306,48 @@ def test_the_models_own_logprob_of_the_top_value_is_noted_before_any_push():
     assert "Lauren Bacall" in answer and "Lauren Bacall" in pushed_answer  # pushed there either way
     # preferred by 5 logits among ~60 tokens: log(e^5 / (e^5 + 60)) = -0.3; another preferred: -log(e^5 + 60) = -5.3
     assert wanted > -1.0 and pushed < -5.0
+
+
+def test_an_opening_article_that_goes_straight_into_a_value_is_left_out_of_the_text():
+    """SmolLM2 answers a question worded without "the" with "The" and the pushed value ("The Male.", "The Berlin.":
+    112 of 200 answers on the dev set in held-out phrasings): the text leaves that article out, the tokens (and
+    with them every decoding and refusal rule) stay as they are; a stream holds the article back one token."""
+    facts = [("Robert De Niro", "place of birth", "Greenwich Village"), ("Robert De Niro", "gender", "Male")]
+    proc, tok, prompt = setup("Robert De Niro was born where?", facts, [0.8, 0.2])
+    assert greedy(proc, tok, prompt, "The Greenwich Village") == "The Greenwich Village.<stop>"
+    answer = tok("The Greenwich Village.")["input_ids"] + [STOP]
+    assert tok.decode(spoken([proc], 0, answer)).strip() == "Greenwich Village.<stop>"
+    for text in ("The place of birth is Greenwich Village.", "Greenwich Village.", "The"):
+        ids = tok(text)["input_ids"]
+        assert spoken([proc], 0, ids) == ids  # no value straight after an article: the text is the tokens
+    assert spoken([], 0, answer) == answer  # no value decoding, nothing left out
+    # a value that opens with the article keeps it
+    facts = [("Help", "performer", "The Beatles"), ("Help", "writer", "Paul McCartney")]
+    proc, tok, prompt = setup("Who performed Help?", facts, [0.6, 0.4])
+    greedy(proc, tok, prompt, "The Beatles")
+    ids = tok("The Beatles.")["input_ids"]
+    assert spoken([proc], 0, ids) == ids
+
+    class Collect:
+        def __init__(self):
+            self.puts = []
+
+        def put(self, value):
+            self.puts.append(value.reshape(-1).tolist())
+
+        def end(self):
+            self.puts.append("end")
+
+    facts = [("Robert De Niro", "place of birth", "Greenwich Village"), ("Robert De Niro", "gender", "Male")]
+    for text, streamed in (("The Greenwich Village.", "Greenwich Village."), ("The place of birth.", "The place of birth."),
+                           ("The", "The")):
+        proc, tok, prompt = setup("Robert De Niro was born where?", facts, [0.8, 0.2])
+        greedy(proc, tok, prompt, "x", steps=1)  # the prefill's call: the cited values are known
+        inner = Collect()
+        stream = SpokenStreamer(inner, [proc])
+        stream.put(prompt)
+        for t in tok(text)["input_ids"]:
+            stream.put(torch.tensor([t]))
+        stream.end()
+        assert inner.puts[0] == prompt.reshape(-1).tolist() and inner.puts[-1] == "end"
+        assert tok.decode([t for p in inner.puts[1:-1] for t in p]).strip() == streamed

@@ -28,7 +28,7 @@ from atlaskv.evaluation.pool import EvalPool, kb_chunks, load_pool, with_synthet
 from atlaskv.kb.index import build_hierarchy
 from atlaskv.defaults import TOP_CITATIONS
 from atlaskv.model.refusal import backing, names_head, refuses, support_of
-from atlaskv.model.decoding import value_processors
+from atlaskv.model.decoding import spoken, value_processors
 from atlaskv.model.chat import chat_text, ended_turns, left_pad, stop_token_ids
 from atlaskv.model.kb_inputs import KBInputs, use_kb
 from atlaskv.kb.view import KBView
@@ -62,7 +62,7 @@ def ask_batch(akv, questions: list[str], kb, max_new_tokens: int, record: bool =
                                  pad_token_id=tok.pad_token_id or tok.eos_token_id, eos_token_id=stop,
                                  logits_processor=processors)
     new = out[:, ids.shape[1]:]
-    texts = tok.batch_decode(new, skip_special_tokens=True)
+    texts = [tok.decode(spoken(processors, b, row.tolist()), skip_special_tokens=True) for b, row in enumerate(new)]
     lp = next((p.value_logprob for p in processors if hasattr(p, "value_logprob")), None)
     return Asked(texts, kb_in, mask, ended_turns(new, stop), lp or None)
 

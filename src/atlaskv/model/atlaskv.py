@@ -23,7 +23,7 @@ from atlaskv.kb.view import KBView
 from atlaskv.model.adapter import AdapterError, KBAdapter
 from atlaskv.model.attention import attach
 from atlaskv.model.chat import chat_text, messages_text, stop_token_ids
-from atlaskv.model.decoding import value_processors
+from atlaskv.model.decoding import SpokenStreamer, spoken, value_processors
 from atlaskv.model.kb_inputs import KBInputs, use_kb
 from atlaskv.model.llm import DEFAULT_LLM, canonical_name, load_base_model
 from atlaskv.model.probes import Lacking, lacking_fact
@@ -257,12 +257,17 @@ class AtlasKV:
         (decoding.py); off, the model decodes freely with the copy votes only."""
         kb_in = self.kb_inputs(kb) if isinstance(kb, (KnowledgeBase, KBView)) else kb
         ids, processors = self.prepare(question, kb_in, value_decoding, gen_kw.pop("logits_processor", None))
+        from transformers import TextStreamer
+
+        if isinstance(streamer, TextStreamer):  # text, as returned: an opening article waits (decoding.spoken)
+            streamer = SpokenStreamer(streamer, processors)
         with use_kb(kb_in):
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                       do_sample=do_sample, streamer=streamer, logits_processor=processors,
                                       pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
                                       **{"eos_token_id": self._stop_ids, **gen_kw})
-        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        answer = spoken(processors, 0, out[0, ids.shape[1]:].tolist())
+        return self.tokenizer.decode(answer, skip_special_tokens=True).strip()
 
     def prepare(self, question: str | Sequence[dict], kb_in: KBInputs | None, value_decoding: bool = VALUE_DECODING,
                 logits_processor=None, prompt_ids: torch.Tensor | None = None, prompt_mask: torch.Tensor | None = None):

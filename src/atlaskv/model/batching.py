@@ -23,6 +23,7 @@ import torch
 from atlaskv.defaults import LACKING_RATIO, MAX_NEW_TOKENS, TOP_CITATIONS, VALUE_DECODING
 from atlaskv.kb.store import KnowledgeBase
 from atlaskv.kb.view import KBView
+from atlaskv.model.decoding import may_open_value, spoken
 from atlaskv.model.kb_inputs import KBInputs, KBRows, merged, rows_from, use_kb
 from atlaskv.model.pruning import PruneConfig
 from atlaskv.model.refusal import must_name, names_value, verdict
@@ -244,19 +245,28 @@ class BatchDecoder:
             seq.held.append(token)
             if names_value(self.model.tokenizer.decode(seq.generated, skip_special_tokens=True), seq.must_name):
                 seq.must_name, held, seq.held = None, seq.held, []
-                for t in held if seq.on_token is not None else ():
-                    seq.on_token(t)
-        elif seq.on_token is not None:
-            seq.on_token(token)
+                self._stream(seq, spoken(seq.processors, 0, held))
+        elif may_open_value(seq.processors, 0, seq.generated):
+            seq.held.append(token)  # an opening article: left out if a cited value follows it (decoding.spoken)
+        else:
+            held, seq.held = seq.held, []
+            self._stream(seq, spoken(seq.processors, 0, held + [token]) if held else [token])
         if token in self.model.stop_ids or len(seq.generated) >= seq.max_new_tokens:
             self._finish(seq)
+
+    @staticmethod
+    def _stream(seq: Running, tokens: list[int]) -> None:
+        for t in tokens if seq.on_token is not None else ():
+            seq.on_token(t)
 
     def _finish(self, seq: Running, refuse: bool = False) -> Running:
         """End the answer: its text, or REFUSAL when the rule refused it at the prefill (`refuse`) or it ended
         without naming the value it had to (must_name: the stream's verdict, so what was streamed stands)."""
         seq.done = True
         seq.mask = None
-        text = self.model.tokenizer.decode(seq.generated, skip_special_tokens=True).strip()
+        if seq.held and seq.must_name is None:
+            self._stream(seq, seq.held)  # a lone opening article that nothing followed
+        text = self.model.tokenizer.decode(spoken(seq.processors, 0, seq.generated), skip_special_tokens=True).strip()
         seq.answer.text = text
         if refuse or seq.must_name is not None:
             seq.answer = seq.answer.refusal()

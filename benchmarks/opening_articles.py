@@ -1,0 +1,57 @@
+"""How many saved answers put an article straight before a value that does not open with it ("The Male.", "The
+Berlin.": the value decoding's push after the model's opening "The"), and how many open with an article at all,
+per file and KB size (eval grounding --save-answers; no model runs).
+
+    python benchmarks/opening_articles.py benchmarks/results/own_refusal/s1.59/fb15k-train-para.jsonl \
+        benchmarks/results/article_opening/fb15k-train-para.jsonl [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+ARTICLES = ("the", "a", "an")
+
+
+def article_before_value(answer: str, values: list[str]) -> bool:
+    """The answer is an article and then one of the cited values as stored (case kept), which does not itself open
+    with that article, and the value ends the sentence or clause ("The Male.", not "The Police originated ...")."""
+    words = answer.split(maxsplit=1)
+    if len(words) < 2 or words[0].casefold() not in ARTICLES:
+        return False
+    rest = words[1]
+    return any(v and rest.startswith(v) and rest[len(v):len(v) + 1] in ("", ".", ",", "!", "?", ";", ":")
+               and not v.casefold().startswith(words[0].casefold() + " ") for v in values)
+
+
+def count(path: str) -> dict:
+    out = defaultdict(lambda: {"answers": 0, "article_before_value": 0, "opens_with_article": 0})
+    for line in Path(path).read_text("utf-8").splitlines():
+        r = json.loads(line)
+        cited = (r.get("signals") or {}).get("cited") or ([r["top_citation"]] if r.get("top_citation") else [])
+        c = out[str(r["kb_size"])]
+        c["answers"] += 1
+        c["article_before_value"] += article_before_value(r["answer"], [t[2] for t in cited])
+        c["opens_with_article"] += r["answer"].split(maxsplit=1)[:1] != [] and \
+            r["answer"].split(maxsplit=1)[0].casefold() in ARTICLES
+    return dict(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("answers", nargs="+", help="saved answers (.jsonl)")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    result = {p: count(p) for p in args.answers}
+    for p, sizes in result.items():
+        for size, c in sorted(sizes.items(), key=lambda kv: int(kv[0])):
+            print(f"{p}  KB {size}: {c['article_before_value']} / {c['answers']} article before the value, "
+                  f"{c['opens_with_article']} open with an article")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
