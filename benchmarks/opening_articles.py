@@ -4,6 +4,7 @@ per file and KB size (eval grounding --save-answers; no model runs).
 
     python benchmarks/opening_articles.py benchmarks/results/own_refusal/s1.59/fb15k-train-para.jsonl \
         benchmarks/results/article_opening/fb15k-train-para.jsonl [--json out.json]
+    python benchmarks/opening_articles.py NEW.jsonl ... --before OLD.jsonl ...   # what changed between two runs
 """
 from __future__ import annotations
 
@@ -39,11 +40,36 @@ def count(path: str) -> dict:
     return dict(out)
 
 
+def changes(before: str, after: str) -> dict:
+    """Answers (with and without the gold fact) that differ between two runs of the same questions: how many are
+    the earlier answer without its opening article, and how many differ otherwise."""
+    def rows(path):
+        return {(r["question"], r["kb_size"]): r for r in map(json.loads, Path(path).read_text("utf-8").splitlines())}
+    old, new = rows(before), rows(after)
+    out = {"compared": 0, "article_left_out": 0, "other": 0}
+    for key, r in new.items():
+        for field in ("answer", "answer_without_gold"):
+            a, b = old[key].get(field) or "", r.get(field) or ""
+            out["compared"] += 1
+            if a != b:
+                parts = a.split(maxsplit=1)
+                dropped = len(parts) == 2 and parts[0].casefold() in ARTICLES and parts[1] == b
+                out["article_left_out" if dropped else "other"] += 1
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("answers", nargs="+", help="saved answers (.jsonl)")
+    ap.add_argument("--before", nargs="+", help="the same questions' answers from an earlier run, one per file: "
+                                                 "how the answers changed")
     ap.add_argument("--json")
     args = ap.parse_args()
+    if args.before:
+        if len(args.before) != len(args.answers):
+            raise SystemExit("--before needs one earlier file per answers file")
+        for b, a in zip(args.before, args.answers):
+            print(f"{b} -> {a}: {changes(b, a)}")
     result = {p: count(p) for p in args.answers}
     for p, sizes in result.items():
         for size, c in sorted(sizes.items(), key=lambda kv: int(kv[0])):
