@@ -331,9 +331,9 @@ class SpokenStreamer:
     """A transformers streamer (put / end) that passes on what `spoken` keeps: an opening article waits for the
     next token, and is dropped if a cited value follows it. One answer (batch size 1)."""
 
-    def __init__(self, inner, processors, skip_prompt: bool = True):
+    def __init__(self, inner, processors):
         self.inner, self.processors = inner, processors
-        self.prompt_pending = skip_prompt  # generate() puts the prompt first
+        self.prompt_pending = True  # generate() puts the prompt first: passed on as it is
         self.answer: list[int] = []
         self.held = False
 
