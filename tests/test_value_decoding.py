@@ -317,9 +317,11 @@ def test_an_opening_article_that_goes_straight_into_a_value_is_left_out_of_the_t
     assert greedy(proc, tok, prompt, "The Greenwich Village") == "The Greenwich Village.<stop>"
     answer = tok("The Greenwich Village.")["input_ids"] + [STOP]
     assert tok.decode(spoken([proc], 0, answer)).strip() == "Greenwich Village.<stop>"
-    for text in ("The place of birth is Greenwich Village.", "Greenwich Village.", "The"):
+    # ... and a word the model put between them ("The state Iowa.")
+    assert tok.decode(spoken([proc], 0, tok("The place Greenwich Village.")["input_ids"])).strip() == "Greenwich Village."
+    for text in ("The place of birth is Greenwich Village.", "Greenwich Village.", "The", "The place, Greenwich Village."):
         ids = tok(text)["input_ids"]
-        assert spoken([proc], 0, ids) == ids  # no value straight after an article: the text is the tokens
+        assert spoken([proc], 0, ids) == ids  # no value straight after an article (and a word): the text is the tokens
     assert spoken([], 0, answer) == answer  # no value decoding, nothing left out
     # a value that opens with the article keeps it
     facts = [("Help", "performer", "The Beatles"), ("Help", "writer", "Paul McCartney")]
@@ -340,7 +342,7 @@ def test_an_opening_article_that_goes_straight_into_a_value_is_left_out_of_the_t
 
     facts = [("Robert De Niro", "place of birth", "Greenwich Village"), ("Robert De Niro", "gender", "Male")]
     for text, streamed in (("The Greenwich Village.", "Greenwich Village."), ("The place of birth.", "The place of birth."),
-                           ("The", "The")):
+                           ("The", "The"), ("The place Greenwich Village.", "Greenwich Village."), ("The place", "The place")):
         proc, tok, prompt = setup("Robert De Niro was born where?", facts, [0.8, 0.2])
         greedy(proc, tok, prompt, "x", steps=1)  # the prefill's call: the cited values are known
         inner = Collect()

@@ -247,7 +247,7 @@ class BatchDecoder:
                 seq.must_name, held, seq.held = None, seq.held, []
                 self._stream(seq, spoken(seq.processors, 0, held))
         elif may_open_value(seq.processors, 0, seq.generated):
-            seq.held.append(token)  # an opening article: left out if a cited value follows it (decoding.spoken)
+            seq.held.append(token)  # an opening article (and word): left out if a cited value follows (decoding.spoken)
         else:
             held, seq.held = seq.held, []
             self._stream(seq, spoken(seq.processors, 0, held + [token]) if held else [token])
@@ -265,7 +265,7 @@ class BatchDecoder:
         seq.done = True
         seq.mask = None
         if seq.held and seq.must_name is None:
-            self._stream(seq, seq.held)  # a lone opening article that nothing followed
+            self._stream(seq, seq.held)  # an opening article (and word) that no value followed
         text = self.model.tokenizer.decode(spoken(seq.processors, 0, seq.generated), skip_special_tokens=True).strip()
         seq.answer.text = text
         if refuse or seq.must_name is not None:

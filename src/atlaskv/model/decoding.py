@@ -30,11 +30,12 @@ the first one's weight, at most TOP_VALUES), and before every later token applie
               (relative to the first-cited), the copy logits' job done with the prefill's citations, which
               stay sharp in large KBs where the decode step's attention spreads.
 
-An answer whose opening article ("The", "A", "An") is followed straight by a cited value that does not open with
-it is read without the article (`spoken`): asked "Robert De Niro was born where?", where no "the" invites a
-restatement, SmolLM2 opens with "The" and the push then gives "The Greenwich Village." (112 of the 200 answers of
-the dev set in held-out phrasings). The tokens, and so every rule above and the refusal rule, are unchanged; the
-text and the stream leave the article out (a streamed opening article waits for the next token).
+An answer whose opening article ("The", "A", "An"), with at most one word after it, is followed straight by a
+cited value that does not open with a word like "The" is read without them (`spoken`): asked "Robert De Niro was
+born where?", where no "the" invites a restatement, SmolLM2 opens with "The" and the push then gives "The
+Greenwich Village." (112 of the 200 answers of the dev set in held-out phrasings), now and then "The state Iowa.".
+The tokens, and so every rule above and the refusal rule, are unchanged; the text and the stream leave those words
+out (a stream holds an opening article, and a word after it, until the next word shows whether a value follows).
 
 While no value is out and none is being finished, a token that would repeat one of the answer's own word
 3-grams is ruled out (tokens compare by their words, case-blind): transformers' no_repeat_ngram_size, but over
@@ -96,6 +97,7 @@ class ValueDecoding(LogitsProcessor):
         self.articles = {t: word.casefold() for word in ("The", "A", "An") for t in _first_tokens(tokenizer, word)
                          if len(tokenizer(word, add_special_tokens=False)["input_ids"]) == 1}
         self._texts: dict[int, str] = {}
+        self._raws: dict[int, str] = {}
         self.top = TOP_VALUES if top is None else top
         self.share = VALUE_SHARE if share is None else share
         self.push = VALUE_PUSH if push is None else push
@@ -192,12 +194,40 @@ class ValueDecoding(LogitsProcessor):
             return True  # an opening word that starts a pair of the question ("The" of "the gender of X")
         return bool(answer) and self._text(answer[-1]) in self.head_words[b]
 
-    def opening_article(self, b: int, answer: list[int]) -> bool:
-        """The answer opens with an article and goes straight on into a cited value that does not open with it
-        ("The" + " Greenwich" of "Greenwich Village"): the article is left out of the text (`spoken`)."""
+    def opening_article(self, b: int, answer: list[int]) -> int:
+        """How many opening tokens the text leaves out (`spoken`): an article, and at most one word after it,
+        when a cited value that does not open with a word like "The" follows straight ("The" + " Greenwich" of
+        "Greenwich Village"; "The state Iowa."); 0 otherwise."""
         if len(answer) < 2 or answer[0] not in self.articles or not self.values or not self.values[b]:
+            return 0
+        firsts = self._value_firsts(b)
+        for i in range(1, min(len(answer), 8)):
+            if answer[i] in firsts:
+                return i
+            raw = self._raw(answer[i])
+            if not (raw.startswith(" ") if i == 1 else not raw.startswith(" ")) or not raw.strip().isalpha():
+                return 0  # not one word after the article
+        return 0
+
+    def holds_opening(self, b: int, answer: list[int]) -> bool:
+        """The answer so far is an article and at most one word, no value started: a stream holds it back until
+        the next token shows whether the text leaves it out."""
+        if not answer or answer[0] not in self.articles or not self.values or not self.values[b]:
             return False
-        return any(v.forms[0][:1] == [answer[1]] and not v.weak_first for v in self.values[b])
+        if len(answer) > 1 and (answer[1] in self._value_firsts(b) or len(answer) > 7):
+            return False
+        raws = [self._raw(t) for t in answer[1:]]
+        return all(r.strip().isalpha() and r.startswith(" ") == (i == 0) for i, r in enumerate(raws))
+
+    def _value_firsts(self, b: int) -> set[int]:
+        return {v.forms[0][0] for v in self.values[b] if v.forms[0] and not v.weak_first}
+
+    def _raw(self, token: int) -> str:
+        """The token's text as decoded, its leading space kept."""
+        raw = self._raws.get(token)
+        if raw is None:
+            raw = self._raws[token] = self.tokenizer.decode([token])
+        return raw
 
     # ------------------------------------------------------------------ the rules
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -313,23 +343,23 @@ class ValueDecoding(LogitsProcessor):
 
 
 def spoken(processors, b: int, answer: list[int]) -> list[int]:
-    """The answer's tokens as its text reads them: without an opening article that goes straight on into a cited
-    value (ValueDecoding.opening_article); the tokens themselves otherwise."""
+    """The answer's tokens as its text reads them: without an opening article (and a word after it) that goes
+    straight on into a cited value (ValueDecoding.opening_article); the tokens themselves otherwise."""
     for p in processors or ():
-        if isinstance(p, ValueDecoding) and p.opening_article(b, answer):
-            return answer[1:]
+        if isinstance(p, ValueDecoding):
+            return answer[p.opening_article(b, answer):]
     return answer
 
 
 def may_open_value(processors, b: int, answer: list[int]) -> bool:
-    """The answer so far is a lone opening article that may yet be left out: a stream holds it back."""
-    return len(answer) == 1 and any(isinstance(p, ValueDecoding) and answer[0] in p.articles and p.values
-                                    and p.values[b] for p in processors or ())
+    """The answer so far is an opening article (and at most a word) that may yet be left out: a stream holds it
+    back (ValueDecoding.holds_opening)."""
+    return any(isinstance(p, ValueDecoding) and p.holds_opening(b, answer) for p in processors or ())
 
 
 class SpokenStreamer:
-    """A transformers streamer (put / end) that passes on what `spoken` keeps: an opening article waits for the
-    next token, and is dropped if a cited value follows it. One answer (batch size 1)."""
+    """A transformers streamer (put / end) that passes on what `spoken` keeps: an opening article (and a word after
+    it) waits for the next word, and is dropped if a cited value follows. One answer (batch size 1)."""
 
     def __init__(self, inner, processors):
         self.inner, self.processors = inner, processors
@@ -345,14 +375,14 @@ class SpokenStreamer:
         for t in value.reshape(-1).tolist():
             self.answer.append(t)
             if may_open_value(self.processors, 0, self.answer):
-                self.held = True  # the article waits
+                self.held = True  # the opening waits
                 continue
             out = spoken(self.processors, 0, self.answer) if self.held else [t]
             self.held = False
             self.inner.put(torch.tensor(out))
 
     def end(self) -> None:
-        if self.held:  # a lone article that nothing followed
+        if self.held:  # an opening that no value followed
             self.inner.put(torch.tensor(self.answer))
         self.inner.end()
 
